@@ -1,0 +1,36 @@
+# `make demo` and `make test` each set up everything they need from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint bench-zoo clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mvd export fastvit_sa12 --format onnx -o build/demo/fastvit_sa12.onnx
+	$(BIN)/mvd verify fastvit_sa12 --formats onnx --json build/demo/verify.json --junit build/demo/verify.xml
+	$(BIN)/mvd bench fastvit_sa12 --min-time 1 --json build/demo/bench.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Everything that proves a feature works, slow tests included. CI runs this.
+test: lint
+	$(BIN)/python -m pytest -m '' -q
+
+# The quick loop while developing: skips tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-zoo: $(STAMP)
+	$(BIN)/python benchmarks/run_zoo.py
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,33 @@
+"""Errors meant for people, each carrying the exit code the CLI returns for it.
+
+The CLI never shows a traceback for these: the message is the whole story, so it
+must name the file, key or option at fault and what to do about it.
+"""
+
+
+class MvdError(Exception):
+    """Base of every error the tool reports to a user; exit code 2 (bad input)."""
+
+    exit_code = 2
+
+
+class BadInput(MvdError):
+    """The user gave something unusable: unknown model, unreadable file, bad size."""
+
+    exit_code = 2
+
+
+class CheckpointMismatch(BadInput):
+    """A checkpoint does not fit the model; the message lists keys by name."""
+
+
+class BackendUnavailable(MvdError):
+    """An optional backend is not installed; the message names the extra to install."""
+
+    exit_code = 3
+
+
+class VerificationFailed(MvdError):
+    """A deployable artifact does not compute the same function as the original."""
+
+    exit_code = 1

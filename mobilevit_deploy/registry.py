@@ -1,0 +1,91 @@
+"""The model zoo: one ModelSpec per name, registered by the family modules.
+
+A spec holds everything a downstream step needs to know about a model without
+building it: input size, preprocessing, labels, weight sources and tolerances. The
+exporters copy the preprocessing into every artifact, so it lives here once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import BadInput
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """A published checkpoint. `sha256` is None where the publisher gives no hash."""
+
+    tag: str
+    url: str
+    sha256: str | None = None
+    fused: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    builder: Callable[..., nn.Module]
+    input_size: int
+    task: str = "classification"
+    num_classes: int = 1000
+    labels: str = "imagenet-1k"
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    weight_sources: tuple[WeightSource, ...] = ()
+    # Maps a foreign checkpoint layout (official repo) onto this project's key names.
+    remap_state_dict: Callable[[dict], dict] | None = None
+    # Input height and width must be multiples of this (the network's total stride).
+    size_multiple: int = 32
+    # Per-precision bounds that tighten the defaults in verify.py.
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+
+    def build(self) -> nn.Module:
+        """A fresh train-time module with this spec's default configuration."""
+        return self.builder()
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_loaded() -> None:
+    from . import models  # noqa: F401  (importing registers every family)
+
+
+def list_models(family: str | None = None) -> list[ModelSpec]:
+    _ensure_loaded()
+    return [s for s in _REGISTRY.values() if family is None or s.family == family]
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec for `name`; an unknown name raises BadInput with close matches."""
+    _ensure_loaded()
+    key = name.strip().lower().replace("-", "_")
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise BadInput(f"Unknown model {name!r}.{hint} `mvd list` shows the zoo.")
