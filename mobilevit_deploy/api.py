@@ -1,0 +1,139 @@
+"""The Python API. Every CLI command is one call of a function here.
+
+    load_model("fastvit_sa12", weights="ckpt.pth.tar")   # train-time (or deploy) form
+    reparameterize(model)                               # fused copy
+    export("fastvit_sa12", "onnx", output="m.onnx")     # Artifact
+    verify("fastvit_sa12", formats=("onnx",))           # VerifyReport
+    benchmark("fastvit_sa12")                           # BenchReport
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from .errors import BadInput
+from .exporters import Artifact
+from .exporters.formats import FORMATS
+from .exporters.metadata import artifact_metadata
+from .images import natural_images, to_model_input
+from .registry import ModelSpec, get_spec
+from .reparam import reparameterize
+from .weights import load_into_spec
+
+
+def resolve_pretrained(spec: ModelSpec, tag: str | bool) -> tuple[str, str | None]:
+    """URL and checksum of a published checkpoint; `True` means the first listed."""
+    if not spec.weight_sources:
+        raise BadInput(f"{spec.name} has no published weights; pass --weights PATH")
+    if tag is True:
+        return spec.weight_sources[0].url, spec.weight_sources[0].sha256
+    for source in spec.weight_sources:
+        if source.tag == tag:
+            return source.url, source.sha256
+    tags = ", ".join(s.tag for s in spec.weight_sources)
+    raise BadInput(f"{spec.name} has no weights tagged {tag!r}; available: {tags}")
+
+
+def load_model(
+    name: str,
+    weights: str | Path | None = None,
+    *,
+    pretrained: bool | str = False,
+    progress: bool = True,
+) -> nn.Module:
+    """The model in the form its weights hold (train, deploy or fused), in eval mode.
+
+    `weights` is a path or an http(s) URL (downloaded once into the cache);
+    `pretrained` picks a published checkpoint by tag. Without either, the model is
+    randomly initialised.
+    """
+    spec = get_spec(name)
+    if weights is not None and pretrained:
+        raise BadInput("give either --weights or --pretrained, not both")
+    source, sha = None, None
+    if pretrained:
+        source, sha = resolve_pretrained(spec, pretrained)
+    elif weights is not None and str(weights).startswith(("http://", "https://")):
+        source = str(weights)
+    if source is not None:
+        from .download import download
+
+        weights = download(source, sha256=sha, progress=progress)
+    if weights is None:
+        model = spec.build().eval()
+        model.mvd_provenance = None
+        return model
+    return load_into_spec(spec, Path(weights), source)
+
+
+def check_image_size(spec: ModelSpec, image_size: int | None) -> int:
+    size = spec.input_size if image_size is None else image_size
+    if size < spec.size_multiple or size % spec.size_multiple:
+        raise BadInput(
+            f"image size {size} does not fit {spec.name}: it must be a positive multiple of "
+            f"{spec.size_multiple} (the network's total stride); default {spec.input_size}"
+        )
+    return size
+
+
+def example_input(spec: ModelSpec, image_size: int, batch: int = 1, seed: int = 0) -> np.ndarray:
+    return to_model_input(natural_images(batch, image_size, seed), spec)
+
+
+def export(
+    name: str,
+    format: str = "onnx",
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool | str = False,
+    model: nn.Module | None = None,
+    output: str | Path | None = None,
+    image_size: int | None = None,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = 17,
+    reparam: bool = True,
+    simplify: bool = True,
+    precision: str = "fp32",
+) -> Artifact:
+    """Export `name` (or an already loaded `model` of that name) to one file."""
+    spec = get_spec(name)
+    size = check_image_size(spec, image_size)
+    fmt = FORMATS.get(format)
+    if fmt is None:
+        raise BadInput(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    if not fmt.implemented:
+        raise BadInput(f"{format} export is not available in this version; use --format onnx")
+    if precision not in fmt.precisions:
+        raise BadInput(f"{format} supports precisions {', '.join(fmt.precisions)}, not {precision}")
+    if batch < 1:
+        raise BadInput(f"batch must be at least 1, got {batch}")
+    if model is None:
+        model = load_model(name, weights, pretrained=pretrained)
+    provenance = getattr(model, "mvd_provenance", None)
+    deployable = reparameterize(model) if reparam else model.eval()
+    out = Path(output) if output else Path(f"{spec.name}{fmt.suffix}")
+    meta = artifact_metadata(
+        spec,
+        provenance=provenance,
+        image_size=size,
+        batch="batch" if dynamic_batch else batch,
+        reparameterized=reparam,
+        precision=precision,
+        fmt=format,
+    )
+    from .exporters.onnx import export_onnx
+
+    export_onnx(
+        deployable,
+        out,
+        example_input(spec, size, batch),
+        meta,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        simplify=simplify,
+    )
+    return Artifact(out, format, precision, meta)

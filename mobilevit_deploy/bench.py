@@ -1,0 +1,112 @@
+"""`mvd bench`: what reparameterization buys at inference, measured fairly.
+
+The baseline is what a user would otherwise ship: the unfused training-time model
+through a plain `torch.onnx.export`, run by onnxruntime at its highest optimisation
+level, which already folds Conv+BN by itself. The fused export runs in the same
+session settings, and all candidates are timed interleaved (timing.interleaved) so
+drifts of the machine hit them alike. PyTorch eager is shown for reference.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import api
+from .images import natural_images, to_model_input
+from .machine import machine_stamp, stamp_line
+from .registry import get_spec
+from .reparam import reparameterize
+from .runtimes.onnxruntime import OrtRunner
+from .runtimes.torch_runtime import TorchRunner
+from .stress import apply_stress_weights
+from .timing import interleaved
+
+BASELINE = "onnxruntime, unfused (plain export)"
+ORT_LEVEL = "all"
+
+
+def benchmark(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    image_size: int | None = None,
+    batch: int = 1,
+    threads: int | None = None,
+    min_time_s: float = 3.0,
+    min_runs: int = 20,
+    torch_eager: bool = True,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> dict:
+    spec = get_spec(name)
+    size = api.check_image_size(spec, image_size)
+    threads = threads or os.cpu_count() or 1
+    model = api.load_model(name, weights)
+    if model.mvd_provenance is None:
+        # Realistic magnitudes: freshly initialised weights can hit denormal slow paths.
+        calibration = to_model_input(natural_images(4, size, 1), spec)
+        apply_stress_weights(model, torch.from_numpy(calibration))
+    x = to_model_input(natural_images(batch, size, 0), spec)
+    candidates: dict[str, Callable[[], object]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        progress("exporting unfused and fused ONNX")
+        plain = api.export(
+            spec.name, model=model, output=Path(tmp) / "unfused.onnx", image_size=size,
+            batch=batch, reparam=False, simplify=False,
+        )
+        fused = api.export(
+            spec.name, model=model, output=Path(tmp) / "fused.onnx", image_size=size, batch=batch
+        )
+        unfused_ort = OrtRunner(plain.path, threads, ORT_LEVEL)
+        fused_ort = OrtRunner(fused.path, threads, ORT_LEVEL)
+        candidates[BASELINE] = lambda: unfused_ort(x)
+        candidates["onnxruntime, fused (mvd)"] = lambda: fused_ort(x)
+        if torch_eager:
+            torch.set_num_threads(threads)
+            eager_unfused = TorchRunner(model)
+            eager_fused = TorchRunner(reparameterize(model))
+            candidates["torch eager, unfused"] = lambda: eager_unfused(x)
+            candidates["torch eager, fused (mvd)"] = lambda: eager_fused(x)
+        progress(f"timing {len(candidates)} candidates interleaved")
+        results = interleaved(candidates, batch=batch, min_runs=min_runs, min_time_s=min_time_s)
+    base = results[BASELINE].median_ms
+    stamp = machine_stamp()
+    return {
+        "model": spec.name,
+        "image_size": size,
+        "batch": batch,
+        "threads": threads,
+        "onnxruntime_session": {"graph_optimization_level": ORT_LEVEL, "intra_op_threads": threads},
+        "baseline": BASELINE,
+        "machine": stamp,
+        "machine_line": stamp_line(stamp),
+        "results": [
+            {"runtime": key, **res.to_dict(), "ratio_to_baseline": res.median_ms / base}
+            for key, res in results.items()
+        ],
+    }
+
+
+def render(report: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"{report['model']} @ {report['image_size']}, batch {report['batch']}, "
+        f"{report['threads']} threads"
+    )
+    for col in ("runtime", "median ms", "p90 ms", "min ms", "std ms", "img/s", "vs baseline"):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for r in report["results"]:
+        table.add_row(
+            r["runtime"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['min_ms']:.2f}",
+            f"{r['std_ms']:.2f}", f"{r['throughput_per_s']:.1f}", f"{r['ratio_to_baseline']:.2f}x",
+        )
+    console.print(table)
+    console.print(f"baseline: {report['baseline']}; machine: {report['machine_line']}")
+
+
+__all__ = ["benchmark", "render"]

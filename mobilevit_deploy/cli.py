@@ -1,0 +1,283 @@
+"""`mvd`: a thin typer front-end. Parse, call the API, render with rich.
+
+Heavy modules (torch, onnx, the optional backends) are imported inside commands so
+that `mvd --help` stays instant and never needs the extras. Errors meant for people
+(errors.MvdError) print one line and exit with their code: 1 verification failed,
+2 bad input, 3 backend unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MvdError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Reparameterize, export, verify and benchmark efficient vision transformers.",
+)
+out = Console()
+err = Console(stderr=True)
+
+Weights = Annotated[
+    str | None, typer.Option("--weights", "-w", help="Checkpoint path or http(s) URL.")
+]
+Pretrained = Annotated[
+    str | None,
+    typer.Option(help="Download a published checkpoint by tag (see `mvd info`); 'default' = first."),
+]
+ImageSize = Annotated[int | None, typer.Option(help="Input height = width; default: the model's.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _pretrained(tag: str | None) -> bool | str:
+    return True if tag == "default" else (tag or False)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MvdError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _print_json(data: object) -> None:
+    from .report import _clean
+
+    sys.stdout.write(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+@app.command("list")
+@handle_errors
+def list_cmd(
+    family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """The zoo: every model with its family, task, input size and parameters."""
+    from .info import zoo_rows
+
+    rows = zoo_rows(family)
+    if as_json:
+        return _print_json(rows)
+    table = Table(title="mobilevit_deploy zoo")
+    for col in ("model", "family", "task", "input", "params (train)", "published weights"):
+        table.add_column(col, justify="right" if col.startswith("params") else "left")
+    for r in rows:
+        table.add_row(
+            r["name"], r["family"], r["task"], str(r["input_size"]), _fmt_int(r["params"]),
+            ", ".join(r["weights"]) or "none",
+        )
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) -> None:
+    """Params unfused / deploy / fused, MACs, preprocessing, formats, weights."""
+    from .info import model_info
+
+    with err.status(f"building {model} in its three forms"):
+        data = model_info(model, image_size)
+    if as_json:
+        return _print_json(data)
+    table = Table(title=data["name"], show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("family / task", f"{data['family']} / {data['task']}")
+    table.add_row("description", data["description"])
+    table.add_row("input", f"3x{data['input_size']}x{data['input_size']} (NCHW, RGB)")
+    for form in ("train", "deploy", "fused"):
+        table.add_row(f"params ({form})", _fmt_int(data["params"][form]))
+    table.add_row("MACs (fused)", f"{data['macs'] / 1e9:.3f} G")
+    pre = data["preprocessing"]
+    table.add_row(
+        "preprocessing",
+        f"mean {pre['mean']} std {pre['std']}, crop {pre['crop_pct']}, {pre['interpolation']}",
+    )
+    table.add_row("formats", ", ".join(f"{k} ({v})" for k, v in data["formats"].items()))
+    table.add_row("weights", "\n".join(f"{w['tag']}: {w['url']}" for w in data["weights"]) or "none")
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def reparam(
+    model: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help=".pt or .safetensors")],
+    weights: Weights = None,
+    pretrained: Pretrained = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fuse a model into its deploy form and save its weights (loads back with --weights)."""
+    from .reparam_file import reparam_to_file
+
+    with err.status(f"fusing {model}"):
+        data = reparam_to_file(model, output, weights=weights, pretrained=_pretrained(pretrained))
+    if as_json:
+        return _print_json(data)
+    out.print(
+        f"[green]wrote[/] {data['output']}: {data['model']} fused, params "
+        f"{_fmt_int(data['params_before'])} -> {_fmt_int(data['params_after'])}, "
+        f"{data['batchnorms_before']} BatchNorms -> 0; check on {data['check_inputs']} inputs: "
+        f"max error {data['max_rel']:.1e} of the output scale"
+    )
+
+
+@app.command()
+@handle_errors
+def export(
+    model: str,
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx")] = "onnx",
+    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    weights: Weights = None,
+    pretrained: Pretrained = None,
+    image_size: ImageSize = None,
+    batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
+    dynamic_batch: Annotated[bool, typer.Option(help="Leave the batch dimension free.")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    precision: Annotated[str, typer.Option(help="fp32")] = "fp32",
+    no_reparam: Annotated[bool, typer.Option("--no-reparam", help="Export unfused.")] = False,
+    simplify: Annotated[bool, typer.Option(help="Run onnxslim, then re-verify.")] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Export to a deployable file with its metadata (embedded and a sidecar JSON)."""
+    from . import api
+
+    with err.status(f"exporting {model} to {format}"):
+        artifact = api.export(
+            model, format, weights=weights, pretrained=_pretrained(pretrained), output=output,
+            image_size=image_size, batch=batch, dynamic_batch=dynamic_batch, opset=opset,
+            reparam=not no_reparam, simplify=simplify, precision=precision,
+        )
+    size = artifact.path.stat().st_size / 2**20
+    if as_json:
+        return _print_json({"path": str(artifact.path), "sidecar": str(artifact.sidecar),
+                            "size_mib": size, "metadata": artifact.metadata})
+    out.print(
+        f"[green]wrote[/] {artifact.path} ({size:.1f} MiB, {artifact.precision}, "
+        f"{'fused' if not no_reparam else 'unfused'}) + {artifact.sidecar.name}"
+    )
+
+
+@app.command()
+@handle_errors
+def verify(
+    model: str,
+    formats: Annotated[str, typer.Option(help="Comma-separated formats to export and check.")] = "onnx",
+    weights: Weights = None,
+    pretrained: Pretrained = None,
+    image_size: ImageSize = None,
+    num_images: Annotated[int, typer.Option(help="Natural-looking test images.")] = 8,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
+) -> None:
+    """Prove fused torch and every artifact match the unfused model; exit 1 if not."""
+    from . import verify as verify_mod
+    from .report import write_json, write_verify_junit
+
+    fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+    with err.status(f"verifying {model}") as status:
+        report = verify_mod.verify(
+            model, weights=weights, pretrained=_pretrained(pretrained), formats=fmts,
+            image_size=image_size, num_images=num_images,
+            progress=lambda msg: status.update(f"verifying {model}: {msg}"),
+        )
+    if json_path == Path("-"):
+        _print_json(report.to_dict())
+    else:
+        _render_verify(report)
+        if json_path:
+            write_json(json_path, report.to_dict())
+    if junit:
+        write_verify_junit(junit, report)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+def _render_verify(report) -> None:
+    table = Table(title=f"{report.model} @ {report.image_size}: vs {report.reference}")
+    for col in ("candidate", "max abs", "max rel", "tolerance", "cosine", "PSNR dB", "top-1", "top-5", ""):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for p in report.pairs:
+        m = p.metrics
+        table.add_row(
+            p.candidate, f"{m['max_abs']:.2e}", f"{m['max_rel']:.2e}", f"{p.tolerance:.0e}",
+            f"{m['cosine']:.8f}", f"{m['psnr_db']:.1f}",
+            f"{m.get('top1', m.get('pixel_agreement', 0)):.3f}", f"{m.get('top5', 1):.3f}",
+            "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
+        )
+    out.print(f"weights: {report.weights}; inputs: {report.inputs}")
+    out.print(table)
+    for problem in report.problems:
+        out.print(f"[bold red]FAIL[/] {problem}")
+    out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
+
+
+@app.command()
+@handle_errors
+def bench(
+    model: str,
+    weights: Weights = None,
+    image_size: ImageSize = None,
+    batch: Annotated[int, typer.Option()] = 1,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")] = None,
+    min_time: Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")] = 3.0,
+    min_runs: Annotated[int, typer.Option()] = 20,
+    no_torch: Annotated[bool, typer.Option("--no-torch", help="Skip PyTorch eager.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")] = None,
+) -> None:
+    """onnxruntime CPU latency of the fused export against the plain unfused export."""
+    from . import bench as bench_mod
+    from .report import write_json
+
+    with err.status(f"benchmarking {model}") as status:
+        report = bench_mod.benchmark(
+            model, weights=weights, image_size=image_size, batch=batch, threads=threads,
+            min_time_s=min_time, min_runs=min_runs, torch_eager=not no_torch,
+            progress=lambda msg: status.update(f"benchmarking {model}: {msg}"),
+        )
+    if json_path == Path("-"):
+        return _print_json(report)
+    bench_mod.render(report, out)
+    if json_path:
+        write_json(json_path, report)
+
+
+@app.command()
+@handle_errors
+def doctor(as_json: JsonFlag = False) -> None:
+    """Versions, machine, and which formats this machine can export and run."""
+    from .info import doctor_info
+
+    data = doctor_info()
+    if as_json:
+        return _print_json(data)
+    out.print(f"machine: {data['machine_line']}")
+    table = Table(title="formats")
+    for col in ("format", "export", "run here", "install"):
+        table.add_column(col)
+    for f in data["formats"]:
+        table.add_row(f["name"], f["export"], f["run"], f["install"] or "-")
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,106 @@
+"""ONNX export: torch -> checked, simplified, re-verified .onnx with metadata.
+
+Uses torch's TorchScript-based exporter (`dynamo=False`): for these static, CNN-like
+graphs it is deterministic (byte-identical files for the same input, which CI caches
+and artifact reviews rely on) and needs no onnxscript. The simplified graph is run
+against the raw one before it replaces it, so a simplifier bug cannot ship.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..errors import VerificationFailed
+from ..files import atomic_path, write_json_atomic
+from ..runtimes.onnxruntime import OrtRunner
+
+DEFAULT_OPSET = 17
+SIMPLIFY_TOLERANCE = 1e-5
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic: bool):
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+def _simplify(raw_path: Path, graph: onnx.ModelProto, example: np.ndarray) -> onnx.ModelProto:
+    import onnxslim
+
+    slim = onnxslim.slim(graph)
+    onnx.checker.check_model(slim, full_check=True)
+    slim_path = raw_path.with_suffix(".slim")
+    try:
+        onnx.save(slim, str(slim_path))
+        err = _max_rel(OrtRunner(raw_path)(example), OrtRunner(slim_path)(example))
+    finally:
+        slim_path.unlink(missing_ok=True)
+    if err > SIMPLIFY_TOLERANCE:
+        raise VerificationFailed(
+            f"onnxslim changed the model's output by {err:.2e} of its scale; "
+            "export again with --no-simplify"
+        )
+    return slim
+
+
+def export_onnx(
+    model: nn.Module,
+    output: Path,
+    example: np.ndarray,
+    metadata: dict,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = False,
+    simplify: bool = True,
+) -> Path:
+    """Write `model` to `output` (+ `output`.json); returns the path."""
+    model = model.eval()
+    with atomic_path(output) as tmp:
+        _torch_export(model, torch.from_numpy(example), tmp, opset, dynamic_batch)
+        graph = onnx.load(str(tmp))
+        onnx.checker.check_model(graph, full_check=True)
+        if simplify:
+            graph = _simplify(tmp, graph, example)
+        del graph.metadata_props[:]
+        for key, value in sorted(metadata.items()):
+            entry = graph.metadata_props.add()
+            entry.key = key
+            entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        graph.producer_name = "mobilevit_deploy"
+        onnx.save(graph, str(tmp))
+    write_json_atomic(output.with_name(output.name + ".json"), metadata)
+    return output
+
+
+def read_metadata(path: Path) -> dict:
+    """The metadata embedded in an exported .onnx file."""
+    graph = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for entry in graph.metadata_props:
+        try:
+            out[entry.key] = json.loads(entry.value)
+        except json.JSONDecodeError:
+            out[entry.key] = entry.value
+    return out

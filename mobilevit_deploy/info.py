@@ -1,0 +1,94 @@
+"""What `mvd list`, `mvd info` and `mvd doctor` report, as plain dicts."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .exporters.formats import FORMATS
+from .machine import machine_stamp, stamp_line
+from .registry import get_spec, list_models
+from .reparam import reparameterize
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def zoo_rows(family: str | None = None) -> list[dict]:
+    rows = []
+    for spec in list_models(family):
+        with torch.device("meta"):  # shapes only: the whole zoo in well under a second
+            params = count_params(spec.build())
+        rows.append(
+            {
+                "name": spec.name,
+                "family": spec.family,
+                "task": spec.task,
+                "input_size": spec.input_size,
+                "params": params,
+                "weights": sorted({s.tag for s in spec.weight_sources}),
+            }
+        )
+    return rows
+
+
+def count_macs(model: torch.nn.Module, image_size: int) -> int:
+    """Multiply-accumulates of one image, from torch's own FLOP counter (FLOPs / 2)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() // 2
+
+
+def model_info(name: str, image_size: int | None = None) -> dict:
+    from .api import check_image_size
+
+    spec = get_spec(name)
+    size = check_image_size(spec, image_size)
+    train = spec.build().eval()
+    deploy, fused = reparameterize(train, fold_affine=False), reparameterize(train)
+    return {
+        "name": spec.name,
+        "family": spec.family,
+        "task": spec.task,
+        "description": spec.description,
+        "input_size": size,
+        "num_classes": spec.num_classes,
+        "labels": spec.labels,
+        "params": {
+            "train": count_params(train),
+            "deploy": count_params(deploy),
+            "fused": count_params(fused),
+        },
+        "macs": count_macs(fused, size),
+        "preprocessing": {
+            "mean": list(spec.preprocessing.mean),
+            "std": list(spec.preprocessing.std),
+            "crop_pct": spec.preprocessing.crop_pct,
+            "interpolation": spec.preprocessing.interpolation,
+        },
+        "formats": {
+            f.name: ", ".join(f.precisions) if f.implemented else "not yet"
+            for f in FORMATS.values()
+        },
+        "weights": [
+            {"tag": s.tag, "url": s.url, "sha256": s.sha256, "fused": s.fused}
+            for s in spec.weight_sources
+        ],
+    }
+
+
+def doctor_info() -> dict:
+    stamp = machine_stamp()
+    formats = []
+    for f in FORMATS.values():
+        ready = f.available()
+        formats.append(
+            {
+                "name": f.name,
+                "export": "yes" if ready else ("not yet" if not f.implemented else "no"),
+                "run": "yes" if ready and f.name == "onnx" else "no",
+                "install": f"pip install 'mobilevit_deploy[{f.extra}]'" if f.extra else None,
+            }
+        )
+    return {"machine": stamp, "machine_line": stamp_line(stamp), "formats": formats}

@@ -1,0 +1,1 @@
+"""One module per runtime; each turns a model or artifact into numpy -> numpy."""

@@ -1,0 +1,34 @@
+"""Run an ONNX file with onnxruntime on CPU: numpy in, numpy out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class OrtRunner:
+    """One inference session. `level="all"` is what a deployment would use; note that
+    it fuses Conv+BN on its own, so speed-ups must be measured against it."""
+
+    def __init__(self, path: Path | str, threads: int | None = None, level: str = "all") -> None:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = LEVELS[level]
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.options = {"graph_optimization_level": level, "intra_op_num_threads": threads or 0}
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]

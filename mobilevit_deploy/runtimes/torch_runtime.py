@@ -1,0 +1,20 @@
+"""Run a torch module: numpy in, numpy out, in a chosen dtype (float64 for references)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TorchRunner:
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = dtype
+        self.module = copy.deepcopy(module).to(dtype).eval()
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out = self.module(torch.from_numpy(x).to(self.dtype))
+        return out.double().numpy() if self.dtype == torch.float64 else out.numpy()

@@ -1,0 +1,126 @@
+"""`mvd verify`: prove that every deployable form computes the original's function.
+
+The reference is the unfused model in float64, so fp32 noise of the reference itself
+(2e-3 on a stressed LeViT, DESIGN.md) never masks or fakes a fold error. Pairs:
+  torch fused (fp64)  vs reference: the fuse math alone;
+  torch fused (fp32)  vs reference: what fp32 execution adds;
+  <format> (precision) vs reference: each exported artifact, end to end.
+Without real weights the model gets stress weights first (stress.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import api
+from .images import natural_images, random_normal_inputs, to_model_input
+from .metrics import DEFAULT_TOLERANCES, compare
+from .registry import get_spec
+from .reparam import reparameterize, training_leftovers
+from .runtimes.torch_runtime import TorchRunner
+from .stress import apply_stress_weights, check_sane_outputs
+
+
+@dataclass
+class PairResult:
+    candidate: str
+    precision: str
+    tolerance: float
+    metrics: dict
+    passed: bool
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    image_size: int
+    weights: str
+    inputs: str
+    pairs: list[PairResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    reference: str = "torch unfused (fp64)"
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(p.passed for p in self.pairs)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+
+def _run(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, per_sample: bool) -> np.ndarray:
+    if not per_sample:
+        return runner(x)
+    return np.concatenate([runner(x[i : i + 1]) for i in range(len(x))])
+
+
+def verify(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool | str = False,
+    formats: Sequence[str] = ("onnx",),
+    image_size: int | None = None,
+    num_images: int = 8,
+    seed: int = 0,
+    work_dir: Path | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> VerifyReport:
+    spec = get_spec(name)
+    size = api.check_image_size(spec, image_size)
+    model = api.load_model(name, weights, pretrained=pretrained)
+    provenance = model.mvd_provenance
+    images = to_model_input(natural_images(num_images, size, seed), spec)
+    x = np.concatenate([images, random_normal_inputs(max(num_images // 2, 2), size, seed)])
+    if provenance is None:
+        progress("applying stress weights")
+        calibration = to_model_input(natural_images(8, size, seed + 1000), spec)
+        apply_stress_weights(model, torch.from_numpy(calibration), seed)
+    report = VerifyReport(
+        spec.name,
+        size,
+        provenance.source if provenance else "stress weights (no weights given)",
+        f"{num_images} natural-looking images + {len(x) - num_images} random normals",
+    )
+    tolerances = {**DEFAULT_TOLERANCES, **spec.tolerances}
+
+    def add(candidate: str, precision: str, output: np.ndarray) -> None:
+        metrics = compare(reference, output, spec.task)
+        tol = tolerances[precision]
+        report.pairs.append(
+            PairResult(candidate, precision, tol, metrics, metrics["max_rel"] <= tol)
+        )
+
+    progress("running the unfused reference in float64")
+    reference = TorchRunner(model, torch.float64)(x)
+    report.problems += [f"reference: {p}" for p in check_sane_outputs(reference)]
+    fused = reparameterize(model)
+    report.problems += [f"left after reparam: {m}" for m in training_leftovers(fused)]
+    progress("running the fused model")
+    add("torch fused (fp64)", "fp32", TorchRunner(fused, torch.float64)(x))
+    add("torch fused (fp32)", "fp32", TorchRunner(fused, torch.float32)(x))
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        for fmt in formats:
+            progress(f"exporting and running {fmt}")
+            artifact = api.export(
+                spec.name, fmt, model=model, output=Path(tmp) / f"{spec.name}.{fmt}",
+                image_size=size,
+            )
+            add(f"{fmt} fused", artifact.precision, _run(_runner(artifact), x, per_sample=True))
+    return report
+
+
+def _runner(artifact) -> Callable[[np.ndarray], np.ndarray]:
+    if artifact.format == "onnx":
+        from .runtimes.onnxruntime import OrtRunner
+
+        return OrtRunner(artifact.path)
+    raise ValueError(f"no runtime for {artifact.format}")

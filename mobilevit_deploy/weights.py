@@ -1,0 +1,171 @@
+"""Reading checkpoints as untrusted input, and loading them into the right form.
+
+Checkpoints come from the internet, so nothing here ever unpickles code: `.pt/.pth`
+files go through `torch.load(weights_only=True)`, `.safetensors` through safetensors.
+A checkpoint may hold any of three forms of a model, told apart by its keys:
+  train   the training-time form (official unfused files, timm);
+  deploy  the official reparameterized form (Apple's `_reparam` files);
+  fused   this tool's fully folded form (what `mvd reparam` writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BadInput, CheckpointMismatch
+from .registry import ModelSpec
+from .reparam import reparameterize
+
+# Wrapper keys of training scripts, in order of preference (EMA weights evaluate best).
+WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+FORMS = ("train", "deploy", "fused")
+_LIST_LIMIT = 8
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model's weights came from; copied into every artifact's metadata."""
+
+    source: str
+    sha256: str | None
+    form: str
+    wrapper_key: str | None = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise BadInput(
+                f"{path}: refused, the file holds pickled code or objects, not just tensors "
+                f"(never unpickled: {first[:160]})"
+            ) from None
+        raise BadInput(f"{path}: not a readable checkpoint ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"{path}: not a readable checkpoint ({first[:160]})") from None
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadInput(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def unwrap(obj: object, origin: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensor dict inside a training script's checkpoint, and the key it sat under."""
+    wrapper = None
+    if isinstance(obj, dict):
+        for key in WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict) and obj[key]:
+                obj, wrapper = obj[key], key
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise BadInput(f"{origin}: no state dict found (expected a dict of tensors)")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise BadInput(f"{origin}: not a state dict, non-tensor entries: {_names(bad)}")
+    keys = list(obj)
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in keys):
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
+            keys = list(obj)
+    return obj, wrapper
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Read a checkpoint file safely; returns (state dict, wrapper key or None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: empty file, not a checkpoint")
+    raw = _load_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+    state, wrapper = unwrap(raw, str(path))
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if nonfinite:
+        raise BadInput(f"{path}: NaN or Inf values in {_names(nonfinite)}")
+    return state, wrapper
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LIST_LIMIT])
+    return shown + (f" and {len(keys) - _LIST_LIMIT} more" if len(keys) > _LIST_LIMIT else "")
+
+
+def build_form(spec: ModelSpec, form: str) -> nn.Module:
+    """An empty model of `spec` in the given form (deploy and fused are derived)."""
+    model = spec.build()
+    if form == "train":
+        return model
+    return reparameterize(model, fold_affine=form == "fused")
+
+
+def detect_form(spec: ModelSpec, state: dict[str, torch.Tensor]) -> tuple[str, nn.Module]:
+    """The form whose key set best matches the checkpoint, and an empty model of it."""
+    best: tuple[float, str, nn.Module] | None = None
+    keys = set(state)
+    for form in FORMS:
+        model = build_form(spec, form)
+        expected = set(model.state_dict())
+        score = len(keys & expected) / len(keys | expected)
+        if best is None or score > best[0]:
+            best = (score, form, model)
+        if score == 1.0:
+            break
+    assert best is not None
+    return best[1], best[2]
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Strict load that names every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_names(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_names(shapes)}")
+        raise CheckpointMismatch(f"{origin} does not fit the model; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_into_spec(spec: ModelSpec, path: Path, source: str | None = None) -> nn.Module:
+    """Read `path`, remap a foreign layout, pick the form, load strictly."""
+    state, wrapper = read_checkpoint(path)
+    if spec.remap_state_dict is not None:
+        state = spec.remap_state_dict(state)
+    form, model = detect_form(spec, state)
+    load_state(model, state, str(path))
+    model.mvd_provenance = Provenance(source or str(path), file_sha256(path), form, wrapper)
+    return model.eval()

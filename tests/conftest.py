@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+import torch
+
+from mobilevit_deploy.images import natural_images, to_model_input
+from mobilevit_deploy.registry import get_spec
+from mobilevit_deploy.stress import apply_stress_weights
+
+
+def stressed(name: str, size: int = 64, seed: int = 0) -> torch.nn.Module:
+    """A model of `name` under stress weights calibrated on natural-looking images."""
+    spec = get_spec(name)
+    model = spec.build()
+    calibration = torch.from_numpy(to_model_input(natural_images(4, size, seed + 100), spec))
+    return apply_stress_weights(model, calibration, seed)
+
+
+def test_inputs(name: str, size: int = 64, count: int = 4, seed: int = 0) -> np.ndarray:
+    return to_model_input(natural_images(count, size, seed), get_spec(name))
+
+
+test_inputs.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """No test may touch the user's download cache."""
+    monkeypatch.setenv("MVD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
