@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from .errors import BadInput
@@ -48,7 +49,7 @@ def load_model(
 
     `weights` is a path or an http(s) URL (downloaded once into the cache);
     `pretrained` picks a published checkpoint by tag. Without either, the model is
-    randomly initialised.
+    randomly initialised (seeded: the same every time).
     """
     spec = get_spec(name)
     if weights is not None and pretrained:
@@ -63,7 +64,10 @@ def load_model(
 
         weights = download(source, sha256=sha, progress=progress)
     if weights is None:
-        model = spec.build().eval()
+        # Seeded, so the same command exports the same file (CI caches, reviews).
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = spec.build().eval()
         model.mvd_provenance = None
         return model
     return load_into_spec(spec, Path(weights), source)

@@ -25,7 +25,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Reparameterize, export, verify and benchmark efficient vision transformers.",
 )
-out = Console()
+# Piped output (CI logs, README snippets) gets a fixed width rather than rich's 80.
+out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 Weights = Annotated[
@@ -214,13 +215,13 @@ def verify(
 
 def _render_verify(report) -> None:
     table = Table(title=f"{report.model} @ {report.image_size}: vs {report.reference}")
-    for col in ("candidate", "max abs", "max rel", "tolerance", "cosine", "PSNR dB", "top-1", "top-5", ""):
+    for col in ("candidate", "max abs", "max rel", "bound", "1 - cos", "PSNR dB", "top-1", "top-5", ""):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for p in report.pairs:
         m = p.metrics
         table.add_row(
             p.candidate, f"{m['max_abs']:.2e}", f"{m['max_rel']:.2e}", f"{p.tolerance:.0e}",
-            f"{m['cosine']:.8f}", f"{m['psnr_db']:.1f}",
+            f"{1 - m['cosine']:.1e}", f"{m['psnr_db']:.1f}",
             f"{m.get('top1', m.get('pixel_agreement', 0)):.3f}", f"{m.get('top5', 1):.3f}",
             "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
         )
