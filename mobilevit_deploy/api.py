@@ -1,10 +1,10 @@
 """The Python API. Every CLI command is one call of a function here.
 
-    load_model("fastvit_sa12", weights="ckpt.pth.tar")   # train-time (or deploy) form
-    reparameterize(model)                               # fused copy
-    export("fastvit_sa12", "onnx", output="m.onnx")     # Artifact
-    verify("fastvit_sa12", formats=("onnx",))           # VerifyReport
-    benchmark("fastvit_sa12")                           # BenchReport
+load_model("fastvit_sa12", weights="ckpt.pth.tar")   # train-time (or deploy) form
+reparameterize(model)                               # fused copy
+export("fastvit_sa12", "onnx", output="m.onnx")     # Artifact
+verify("fastvit_sa12", formats=("onnx",))           # VerifyReport
+benchmark("fastvit_sa12")                           # BenchReport
 """
 
 from __future__ import annotations

@@ -55,8 +55,13 @@ def benchmark(
     with tempfile.TemporaryDirectory() as tmp:
         progress("exporting unfused and fused ONNX")
         plain = api.export(
-            spec.name, model=model, output=Path(tmp) / "unfused.onnx", image_size=size,
-            batch=batch, reparam=False, simplify=False,
+            spec.name,
+            model=model,
+            output=Path(tmp) / "unfused.onnx",
+            image_size=size,
+            batch=batch,
+            reparam=False,
+            simplify=False,
         )
         fused = api.export(
             spec.name, model=model, output=Path(tmp) / "fused.onnx", image_size=size, batch=batch
@@ -102,8 +107,13 @@ def render(report: dict, console) -> None:
         table.add_column(col, justify="left" if col == "runtime" else "right")
     for r in report["results"]:
         table.add_row(
-            r["runtime"], f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['min_ms']:.2f}",
-            f"{r['std_ms']:.2f}", f"{r['throughput_per_s']:.1f}", f"{r['ratio_to_baseline']:.2f}x",
+            r["runtime"],
+            f"{r['median_ms']:.2f}",
+            f"{r['p90_ms']:.2f}",
+            f"{r['min_ms']:.2f}",
+            f"{r['std_ms']:.2f}",
+            f"{r['throughput_per_s']:.1f}",
+            f"{r['ratio_to_baseline']:.2f}x",
         )
     console.print(table)
     console.print(f"baseline: {report['baseline']}; machine: {report['machine_line']}")

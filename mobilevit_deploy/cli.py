@@ -34,7 +34,9 @@ Weights = Annotated[
 ]
 Pretrained = Annotated[
     str | None,
-    typer.Option(help="Download a published checkpoint by tag (see `mvd info`); 'default' = first."),
+    typer.Option(
+        help="Download a published checkpoint by tag (see `mvd info`); 'default' = first."
+    ),
 ]
 ImageSize = Annotated[int | None, typer.Option(help="Input height = width; default: the model's.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -83,7 +85,11 @@ def list_cmd(
         table.add_column(col, justify="right" if col.startswith("params") else "left")
     for r in rows:
         table.add_row(
-            r["name"], r["family"], r["task"], str(r["input_size"]), _fmt_int(r["params"]),
+            r["name"],
+            r["family"],
+            r["task"],
+            str(r["input_size"]),
+            _fmt_int(r["params"]),
             ", ".join(r["weights"]) or "none",
         )
     out.print(table)
@@ -114,7 +120,9 @@ def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) ->
         f"mean {pre['mean']} std {pre['std']}, crop {pre['crop_pct']}, {pre['interpolation']}",
     )
     table.add_row("formats", ", ".join(f"{k} ({v})" for k, v in data["formats"].items()))
-    table.add_row("weights", "\n".join(f"{w['tag']}: {w['url']}" for w in data["weights"]) or "none")
+    table.add_row(
+        "weights", "\n".join(f"{w['tag']}: {w['url']}" for w in data["weights"]) or "none"
+    )
     out.print(table)
 
 
@@ -164,14 +172,29 @@ def export(
 
     with err.status(f"exporting {model} to {format}"):
         artifact = api.export(
-            model, format, weights=weights, pretrained=_pretrained(pretrained), output=output,
-            image_size=image_size, batch=batch, dynamic_batch=dynamic_batch, opset=opset,
-            reparam=not no_reparam, simplify=simplify, precision=precision,
+            model,
+            format,
+            weights=weights,
+            pretrained=_pretrained(pretrained),
+            output=output,
+            image_size=image_size,
+            batch=batch,
+            dynamic_batch=dynamic_batch,
+            opset=opset,
+            reparam=not no_reparam,
+            simplify=simplify,
+            precision=precision,
         )
     size = artifact.path.stat().st_size / 2**20
     if as_json:
-        return _print_json({"path": str(artifact.path), "sidecar": str(artifact.sidecar),
-                            "size_mib": size, "metadata": artifact.metadata})
+        return _print_json(
+            {
+                "path": str(artifact.path),
+                "sidecar": str(artifact.sidecar),
+                "size_mib": size,
+                "metadata": artifact.metadata,
+            }
+        )
     out.print(
         f"[green]wrote[/] {artifact.path} ({size:.1f} MiB, {artifact.precision}, "
         f"{'fused' if not no_reparam else 'unfused'}) + {artifact.sidecar.name}"
@@ -182,12 +205,16 @@ def export(
 @handle_errors
 def verify(
     model: str,
-    formats: Annotated[str, typer.Option(help="Comma-separated formats to export and check.")] = "onnx",
+    formats: Annotated[
+        str, typer.Option(help="Comma-separated formats to export and check.")
+    ] = "onnx",
     weights: Weights = None,
     pretrained: Pretrained = None,
     image_size: ImageSize = None,
     num_images: Annotated[int, typer.Option(help="Natural-looking test images.")] = 8,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")
+    ] = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
 ) -> None:
     """Prove fused torch and every artifact match the unfused model; exit 1 if not."""
@@ -197,8 +224,12 @@ def verify(
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
     with err.status(f"verifying {model}") as status:
         report = verify_mod.verify(
-            model, weights=weights, pretrained=_pretrained(pretrained), formats=fmts,
-            image_size=image_size, num_images=num_images,
+            model,
+            weights=weights,
+            pretrained=_pretrained(pretrained),
+            formats=fmts,
+            image_size=image_size,
+            num_images=num_images,
             progress=lambda msg: status.update(f"verifying {model}: {msg}"),
         )
     if json_path == Path("-"):
@@ -215,14 +246,29 @@ def verify(
 
 def _render_verify(report) -> None:
     table = Table(title=f"{report.model} @ {report.image_size}: vs {report.reference}")
-    for col in ("candidate", "max abs", "max rel", "bound", "1 - cos", "PSNR dB", "top-1", "top-5", ""):
+    for col in (
+        "candidate",
+        "max abs",
+        "max rel",
+        "bound",
+        "1 - cos",
+        "PSNR dB",
+        "top-1",
+        "top-5",
+        "",
+    ):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for p in report.pairs:
         m = p.metrics
         table.add_row(
-            p.candidate, f"{m['max_abs']:.2e}", f"{m['max_rel']:.2e}", f"{p.tolerance:.0e}",
-            f"{1 - m['cosine']:.1e}", f"{m['psnr_db']:.1f}",
-            f"{m.get('top1', m.get('pixel_agreement', 0)):.3f}", f"{m.get('top5', 1):.3f}",
+            p.candidate,
+            f"{m['max_abs']:.2e}",
+            f"{m['max_rel']:.2e}",
+            f"{p.tolerance:.0e}",
+            f"{1 - m['cosine']:.1e}",
+            f"{m['psnr_db']:.1f}",
+            f"{m.get('top1', m.get('pixel_agreement', 0)):.3f}",
+            f"{m.get('top5', 1):.3f}",
             "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
         )
     out.print(f"weights: {report.weights}; inputs: {report.inputs}")
@@ -239,11 +285,15 @@ def bench(
     weights: Weights = None,
     image_size: ImageSize = None,
     batch: Annotated[int, typer.Option()] = 1,
-    threads: Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Intra-op threads; default all cores.")
+    ] = None,
     min_time: Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")] = 3.0,
     min_runs: Annotated[int, typer.Option()] = 20,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Skip PyTorch eager.")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")
+    ] = None,
 ) -> None:
     """onnxruntime CPU latency of the fused export against the plain unfused export."""
     from . import bench as bench_mod
@@ -251,8 +301,14 @@ def bench(
 
     with err.status(f"benchmarking {model}") as status:
         report = bench_mod.benchmark(
-            model, weights=weights, image_size=image_size, batch=batch, threads=threads,
-            min_time_s=min_time, min_runs=min_runs, torch_eager=not no_torch,
+            model,
+            weights=weights,
+            image_size=image_size,
+            batch=batch,
+            threads=threads,
+            min_time_s=min_time,
+            min_runs=min_runs,
+            torch_eager=not no_torch,
             progress=lambda msg: status.update(f"benchmarking {model}: {msg}"),
         )
     if json_path == Path("-"):

@@ -111,7 +111,10 @@ def verify(
         for fmt in formats:
             progress(f"exporting and running {fmt}")
             artifact = api.export(
-                spec.name, fmt, model=model, output=Path(tmp) / f"{spec.name}.{fmt}",
+                spec.name,
+                fmt,
+                model=model,
+                output=Path(tmp) / f"{spec.name}.{fmt}",
                 image_size=size,
             )
             add(f"{fmt} fused", artifact.precision, _run(_runner(artifact), x, per_sample=True))

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import stressed, test_inputs
+
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import VerificationFailed
 from mobilevit_deploy.exporters.onnx import read_metadata
@@ -48,7 +48,11 @@ def test_unfused_export_keeps_the_residuals_that_fusion_removes(tmp_path):
     """The graph check above can fail: an unfused export still has x + conv(x)."""
     model = stressed("fastvit_sa12")
     art = api.export(
-        "fastvit_sa12", model=model, output=tmp_path / "u.onnx", image_size=64, reparam=False,
+        "fastvit_sa12",
+        model=model,
+        output=tmp_path / "u.onnx",
+        image_size=64,
+        reparam=False,
         simplify=False,
     )
     assert _residual_adds_around_convs(onnx.load(str(art.path)).graph)
@@ -106,6 +110,7 @@ def test_a_simplifier_that_changes_the_output_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnxslim, "slim", corrupting_slim)
     with pytest.raises(VerificationFailed, match="no-simplify"):
-        api.export("fastvit_t8", model=stressed("fastvit_t8"), output=tmp_path / "s.onnx",
-                   image_size=64)
+        api.export(
+            "fastvit_t8", model=stressed("fastvit_t8"), output=tmp_path / "s.onnx", image_size=64
+        )
     assert list(tmp_path.iterdir()) == []

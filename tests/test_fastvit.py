@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from conftest import stressed, test_inputs
 from torch import nn
 
-from conftest import stressed, test_inputs
 from mobilevit_deploy.models.layers import MobileOneBlock
 from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers

@@ -9,7 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mobilevit_deploy.models.layers import MobileOneBlock, RepConditionalPosEnc, ReparamLargeKernelConv
+from mobilevit_deploy.models.layers import (
+    MobileOneBlock,
+    ReparamLargeKernelConv,
+    RepConditionalPosEnc,
+)
 from mobilevit_deploy.reparam import fold_sequential_pairs, fuse
 
 torch.set_default_dtype(torch.float64)
@@ -53,7 +57,8 @@ groups_and_channels = st.sampled_from([(1, 4, 6), (2, 4, 6), (4, 4, 8), (3, 3, 3
 def test_conv_then_bn_folds_exactly(gc, k, stride, pad, eps, bias, seed):
     groups, cin, cout = gc
     seq = nn.Sequential(
-        nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=bias), nn.BatchNorm2d(cout, eps=eps)
+        nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=bias),
+        nn.BatchNorm2d(cout, eps=eps),
     )
     _randomize(seq, seed)
     x = torch.randn(2, cin, 11, 9, generator=torch.Generator().manual_seed(seed))
@@ -98,7 +103,13 @@ def test_mobileone_block_reparam_is_exact(gc, k, stride, branches, scale_branch,
     if branches == 0 and not (cin == cout and stride == 1):
         branches = 1  # a block needs at least one branch
     block = MobileOneBlock(
-        cin, cout, k, stride, groups, use_act=False, use_scale_branch=scale_branch,
+        cin,
+        cout,
+        k,
+        stride,
+        groups,
+        use_act=False,
+        use_scale_branch=scale_branch,
         num_conv_branches=branches,
     )
     _randomize(block, seed)
@@ -141,9 +152,7 @@ def test_conditional_pos_enc_folds_residual(k, dim, seed):
 
 
 @FAST
-@given(
-    fin=st.integers(1, 8), fout=st.integers(1, 8), bias=st.booleans(), seed=st.integers(0, 9999)
-)
+@given(fin=st.integers(1, 8), fout=st.integers(1, 8), bias=st.booleans(), seed=st.integers(0, 9999))
 def test_affine_before_linear_and_scaled_output(fin, fout, bias, seed):
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(fin, fout, bias=bias)

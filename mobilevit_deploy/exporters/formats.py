@@ -27,9 +27,15 @@ class FormatInfo:
 
 FORMATS: dict[str, FormatInfo] = {
     "onnx": FormatInfo("onnx", ".onnx", ("fp32",), ("onnx", "onnxruntime"), None, True),
-    "coreml": FormatInfo("coreml", ".mlpackage", ("fp16", "fp32"), ("coremltools",), "coreml", False),
+    "coreml": FormatInfo(
+        "coreml", ".mlpackage", ("fp16", "fp32"), ("coremltools",), "coreml", False
+    ),
     "tflite": FormatInfo(
-        "tflite", ".tflite", ("fp32", "fp16", "int8"), ("litert_torch", "ai_edge_litert"), "tflite",
+        "tflite",
+        ".tflite",
+        ("fp32", "fp16", "int8"),
+        ("litert_torch", "ai_edge_litert"),
+        "tflite",
         False,
     ),
 }

@@ -20,8 +20,8 @@ from .layers import (
     ClassifierHead,
     LayerScale2d,
     MobileOneBlock,
-    RepConditionalPosEnc,
     ReparamLargeKernelConv,
+    RepConditionalPosEnc,
     conv_bn,
 )
 
