@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import MvdError
@@ -68,6 +69,13 @@ def _fmt_int(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def _weight_tags(tags: list[str]) -> str:
+    """'in1k, dist_in1k (+ _reparam)': one line per model even with many files."""
+    base = sorted({t.removesuffix("_reparam") for t in tags})
+    fused = " (+ _reparam)" if any(t.endswith("_reparam") for t in tags) else ""
+    return ", ".join(base) + fused if base else "none"
+
+
 @app.command("list")
 @handle_errors
 def list_cmd(
@@ -90,7 +98,7 @@ def list_cmd(
             r["task"],
             str(r["input_size"]),
             _fmt_int(r["params"]),
-            ", ".join(r["weights"]) or "none",
+            _weight_tags(r["weights"]),
         )
     out.print(table)
 
@@ -107,7 +115,7 @@ def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) ->
         return _print_json(data)
     table = Table(title=data["name"], show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     table.add_row("family / task", f"{data['family']} / {data['task']}")
     table.add_row("description", data["description"])
     table.add_row("input", f"3x{data['input_size']}x{data['input_size']} (NCHW, RGB)")
@@ -332,7 +340,7 @@ def doctor(as_json: JsonFlag = False) -> None:
     for col in ("format", "export", "run here", "install"):
         table.add_column(col)
     for f in data["formats"]:
-        table.add_row(f["name"], f["export"], f["run"], f["install"] or "-")
+        table.add_row(f["name"], f["export"], f["run"], escape(f["install"] or "-"))
     out.print(table)
 
 

@@ -80,12 +80,23 @@ def list_models(family: str | None = None) -> list[ModelSpec]:
     return [s for s in _REGISTRY.values() if family is None or s.family == family]
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: ranks 'fastvit_sa12' before 'fastvit_sa36' for 'fastvit_sa13'."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
 def get_spec(name: str) -> ModelSpec:
     """The spec for `name`; an unknown name raises BadInput with close matches."""
     _ensure_loaded()
     key = name.strip().lower().replace("-", "_")
     if key in _REGISTRY:
         return _REGISTRY[key]
-    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key, list(_REGISTRY), n=5, cutoff=0.5)
+    close = sorted(close, key=lambda c: _edit_distance(key, c))[:3]
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise BadInput(f"Unknown model {name!r}.{hint} `mvd list` shows the zoo.")
