@@ -66,8 +66,8 @@ def benchmark(
         fused = api.export(
             spec.name, model=model, output=Path(tmp) / "fused.onnx", image_size=size, batch=batch
         )
-        unfused_ort = OrtRunner(plain.path, threads, ORT_LEVEL)
-        fused_ort = OrtRunner(fused.path, threads, ORT_LEVEL)
+        unfused_ort = OrtRunner(plain.path, threads, ORT_LEVEL, spinning=False)
+        fused_ort = OrtRunner(fused.path, threads, ORT_LEVEL, spinning=False)
         candidates[BASELINE] = lambda: unfused_ort(x)
         candidates["onnxruntime, fused (mvd)"] = lambda: fused_ort(x)
         if torch_eager:
@@ -85,7 +85,7 @@ def benchmark(
         "image_size": size,
         "batch": batch,
         "threads": threads,
-        "onnxruntime_session": {"graph_optimization_level": ORT_LEVEL, "intra_op_threads": threads},
+        "onnxruntime_session": fused_ort.options,
         "baseline": BASELINE,
         "machine": stamp,
         "machine_line": stamp_line(stamp),

@@ -139,7 +139,7 @@ def interleaved(
     max_runs: int = 10_000,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, TimingResult]:
-    """Time several candidates round-robin (A, B, C, A, B, C, ...) for a fair comparison.
+    """Time several candidates round-robin (A, B, C, B, C, A, ...) for a fair comparison.
 
     Timing A fully and then B lets a slow drift of the machine (heat, a neighbour's job) land
     on one of them only; interleaving spreads it over all. The price: each call runs after a
@@ -159,7 +159,10 @@ def interleaved(
     while names and rounds < max_runs:
         if rounds >= min_runs and min(totals.values()) >= min_time_s - _TIME_SLACK_S:
             break
-        for name in names:
+        # Rotate the order each round so no candidate always runs right after the same
+        # other one (a runtime's spinning worker threads slow whoever comes next).
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
             start = clock()
             fns[name]()
             elapsed = clock() - start
