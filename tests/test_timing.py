@@ -163,7 +163,8 @@ def test_interleaved_rotates_after_own_warmup() -> None:
 
     fns = {"a": make("a", 0.001), "b": make("b", 0.002), "c": make("c", 0.003)}
     results = interleaved(fns, batch=4, warmup=2, min_runs=3, min_time_s=0.0, clock=clock)
-    assert order == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    warmups = ["a", "a", "b", "b", "c", "c"]
+    assert order == [*warmups, "a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert list(results) == ["a", "b", "c"]
     assert [results[k].median_ms for k in "abc"] == pytest.approx([1.0, 2.0, 3.0])
     assert all(results[k].n_total == 3 for k in "abc")
