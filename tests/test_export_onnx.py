@@ -3,6 +3,8 @@ training-only structure, metadata, and no partial files on failure."""
 
 import hashlib
 import json
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -69,6 +71,14 @@ def test_metadata_is_embedded_and_in_a_sidecar(tmp_path):
     assert sidecar["reparameterized"] is True and sidecar["precision"] == "fp32"
     assert sidecar["tool_versions"]["torch"].startswith("2.")
     assert "timestamp" not in json.dumps(sidecar)
+
+
+def test_artifacts_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    art = api.export("fastvit_t8", output=tmp_path / "m.onnx", image_size=64)
+    for path in (art.path, art.sidecar):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
 def test_dynamic_batch_runs_any_batch(tmp_path):
