@@ -4,6 +4,7 @@ Checked in float64 so that any error above ~1e-10 is a real bug, over kernel siz
 groups, strides, padding and eps.
 """
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,8 +17,16 @@ from mobilevit_deploy.models.layers import (
 )
 from mobilevit_deploy.reparam import fold_sequential_pairs, fuse
 
-torch.set_default_dtype(torch.float64)
 FAST = settings(max_examples=40, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """Float64 throughout this module only: a global default would leak into other files."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _randomize_bn(bn: nn.modules.batchnorm._BatchNorm, gen: torch.Generator) -> None:
@@ -175,8 +184,6 @@ def test_bn_fold_uses_each_norms_own_eps():
 
 
 def test_pad_kernel_rejects_uncentrable_sizes():
-    import pytest
-
     with pytest.raises(ValueError):
         fuse.pad_kernel(torch.zeros(1, 1, 3, 3), 4)
 
