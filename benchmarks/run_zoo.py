@@ -30,11 +30,11 @@ def _row(report: dict, spec) -> list[str]:
     by = {r["runtime"]: r for r in report["results"]}
     model = spec.build()
     fused = reparameterize(model)
-    macs = count_macs(fused, report["image_size"])
+    macs = count_macs(fused, tuple(report["image_size"]))
     base, ours = by[BASELINE], by[FUSED_ORT]
     cells = [
         spec.name,
-        str(report["image_size"]),
+        "x".join(map(str, report["image_size"])),
         f"{count_params(model) / 1e6:.2f} / {count_params(fused) / 1e6:.2f}",
         f"{macs / 1e9:.2f}",
         f"{base['median_ms']:.1f}",

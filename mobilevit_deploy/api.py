@@ -73,17 +73,38 @@ def load_model(
     return load_into_spec(spec, Path(weights), source)
 
 
-def check_image_size(spec: ModelSpec, image_size: int | None) -> int:
-    size = spec.input_size if image_size is None else image_size
-    if size < spec.size_multiple or size % spec.size_multiple:
+ImageSize = int | tuple[int, int] | str | None
+
+
+def parse_image_size(value: ImageSize) -> tuple[int, int] | None:
+    """None, 224, (1024, 2048) or "1024x2048" -> (height, width) or None."""
+    if value is None or isinstance(value, tuple):
+        return value
+    if isinstance(value, int):
+        return (value, value)
+    parts = value.lower().replace(" ", "").split("x")
+    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+        h, w = int(parts[0]), int(parts[-1])
+        return (h, w)
+    raise BadInput(f"image size {value!r} is not N or HxW (e.g. 224 or 1024x2048)")
+
+
+def check_image_size(spec: ModelSpec, image_size: ImageSize) -> tuple[int, int]:
+    """The (height, width) to use; BadInput if the network cannot take it."""
+    hw = parse_image_size(image_size) or spec.input_hw
+    multiple = spec.size_multiple
+    if any(side < multiple or side % multiple for side in hw):
         raise BadInput(
-            f"image size {size} does not fit {spec.name}: it must be a positive multiple of "
-            f"{spec.size_multiple} (the network's total stride); default {spec.input_size}"
+            f"image size {hw[0]}x{hw[1]} does not fit {spec.name}: height and width must be "
+            f"positive multiples of {multiple} (the network's total stride); default "
+            f"{spec.input_hw[0]}x{spec.input_hw[1]}"
         )
-    return size
+    return hw
 
 
-def example_input(spec: ModelSpec, image_size: int, batch: int = 1, seed: int = 0) -> np.ndarray:
+def example_input(
+    spec: ModelSpec, image_size: tuple[int, int], batch: int = 1, seed: int = 0
+) -> np.ndarray:
     return to_model_input(natural_images(batch, image_size, seed), spec)
 
 
@@ -95,7 +116,7 @@ def export(
     pretrained: bool | str = False,
     model: nn.Module | None = None,
     output: str | Path | None = None,
-    image_size: int | None = None,
+    image_size: ImageSize = None,
     batch: int = 1,
     dynamic_batch: bool = False,
     opset: int = 17,

@@ -34,7 +34,7 @@ def benchmark(
     name: str,
     *,
     weights: str | Path | None = None,
-    image_size: int | None = None,
+    image_size: api.ImageSize = None,
     batch: int = 1,
     threads: int | None = None,
     min_time_s: float = 3.0,
@@ -82,7 +82,7 @@ def benchmark(
     stamp = machine_stamp()
     return {
         "model": spec.name,
-        "image_size": size,
+        "image_size": list(size),
         "batch": batch,
         "threads": threads,
         "onnxruntime_session": fused_ort.options,
@@ -100,7 +100,8 @@ def render(report: dict, console) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"{report['model']} @ {report['image_size']}, batch {report['batch']}, "
+        title=f"{report['model']} @ {'x'.join(map(str, report['image_size']))}, "
+        f"batch {report['batch']}, "
         f"{report['threads']} threads"
     )
     for col in ("runtime", "median ms", "p90 ms", "min ms", "std ms", "img/s", "vs baseline"):

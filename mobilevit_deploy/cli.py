@@ -39,7 +39,9 @@ Pretrained = Annotated[
         help="Download a published checkpoint by tag (see `mvd info`); 'default' = first."
     ),
 ]
-ImageSize = Annotated[int | None, typer.Option(help="Input height = width; default: the model's.")]
+ImageSize = Annotated[
+    str | None, typer.Option(help="N or HxW (e.g. 224, 1024x2048); default: the model's.")
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -63,6 +65,10 @@ def _print_json(data: object) -> None:
     from .report import _clean
 
     sys.stdout.write(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+def _hw(size) -> str:
+    return "x".join(map(str, size))
 
 
 def _fmt_int(n: int | None) -> str:
@@ -96,7 +102,7 @@ def list_cmd(
             r["name"],
             r["family"],
             r["task"],
-            str(r["input_size"]),
+            _hw(r["input_size"]),
             _fmt_int(r["params"]),
             _weight_tags(r["weights"]),
         )
@@ -118,7 +124,7 @@ def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) ->
     table.add_column(overflow="fold")
     table.add_row("family / task", f"{data['family']} / {data['task']}")
     table.add_row("description", data["description"])
-    table.add_row("input", f"3x{data['input_size']}x{data['input_size']} (NCHW, RGB)")
+    table.add_row("input", f"3x{_hw(data['input_size'])} (NCHW, RGB)")
     for form in ("train", "deploy", "fused"):
         table.add_row(f"params ({form})", _fmt_int(data["params"][form]))
     table.add_row("MACs (fused)", f"{data['macs'] / 1e9:.3f} G")
@@ -253,7 +259,7 @@ def verify(
 
 
 def _render_verify(report) -> None:
-    table = Table(title=f"{report.model} @ {report.image_size}: vs {report.reference}")
+    table = Table(title=f"{report.model} @ {_hw(report.image_size)}: vs {report.reference}")
     for col in (
         "candidate",
         "max abs",

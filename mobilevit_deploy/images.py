@@ -49,5 +49,5 @@ def to_model_input(images: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def random_normal_inputs(count: int, size: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((count, 3, size, size), dtype=np.float32)
+def random_normal_inputs(count: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, *size), dtype=np.float32)

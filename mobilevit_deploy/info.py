@@ -25,7 +25,7 @@ def zoo_rows(family: str | None = None) -> list[dict]:
                 "name": spec.name,
                 "family": spec.family,
                 "task": spec.task,
-                "input_size": spec.input_size,
+                "input_size": list(spec.input_hw),
                 "params": params,
                 "weights": sorted({s.tag for s in spec.weight_sources}),
             }
@@ -33,14 +33,14 @@ def zoo_rows(family: str | None = None) -> list[dict]:
     return rows
 
 
-def count_macs(model: torch.nn.Module, image_size: int) -> int:
+def count_macs(model: torch.nn.Module, image_size: tuple[int, int]) -> int:
     """Multiply-accumulates of one image, from torch's own FLOP counter (FLOPs / 2)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, 3, *image_size))
     return counter.get_total_flops() // 2
 
 
-def model_info(name: str, image_size: int | None = None) -> dict:
+def model_info(name: str, image_size: int | tuple[int, int] | str | None = None) -> dict:
     from .api import check_image_size
 
     spec = get_spec(name)
@@ -52,7 +52,7 @@ def model_info(name: str, image_size: int | None = None) -> dict:
         "family": spec.family,
         "task": spec.task,
         "description": spec.description,
-        "input_size": size,
+        "input_size": list(size),
         "num_classes": spec.num_classes,
         "labels": spec.labels,
         "params": {

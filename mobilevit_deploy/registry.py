@@ -42,7 +42,8 @@ class ModelSpec:
     name: str
     family: str
     builder: Callable[..., nn.Module]
-    input_size: int
+    # Height x width the model was trained at; an int means square.
+    input_size: int | tuple[int, int]
     task: str = "classification"
     num_classes: int = 1000
     labels: str = "imagenet-1k"
@@ -55,6 +56,11 @@ class ModelSpec:
     # Per-precision bounds that tighten the defaults in verify.py.
     tolerances: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        size = self.input_size
+        return (size, size) if isinstance(size, int) else tuple(size)
 
     def build(self) -> nn.Module:
         """A fresh train-time module with this spec's default configuration."""

@@ -38,7 +38,7 @@ def reparam_to_file(
     model = load_model(name, weights, pretrained=pretrained)
     fused = reparameterize(model)
     leftovers = training_leftovers(fused)
-    x = example_input(spec, spec.input_size, CHECK_INPUTS)
+    x = example_input(spec, spec.input_hw, CHECK_INPUTS)
     metrics = compare(TorchRunner(model, torch.float64)(x), TorchRunner(fused, torch.float64)(x))
     if leftovers or metrics["max_rel"] > DEFAULT_TOLERANCES["fp32"]:
         raise VerificationFailed(

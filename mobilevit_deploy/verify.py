@@ -39,7 +39,7 @@ class PairResult:
 @dataclass
 class VerifyReport:
     model: str
-    image_size: int
+    image_size: tuple[int, int]
     weights: str
     inputs: str
     pairs: list[PairResult] = field(default_factory=list)
@@ -68,7 +68,7 @@ def verify(
     weights: str | Path | None = None,
     pretrained: bool | str = False,
     formats: Sequence[str] = ("onnx",),
-    image_size: int | None = None,
+    image_size: api.ImageSize = None,
     num_images: int = 8,
     seed: int = 0,
     work_dir: Path | None = None,

@@ -13,7 +13,7 @@ import torch
 from conftest import stressed, test_inputs
 
 from mobilevit_deploy import api
-from mobilevit_deploy.errors import VerificationFailed
+from mobilevit_deploy.errors import BadInput, VerificationFailed
 from mobilevit_deploy.exporters.onnx import read_metadata
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
@@ -124,3 +124,14 @@ def test_a_simplifier_that_changes_the_output_is_caught(tmp_path, monkeypatch):
             "fastvit_t8", model=stressed("fastvit_t8"), output=tmp_path / "s.onnx", image_size=64
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_non_square_sizes_export_and_bad_sizes_are_refused(tmp_path):
+    art = api.export("fastvit_t8", output=tmp_path / "r.onnx", image_size="96x160")
+    assert art.metadata["input_shape"] == [1, 3, 96, 160]
+    x = np.zeros((1, 3, 96, 160), np.float32)
+    assert OrtRunner(art.path)(x).shape == (1, 1000)
+    for bad in ("96x", "250", (64, 100), "big"):
+        with pytest.raises(BadInput):
+            api.export("fastvit_t8", output=tmp_path / "bad.onnx", image_size=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.onnx", "r.onnx.json"]
