@@ -18,16 +18,29 @@ import torch
 
 from . import api
 from .images import natural_images, to_model_input
+from .info import count_macs
 from .machine import machine_stamp, stamp_line
 from .registry import get_spec
 from .reparam import reparameterize
 from .runtimes.onnxruntime import OrtRunner
 from .runtimes.torch_runtime import TorchRunner
 from .stress import apply_stress_weights
-from .timing import interleaved
+from .timing import interleaved, time_callable
 
 BASELINE = "onnxruntime, unfused (plain export)"
 ORT_LEVEL = "all"
+
+
+def matmul_peak_gflops(threads: int, n: int = 1024, min_time_s: float = 0.5) -> float:
+    """This machine's measured fp32 matrix-multiply rate (best run of torch.mm).
+
+    The practical ceiling for a network made of convolutions and matmuls: printing
+    each model's achieved rate next to it shows how far from the hardware it runs.
+    """
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    result = time_callable(lambda: torch.mm(a, b), warmup=3, min_runs=10, min_time_s=min_time_s)
+    return 2 * n**3 / (result.min_ms / 1e3) / 1e9
 
 
 def benchmark(
@@ -80,6 +93,11 @@ def benchmark(
         results = interleaved(candidates, batch=batch, min_runs=min_runs, min_time_s=min_time_s)
     base = results[BASELINE].median_ms
     stamp = machine_stamp()
+    progress("measuring the matmul peak")
+    peak = matmul_peak_gflops(threads)
+    # The useful work is the fused model's: unfused branches are overhead, not output.
+    macs = count_macs(reparameterize(model), size)
+    gflop = 2 * macs * batch / 1e9
     return {
         "model": spec.name,
         "image_size": list(size),
@@ -89,8 +107,16 @@ def benchmark(
         "baseline": BASELINE,
         "machine": stamp,
         "machine_line": stamp_line(stamp),
+        "macs_per_image": macs,
+        "matmul_peak_gflops": peak,
         "results": [
-            {"runtime": key, **res.to_dict(), "ratio_to_baseline": res.median_ms / base}
+            {
+                "runtime": key,
+                **res.to_dict(),
+                "ratio_to_baseline": res.median_ms / base,
+                "gflops": gflop / (res.median_ms / 1e3),
+                "percent_of_peak": 100 * gflop / (res.median_ms / 1e3) / peak,
+            }
             for key, res in results.items()
         ],
     }
@@ -104,7 +130,17 @@ def render(report: dict, console) -> None:
         f"batch {report['batch']}, "
         f"{report['threads']} threads"
     )
-    for col in ("runtime", "median ms", "p90 ms", "min ms", "std ms", "img/s", "vs baseline"):
+    columns = (
+        "runtime",
+        "median ms",
+        "p90 ms",
+        "min ms",
+        "std ms",
+        "img/s",
+        "GFLOP/s",
+        "vs baseline",
+    )
+    for col in columns:
         table.add_column(col, justify="left" if col == "runtime" else "right")
     for r in report["results"]:
         table.add_row(
@@ -114,10 +150,15 @@ def render(report: dict, console) -> None:
             f"{r['min_ms']:.2f}",
             f"{r['std_ms']:.2f}",
             f"{r['throughput_per_s']:.1f}",
+            f"{r['gflops']:.1f} ({r['percent_of_peak']:.0f}%)",
             f"{r['ratio_to_baseline']:.2f}x",
         )
     console.print(table)
-    console.print(f"baseline: {report['baseline']}; machine: {report['machine_line']}")
+    console.print(
+        f"baseline: {report['baseline']}; GFLOP/s from {report['macs_per_image'] / 1e9:.2f} GMACs "
+        f"per image, % of this machine's fp32 matmul peak "
+        f"({report['matmul_peak_gflops']:.0f} GFLOP/s); machine: {report['machine_line']}"
+    )
 
 
 __all__ = ["benchmark", "render"]
