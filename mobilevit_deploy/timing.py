@@ -113,20 +113,15 @@ def time_callable(
 
     `batch` is how many items one call processes; it only scales the throughput.
     """
-    _check_args(batch, warmup, min_runs, max_runs)
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    total_s = 0.0
-    while len(samples) < max_runs and (
-        len(samples) < min_runs or total_s < min_time_s - _TIME_SLACK_S
-    ):
-        start = clock()
-        fn()
-        elapsed = clock() - start
-        samples.append(elapsed * 1000.0)
-        total_s += elapsed
-    return summarize(samples, batch)
+    return interleaved(
+        {"fn": fn},
+        batch=batch,
+        warmup=warmup,
+        min_runs=min_runs,
+        min_time_s=min_time_s,
+        max_runs=max_runs,
+        clock=clock,
+    )["fn"]
 
 
 def interleaved(

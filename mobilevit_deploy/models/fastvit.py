@@ -23,6 +23,7 @@ from .layers import (
     ReparamLargeKernelConv,
     RepConditionalPosEnc,
     conv_bn,
+    deploy_conv,
 )
 
 
@@ -58,10 +59,7 @@ class RepMixer(nn.Module):
         gamma = self.layer_scale.gamma.to(fuse.F64).reshape(-1)
         eye = fuse.identity_kernel(self.dim, self.dim, self.kernel_size)
         weight = eye + gamma.reshape(-1, 1, 1, 1) * (w_mix - w_norm)
-        conv = nn.Conv2d(
-            self.dim, self.dim, self.kernel_size, 1, self.kernel_size // 2, groups=self.dim
-        )
-        self.reparam_conv = fuse.assign(conv, weight, gamma * (b_mix - b_norm))
+        self.reparam_conv = deploy_conv(weight, gamma * (b_mix - b_norm), 1, self.dim)
         self.norm = self.mixer = self.layer_scale = None
 
 

@@ -31,6 +31,13 @@ def conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups
     )
 
 
+def deploy_conv(weight: Tensor, bias: Tensor, stride: int, groups: int) -> nn.Conv2d:
+    """The single 'same'-padded conv (odd kernel) holding a fused kernel and bias."""
+    out_chs, in_per_group, k, _ = weight.shape
+    conv = nn.Conv2d(in_per_group * groups, out_chs, k, stride, k // 2, groups=groups)
+    return fuse.assign(conv, weight, bias)
+
+
 def _conv_bn_kernel(branch: nn.Sequential) -> tuple[Tensor, Tensor]:
     return fuse.fold_bn_after(branch.conv.weight, branch.conv.bias, branch.bn)
 
@@ -133,15 +140,7 @@ class MobileOneBlock(nn.Module):
         if self.reparam_conv is not None:
             return
         weight, bias = self.fused_kernel_bias()
-        conv = nn.Conv2d(
-            self.in_chs,
-            self.out_chs,
-            self.kernel_size,
-            self.stride,
-            self.kernel_size // 2,
-            groups=self.groups,
-        )
-        self.reparam_conv = fuse.assign(conv, weight, bias)
+        self.reparam_conv = deploy_conv(weight, bias, self.stride, self.groups)
         self.identity = self.conv_kxk = self.conv_scale = None
 
 
@@ -175,15 +174,7 @@ class ReparamLargeKernelConv(nn.Module):
         weight, bias = _conv_bn_kernel(self.large_conv)
         small_w, small_b = _conv_bn_kernel(self.small_conv)
         weight = weight + fuse.pad_kernel(small_w, self.kernel_size)
-        conv = nn.Conv2d(
-            self.in_chs,
-            self.out_chs,
-            self.kernel_size,
-            self.stride,
-            self.kernel_size // 2,
-            groups=self.groups,
-        )
-        self.reparam_conv = fuse.assign(conv, weight, bias + small_b)
+        self.reparam_conv = deploy_conv(weight, bias + small_b, self.stride, self.groups)
         self.large_conv = self.small_conv = None
 
 
