@@ -1,4 +1,4 @@
-"""Bench the zoo and write benchmarks/RESULTS.md and benchmarks/results.json.
+"""Bench the zoo; write benchmarks/RESULTS.md, results.json and zoo_latency.png.
 
     python benchmarks/run_zoo.py                      # every model, all cores
     python benchmarks/run_zoo.py --family fastvit --threads 1 --min-time 5
@@ -17,33 +17,77 @@ import sys
 from pathlib import Path
 
 from mobilevit_deploy.bench import BASELINE, benchmark
-from mobilevit_deploy.info import count_macs, count_params
+from mobilevit_deploy.info import count_params
+from mobilevit_deploy.plots import plot_zoo
 from mobilevit_deploy.registry import list_models
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.report import markdown_table
 
 HERE = Path(__file__).parent
 FUSED_ORT = "onnxruntime, fused (mvd)"
+EAGER = ("torch eager, unfused", "torch eager, fused (mvd)")
+HEADERS = [
+    "model",
+    "input",
+    "params M (train / fused)",
+    "GMACs",
+    "ORT unfused ms",
+    "ORT fused ms",
+    "fused / unfused",
+    "fused GFLOP/s (% of peak)",
+    "eager unfused ms",
+    "eager fused ms",
+]
 
 
-def _row(report: dict, spec) -> list[str]:
+def summarize(report: dict, spec) -> dict:
     by = {r["runtime"]: r for r in report["results"]}
     model = spec.build()
-    fused = reparameterize(model)
-    macs = count_macs(fused, tuple(report["image_size"]))
-    base, ours = by[BASELINE], by[FUSED_ORT]
-    cells = [
-        spec.name,
-        "x".join(map(str, report["image_size"])),
-        f"{count_params(model) / 1e6:.2f} / {count_params(fused) / 1e6:.2f}",
-        f"{macs / 1e9:.2f}",
-        f"{base['median_ms']:.1f}",
-        f"{ours['median_ms']:.1f}",
-        f"**{ours['ratio_to_baseline']:.2f}**",
+    return {
+        "name": spec.name,
+        "input": "x".join(map(str, report["image_size"])),
+        "params_m": count_params(model) / 1e6,
+        "fused_params_m": count_params(reparameterize(model)) / 1e6,
+        "gmacs": report["macs_per_image"] / 1e9,
+        "unfused_ms": by[BASELINE]["median_ms"],
+        "fused_ms": by[FUSED_ORT]["median_ms"],
+        "ratio": by[FUSED_ORT]["ratio_to_baseline"],
+        "fused_gflops": by[FUSED_ORT]["gflops"],
+        "percent_of_peak": by[FUSED_ORT]["percent_of_peak"],
+        "eager_ms": [by[k]["median_ms"] if k in by else None for k in EAGER],
+    }
+
+
+def table_row(s: dict) -> list[str]:
+    return [
+        s["name"],
+        s["input"],
+        f"{s['params_m']:.2f} / {s['fused_params_m']:.2f}",
+        f"{s['gmacs']:.2f}",
+        f"{s['unfused_ms']:.1f}",
+        f"{s['fused_ms']:.1f}",
+        f"**{s['ratio']:.2f}**",
+        f"{s['fused_gflops']:.0f} ({s['percent_of_peak']:.0f}%)",
+        *(f"{ms:.1f}" if ms is not None else "-" for ms in s["eager_ms"]),
     ]
-    for key in ("torch eager, unfused", "torch eager, fused (mvd)"):
-        cells.append(f"{by[key]['median_ms']:.1f}" if key in by else "-")
-    return cells
+
+
+def results_markdown(reports: list[dict], summaries: list[dict], min_time: float) -> str:
+    first = reports[0]
+    return (
+        "# Measured results\n\n"
+        f"Written by `python benchmarks/run_zoo.py` on {datetime.date.today().isoformat()}.\n\n"
+        f"Machine: {first['machine_line']}.\n\n"
+        f"Batch 1, {first['threads']} threads, onnxruntime CPU at ORT_ENABLE_ALL (which folds "
+        "Conv+BN itself), median latency of interleaved runs in rotating order (at least "
+        f"{min_time:g} s and 20 runs each; slow outliers above median + 3 x 1.4826 x MAD "
+        "dropped). *fused / unfused* is the fused export's median over the plain unfused "
+        "export's, measured in the same run: below 1 is faster. GFLOP/s counts the fused "
+        "model's MACs; the peak is this machine's measured fp32 matmul rate "
+        f"({first['matmul_peak_gflops']:.0f} GFLOP/s).\n\n"
+        + markdown_table(HEADERS, [table_row(s) for s in summaries])
+        + "\n![latency against GMACs, unfused to fused](zoo_latency.png)\n"
+    )
 
 
 def main() -> int:
@@ -55,40 +99,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
-    reports, rows = [], []
+    if not specs:
+        parser.error("no model matches")
+    reports, summaries = [], []
     for spec in specs:
         print(f"benchmarking {spec.name} ...", file=sys.stderr, flush=True)
-        report = benchmark(spec.name, threads=args.threads, min_time_s=args.min_time)
-        reports.append(report)
-        rows.append(_row(report, spec))
-        print(f"  fused/unfused = {rows[-1][6]}", file=sys.stderr, flush=True)
-    stamp = reports[0]["machine_line"] if reports else ""
-    headers = [
-        "model",
-        "input",
-        "params M (train / fused)",
-        "GMACs",
-        "ORT unfused ms",
-        "ORT fused ms",
-        "fused / unfused",
-        "eager unfused ms",
-        "eager fused ms",
-    ]
-    date = datetime.date.today().isoformat()
-    threads = reports[0]["threads"] if reports else args.threads
-    text = (
-        "# Measured results\n\n"
-        f"Written by `python benchmarks/run_zoo.py` on {date}.\n\n"
-        f"Machine: {stamp}.\n\n"
-        f"Batch 1, {threads} threads, onnxruntime CPU at ORT_ENABLE_ALL (which folds Conv+BN "
-        "itself), median latency of interleaved runs (at least "
-        f"{args.min_time:g} s and 20 runs each; slow outliers above median + 3 x 1.4826 x MAD "
-        "dropped). *fused / unfused* is the fused export's median over the plain unfused "
-        "export's, measured in the same run: below 1 is faster.\n\n" + markdown_table(headers, rows)
-    )
+        reports.append(benchmark(spec.name, threads=args.threads, min_time_s=args.min_time))
+        summaries.append(summarize(reports[-1], spec))
+        print(f"  fused/unfused = {summaries[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    text = results_markdown(reports, summaries, args.min_time)
     (args.out / "RESULTS.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
+    plot_zoo(summaries, args.out / "zoo_latency.png")
     print(text)
     return 0
 

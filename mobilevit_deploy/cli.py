@@ -215,29 +215,23 @@ def export(
     )
 
 
-@app.command()
-@handle_errors
-def verify(
-    model: str,
-    formats: Annotated[
-        str, typer.Option(help="Comma-separated formats to export and check.")
-    ] = "onnx",
-    weights: Weights = None,
-    pretrained: Pretrained = None,
-    image_size: ImageSize = None,
-    num_images: Annotated[int, typer.Option(help="Natural-looking test images.")] = 8,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")
-    ] = None,
-    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
-) -> None:
-    """Prove fused torch and every artifact match the unfused model; exit 1 if not."""
+JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")]
+MarkdownPath = Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown table.")]
+Formats = Annotated[str, typer.Option(help="Comma-separated formats to export and check.")]
+NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
+Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
+MinTime = Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")]
+Runtimes = Annotated[
+    str, typer.Option("--runtime", help="Comma-separated: onnxruntime, torch (eager).")
+]
+
+
+def _run_verify(model, formats, weights, pretrained, image_size, num_images):
     from . import verify as verify_mod
-    from .report import write_json, write_verify_junit
 
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
     with err.status(f"verifying {model}") as status:
-        report = verify_mod.verify(
+        return verify_mod.verify(
             model,
             weights=weights,
             pretrained=_pretrained(pretrained),
@@ -246,6 +240,42 @@ def verify(
             num_images=num_images,
             progress=lambda msg: status.update(f"verifying {model}: {msg}"),
         )
+
+
+def _run_bench(model, weights, image_size, batch, threads, min_time, min_runs, runtime):
+    from . import bench as bench_mod
+
+    with err.status(f"benchmarking {model}") as status:
+        return bench_mod.benchmark(
+            model,
+            weights=weights,
+            image_size=image_size,
+            batch=batch,
+            threads=threads,
+            min_time_s=min_time,
+            min_runs=min_runs,
+            runtimes=tuple(r.strip() for r in runtime.split(",") if r.strip()),
+            progress=lambda msg: status.update(f"benchmarking {model}: {msg}"),
+        )
+
+
+@app.command()
+@handle_errors
+def verify(
+    model: str,
+    formats: Formats = "onnx",
+    weights: Weights = None,
+    pretrained: Pretrained = None,
+    image_size: ImageSize = None,
+    num_images: NumImages = 8,
+    json_path: JsonPath = None,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
+    markdown: MarkdownPath = None,
+) -> None:
+    """Prove fused torch and every artifact match the unfused model; exit 1 if not."""
+    from .report import verify_markdown, write_json, write_text, write_verify_junit
+
+    report = _run_verify(model, formats, weights, pretrained, image_size, num_images)
     if json_path == Path("-"):
         _print_json(report.to_dict())
     else:
@@ -254,23 +284,16 @@ def verify(
             write_json(json_path, report.to_dict())
     if junit:
         write_verify_junit(junit, report)
+    if markdown:
+        write_text(markdown, verify_markdown(report))
     if not report.passed:
         raise typer.Exit(1)
 
 
 def _render_verify(report) -> None:
     table = Table(title=f"{report.model} @ {_hw(report.image_size)}: vs {report.reference}")
-    for col in (
-        "candidate",
-        "max abs",
-        "max rel",
-        "bound",
-        "1 - cos",
-        "PSNR dB",
-        "top-1",
-        "top-5",
-        "",
-    ):
+    columns = ("candidate", "max abs", "max rel", "bound", "1 - cos", "PSNR dB", "top-1", "top-5")
+    for col in (*columns, ""):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for p in report.pairs:
         m = p.metrics
@@ -282,13 +305,13 @@ def _render_verify(report) -> None:
             f"{1 - m['cosine']:.1e}",
             f"{m['psnr_db']:.1f}",
             f"{m.get('top1', m.get('pixel_agreement', 0)):.3f}",
-            f"{m.get('top5', 1):.3f}",
+            f"{m['top5']:.3f}" if "top5" in m else "-",
             "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
         )
     out.print(f"weights: {report.weights}; inputs: {report.inputs}")
     out.print(table)
     for problem in report.problems:
-        out.print(f"[bold red]FAIL[/] {problem}")
+        out.print(f"[bold red]FAIL[/] {escape(problem)}")
     out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
 
 
@@ -299,37 +322,61 @@ def bench(
     weights: Weights = None,
     image_size: ImageSize = None,
     batch: Annotated[int, typer.Option()] = 1,
-    threads: Annotated[
-        int | None, typer.Option(help="Intra-op threads; default all cores.")
-    ] = None,
-    min_time: Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")] = 3.0,
+    threads: Threads = None,
+    min_time: MinTime = 3.0,
     min_runs: Annotated[int, typer.Option()] = 20,
-    no_torch: Annotated[bool, typer.Option("--no-torch", help="Skip PyTorch eager.")] = False,
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")
-    ] = None,
+    runtime: Runtimes = "onnxruntime,torch",
+    json_path: JsonPath = None,
+    markdown: MarkdownPath = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart.")] = None,
 ) -> None:
     """onnxruntime CPU latency of the fused export against the plain unfused export."""
     from . import bench as bench_mod
-    from .report import write_json
+    from .report import bench_markdown, write_json, write_text
 
-    with err.status(f"benchmarking {model}") as status:
-        report = bench_mod.benchmark(
-            model,
-            weights=weights,
-            image_size=image_size,
-            batch=batch,
-            threads=threads,
-            min_time_s=min_time,
-            min_runs=min_runs,
-            torch_eager=not no_torch,
-            progress=lambda msg: status.update(f"benchmarking {model}: {msg}"),
-        )
+    report = _run_bench(model, weights, image_size, batch, threads, min_time, min_runs, runtime)
     if json_path == Path("-"):
-        return _print_json(report)
-    bench_mod.render(report, out)
-    if json_path:
-        write_json(json_path, report)
+        _print_json(report)
+    else:
+        bench_mod.render(report, out)
+        if json_path:
+            write_json(json_path, report)
+    if markdown:
+        write_text(markdown, bench_markdown(report))
+    if plot:
+        from .plots import plot_bench
+
+        plot_bench(report, plot)
+
+
+@app.command()
+@handle_errors
+def report(
+    model: str,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("mvd-report"),
+    formats: Formats = "onnx",
+    weights: Weights = None,
+    image_size: ImageSize = None,
+    num_images: NumImages = 8,
+    threads: Threads = None,
+    min_time: MinTime = 3.0,
+) -> None:
+    """verify + bench in one CI report: report.json, report.md, junit.xml; exit 1 on failure."""
+    from . import bench as bench_mod
+    from .files import ensure_writable_dir
+    from .report import bench_markdown, verify_markdown, write_json, write_text, write_verify_junit
+
+    ensure_writable_dir(output_dir)
+    checked = _run_verify(model, formats, weights, None, image_size, num_images)
+    _render_verify(checked)
+    timed = _run_bench(model, weights, image_size, 1, threads, min_time, 20, "onnxruntime")
+    bench_mod.render(timed, out)
+    write_json(output_dir / "report.json", {"verify": checked.to_dict(), "bench": timed})
+    write_text(output_dir / "report.md", verify_markdown(checked) + "\n" + bench_markdown(timed))
+    write_verify_junit(output_dir / "junit.xml", checked)
+    out.print(f"[green]wrote[/] {output_dir}/report.json, report.md, junit.xml")
+    if not checked.passed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -24,6 +24,12 @@ def write_json(path: Path, data: dict) -> Path:
     return write_json_atomic(path, _clean(data))
 
 
+def write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
 def write_verify_junit(path: Path, report) -> Path:
     """One testsuite per model, one testcase per compared pair (+ one for problems)."""
     cases = [(p.candidate, p.passed, p) for p in report.pairs]
@@ -55,3 +61,47 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def bench_markdown(report: dict) -> str:
+    """The table a person pastes into a PR, with the machine under it."""
+    size = "x".join(map(str, report["image_size"]))
+    rows = [
+        [
+            r["runtime"],
+            f"{r['median_ms']:.2f}",
+            f"{r['p90_ms']:.2f}",
+            f"{r['throughput_per_s']:.1f}",
+            f"{r['gflops']:.1f}",
+            f"{r['ratio_to_baseline']:.2f}x",
+        ]
+        for r in report["results"]
+    ]
+    head = (
+        f"**{report['model']}** @ {size}, batch {report['batch']}, {report['threads']} threads\n\n"
+    )
+    table = markdown_table(
+        ["runtime", "median ms", "p90 ms", "img/s", "GFLOP/s", "vs plain export"], rows
+    )
+    return head + table + f"\nMachine: {report['machine_line']}\n"
+
+
+def verify_markdown(report) -> str:
+    size = "x".join(map(str, report.image_size))
+    rows = [
+        [
+            p.candidate,
+            f"{p.metrics['max_rel']:.2e}",
+            f"{p.tolerance:.0e}",
+            f"{p.metrics['psnr_db']:.1f}",
+            "pass" if p.passed else "**FAIL**",
+        ]
+        for p in report.pairs
+    ]
+    verdict = "verified" if report.passed else "**verification failed**"
+    problems = "".join(f"- {p}\n" for p in report.problems)
+    return (
+        f"**{report.model}** @ {size} vs {report.reference}: {verdict}\n\n"
+        + markdown_table(["candidate", "max rel error", "bound", "PSNR dB", ""], rows)
+        + problems
+    )

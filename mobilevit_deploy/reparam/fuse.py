@@ -119,3 +119,40 @@ def assign(layer: nn.Conv2d | nn.Linear, weight: Tensor, bias: Tensor | None):
         if bias is not None:
             layer.bias.copy_(bias.to(layer.bias.dtype))
     return layer
+
+
+def combine_linears(
+    layers: list[tuple[Tensor, Tensor | None]], coefficients: list[float]
+) -> tuple[Tensor, Tensor]:
+    """sum_i c_i * layer_i(x) for parallel layers reading the same x -> one layer.
+
+    Exact for Linears (and convs of equal geometry): the output is linear in the
+    weights. LeViT's two classifier heads, averaged at inference, become one Linear.
+    """
+    if not layers or len(layers) != len(coefficients):
+        raise ValueError("need one coefficient per layer, and at least one layer")
+    shape = layers[0][0].shape
+    weight = torch.zeros(shape, dtype=F64)
+    bias = torch.zeros(shape[0], dtype=F64)
+    for (w, b), c in zip(layers, coefficients, strict=True):
+        if w.shape != shape:
+            raise ValueError(
+                f"cannot combine weights of shapes {tuple(shape)} and {tuple(w.shape)}"
+            )
+        weight = weight + float(c) * w.to(F64)
+        if b is not None:
+            bias = bias + float(c) * b.to(F64)
+    return weight, bias
+
+
+def dense_bias_table(table: Tensor, index: Tensor) -> Tensor:
+    """table[:, index] in float64: a (heads, n) bias table gathered to (heads, *index.shape).
+
+    Done once at reparam time, so the deployed graph adds a constant instead of
+    gathering on every call (a Gather that some converters and delegates reject).
+    """
+    if index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index must be an integer tensor, got {index.dtype}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= table.shape[-1]):
+        raise ValueError(f"index out of range for a table of {table.shape[-1]} entries")
+    return table.to(F64)[:, index]
