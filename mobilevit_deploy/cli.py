@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -397,5 +398,11 @@ def doctor(as_json: JsonFlag = False) -> None:
     out.print(table)
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    """SIGTERM (CI timeouts, `kill`) unwinds like Ctrl-C, so temporary files are removed."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     app()

@@ -8,6 +8,7 @@ never leaves a partial file where a user (or a CI cache) would pick it up.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -42,7 +43,12 @@ def atomic_path(final: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise BadInput(f"no space left on the device writing {final}") from None
+            raise
         if tmp.is_file():  # mkstemp makes 0600 files; artifacts get the usual umask mode
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
