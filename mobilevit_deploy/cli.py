@@ -227,7 +227,7 @@ Runtimes = Annotated[
 ]
 
 
-def _run_verify(model, formats, weights, pretrained, image_size, num_images):
+def _run_verify(model, formats, weights, pretrained, image_size, num_images, images=None):
     from . import verify as verify_mod
 
     fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
@@ -239,7 +239,9 @@ def _run_verify(model, formats, weights, pretrained, image_size, num_images):
             formats=fmts,
             image_size=image_size,
             num_images=num_images,
+            images_dir=images,
             progress=lambda msg: status.update(f"verifying {model}: {msg}"),
+            warn=lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"),
         )
 
 
@@ -269,6 +271,9 @@ def verify(
     pretrained: Pretrained = None,
     image_size: ImageSize = None,
     num_images: NumImages = 8,
+    images: Annotated[
+        Path | None, typer.Option(help="A folder of your images to verify on (any format).")
+    ] = None,
     json_path: JsonPath = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
     markdown: MarkdownPath = None,
@@ -276,7 +281,7 @@ def verify(
     """Prove fused torch and every artifact match the unfused model; exit 1 if not."""
     from .report import verify_markdown, write_json, write_text, write_verify_junit
 
-    report = _run_verify(model, formats, weights, pretrained, image_size, num_images)
+    report = _run_verify(model, formats, weights, pretrained, image_size, num_images, images)
     if json_path == Path("-"):
         _print_json(report.to_dict())
     else:

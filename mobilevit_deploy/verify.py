@@ -25,6 +25,7 @@ from .registry import get_spec
 from .reparam import reparameterize, training_leftovers
 from .runtimes.torch_runtime import TorchRunner
 from .stress import apply_stress_weights, check_sane_outputs
+from .user_images import load_images
 
 
 @dataclass
@@ -72,14 +73,24 @@ def verify(
     num_images: int = 8,
     seed: int = 0,
     work_dir: Path | None = None,
+    images_dir: Path | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
+    warn: Callable[[str], None] = lambda _msg: None,
 ) -> VerifyReport:
+    """`images_dir`: the user's images (the model's preprocessing) instead of made ones."""
     spec = get_spec(name)
     size = api.check_image_size(spec, image_size)
     model = api.load_model(name, weights, pretrained=pretrained)
     provenance = model.mvd_provenance
-    images = to_model_input(natural_images(num_images, size, seed), spec)
-    x = np.concatenate([images, random_normal_inputs(max(num_images // 2, 2), size, seed)])
+    if images_dir is not None:
+        pictures = load_images(Path(images_dir), spec, size, num_images, warn)
+        described = f"{len(pictures)} images from {images_dir}"
+    else:
+        pictures = natural_images(num_images, size, seed)
+        described = f"{num_images} natural-looking images"
+    images = to_model_input(pictures, spec)
+    normals = random_normal_inputs(max(num_images // 2, 2), size, seed)
+    x = np.concatenate([images, normals])
     if provenance is None:
         progress("applying stress weights")
         calibration = to_model_input(natural_images(8, size, seed + 1000), spec)
@@ -88,7 +99,7 @@ def verify(
         spec.name,
         size,
         provenance.source if provenance else "stress weights (no weights given)",
-        f"{num_images} natural-looking images + {len(x) - num_images} random normals",
+        f"{described} + {len(normals)} random normals",
     )
     tolerances = {**DEFAULT_TOLERANCES, **spec.tolerances}
 
