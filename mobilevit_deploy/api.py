@@ -139,7 +139,7 @@ def export(
     if model is None:
         model = load_model(name, weights, pretrained=pretrained)
     provenance = getattr(model, "mvd_provenance", None)
-    deployable = reparameterize(model) if reparam else model.eval()
+    deployable = reparameterize(model, image_size=size) if reparam else model.eval()
     out = Path(output) if output else Path(f"{spec.name}{fmt.suffix}")
     meta = artifact_metadata(
         spec,

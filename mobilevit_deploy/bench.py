@@ -93,7 +93,7 @@ def benchmark(
         if "torch" in runtimes:
             torch.set_num_threads(threads)
             eager_unfused = TorchRunner(model)
-            eager_fused = TorchRunner(reparameterize(model))
+            eager_fused = TorchRunner(reparameterize(model, image_size=size))
             candidates["torch eager, unfused"] = lambda: eager_unfused(x)
             candidates["torch eager, fused (mvd)"] = lambda: eager_fused(x)
         progress(f"timing {len(candidates)} candidates interleaved")
@@ -103,7 +103,7 @@ def benchmark(
     progress("measuring the matmul peak")
     peak = matmul_peak_gflops(threads)
     # The useful work is the fused model's: unfused branches are overhead, not output.
-    macs = count_macs(reparameterize(model), size)
+    macs = count_macs(reparameterize(model, image_size=size), size)
     gflop = 2 * macs * batch / 1e9
     return {
         "model": spec.name,

@@ -46,7 +46,8 @@ def model_info(name: str, image_size: int | tuple[int, int] | str | None = None)
     spec = get_spec(name)
     size = check_image_size(spec, image_size)
     train = spec.build().eval()
-    deploy, fused = reparameterize(train, fold_affine=False), reparameterize(train)
+    deploy = reparameterize(train, fold_affine=False, image_size=size)
+    fused = reparameterize(train, image_size=size)
     return {
         "name": spec.name,
         "family": spec.family,

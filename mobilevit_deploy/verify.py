@@ -113,7 +113,7 @@ def verify(
     progress("running the unfused reference in float64")
     reference = TorchRunner(model, torch.float64)(x)
     report.problems += [f"reference: {p}" for p in check_sane_outputs(reference)]
-    fused = reparameterize(model)
+    fused = reparameterize(model, image_size=size)
     report.problems += [f"left after reparam: {m}" for m in training_leftovers(fused)]
     progress("running the fused model")
     add("torch fused (fp64)", "fp32", TorchRunner(fused, torch.float64)(x))

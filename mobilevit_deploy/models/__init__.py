@@ -1,5 +1,5 @@
 """One module per family; importing them registers their specs."""
 
-from . import fastvit
+from . import fastvit, levit, seaformer
 
-__all__ = ["fastvit"]
+__all__ = ["fastvit", "levit", "seaformer"]

@@ -15,7 +15,8 @@ Deploy forms (reparam/engine.py protocol):
 
 Unlike the official and timm code, the train-time attention gathers its bias in every
 forward and never caches it on `train(False)`: a cache taken at `.eval()` goes stale
-when weights are loaded afterwards (`load_model` loads, then evaluates).
+when weights are loaded afterwards, which is what loading a deploy checkpoint does
+(weights.py builds the deploy form, in eval mode, then loads into it).
 
 Input size. The bias tables are sized by the token grid (14x14 at 224), so trained
 weights only fit the resolution they were trained at; the model is built for 224 and
@@ -378,8 +379,9 @@ class Levit(nn.Module):
         if tuple(x.shape[-2:]) != self.img_size:
             h, w = self.img_size
             raise BadInput(
-                f"LeViT built for {h}x{w} got a {x.shape[-2]}x{x.shape[-1]} input: its "
-                f"attention-bias tables are sized by the token grid, so only {h}x{w} fits"
+                f"LeViT takes {h}x{w} inputs only, got {x.shape[-2]}x{x.shape[-1]}: its "
+                f"attention-bias tables are sized by the token grid its weights were trained "
+                f"on. Omit the image size or pass {h}."
             )
         x = self.stem(x).flatten(2).transpose(1, 2)
         x = self.stages(x).mean(dim=1)

@@ -79,14 +79,26 @@ def fold_sequential_pairs(model: nn.Module) -> int:
     return folded
 
 
-def reparameterize(model: nn.Module, *, fold_affine: bool = True) -> nn.Module:
+def reparameterize(
+    model: nn.Module,
+    *,
+    fold_affine: bool = True,
+    image_size: tuple[int, int] | None = None,
+) -> nn.Module:
     """The deployable form of `model`, computed on a deep copy in eval mode.
 
     `fold_affine=False` stops at the official deploy form (what Apple's and timm's
     `reparameterize_model` produce); the default folds every BatchNorm and layer
     scale that can be folded exactly. The caller's model is never modified.
+
+    `image_size` (H, W) is for models whose fused form is tied to one resolution
+    (SeaFormer precomputes its positional embeddings): a model with a
+    `set_export_resolution(h, w)` method is told the size before anything is folded.
     """
     deployed = copy.deepcopy(model).eval()
+    set_resolution = getattr(deployed, "set_export_resolution", None)
+    if image_size is not None and callable(set_resolution):
+        set_resolution(*image_size)
     _call_protocol(deployed, "reparameterize")
     for hook in _THIRD_PARTY_HOOKS:
         _call_protocol(deployed, hook)

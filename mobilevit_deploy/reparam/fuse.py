@@ -156,3 +156,36 @@ def dense_bias_table(table: Tensor, index: Tensor) -> Tensor:
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= table.shape[-1]):
         raise ValueError(f"index out of range for a table of {table.shape[-1]} entries")
     return table.to(F64)[:, index]
+
+
+def concat_output_channels(layers: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
+    """Parallel layers reading the same input -> one layer whose outputs are theirs, stacked.
+
+    Exact: each output channel keeps its own kernel and bias. Layers must agree on every
+    dimension but the first (SeaFormer's q, k and v 1x1 convs become one).
+    """
+    if not layers:
+        raise ValueError("need at least one layer")
+    rest = layers[0][0].shape[1:]
+    if any(w.shape[1:] != rest for w, _ in layers):
+        shapes = [tuple(w.shape) for w, _ in layers]
+        raise ValueError(f"layers differ beyond their output channels: {shapes}")
+    weight = torch.cat([w.to(F64) for w, _ in layers])
+    bias = torch.cat(
+        [b.to(F64) if b is not None else torch.zeros(w.shape[0], dtype=F64) for w, b in layers]
+    )
+    return weight, bias
+
+
+def resample_linear_1d(table: Tensor, length: int) -> Tensor:
+    """A (..., C, n) table linearly resampled to `length` (align_corners=False), float64.
+
+    What F.interpolate(table, size=length, mode="linear") computes on every call of a
+    SeaFormer axial positional embedding, done once so the deployed graph adds a constant.
+    """
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
+    t = table.detach().to(F64)
+    flat = t.reshape(-1, 1, t.shape[-1])
+    out = nn.functional.interpolate(flat, size=length, mode="linear", align_corners=False)
+    return out.reshape(*t.shape[:-1], length)
