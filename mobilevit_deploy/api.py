@@ -17,8 +17,9 @@ from torch import nn
 
 from .errors import BadInput
 from .exporters import Artifact
-from .exporters.formats import FORMATS
+from .exporters.formats import FORMATS, ONNX_OPSETS
 from .exporters.metadata import artifact_metadata
+from .files import check_output_file
 from .images import natural_images, to_model_input
 from .registry import ModelSpec, get_spec
 from .reparam import reparameterize
@@ -136,11 +137,16 @@ def export(
         raise BadInput(f"{format} supports precisions {', '.join(fmt.precisions)}, not {precision}")
     if batch < 1:
         raise BadInput(f"batch must be at least 1, got {batch}")
+    if format == "onnx" and opset not in ONNX_OPSETS:
+        raise BadInput(
+            f"ONNX opset {opset} is not supported; choose {ONNX_OPSETS[0]} to {ONNX_OPSETS[-1]}"
+        )
+    out = Path(output) if output else Path(f"{spec.name}{fmt.suffix}")
+    check_output_file(out)
     if model is None:
         model = load_model(name, weights, pretrained=pretrained)
     provenance = getattr(model, "mvd_provenance", None)
     deployable = reparameterize(model, image_size=size) if reparam else model.eval()
-    out = Path(output) if output else Path(f"{spec.name}{fmt.suffix}")
     meta = artifact_metadata(
         spec,
         provenance=provenance,

@@ -24,7 +24,7 @@ from .machine import machine_stamp, stamp_line
 from .registry import get_spec
 from .reparam import reparameterize
 from .runtimes.onnxruntime import OrtRunner
-from .runtimes.torch_runtime import TorchRunner
+from .runtimes.torch_runtime import TorchRunner, torch_threads
 from .stress import apply_stress_weights
 from .timing import interleaved, time_callable
 
@@ -39,9 +39,9 @@ def matmul_peak_gflops(threads: int, n: int = 1024, min_time_s: float = 0.5) -> 
     The practical ceiling for a network made of convolutions and matmuls: printing
     each model's achieved rate next to it shows how far from the hardware it runs.
     """
-    torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    result = time_callable(lambda: torch.mm(a, b), warmup=3, min_runs=10, min_time_s=min_time_s)
+    with torch_threads(threads):
+        result = time_callable(lambda: torch.mm(a, b), warmup=3, min_runs=10, min_time_s=min_time_s)
     return 2 * n**3 / (result.min_ms / 1e3) / 1e9
 
 
@@ -91,13 +91,13 @@ def benchmark(
         if "onnxruntime" in runtimes:
             candidates["onnxruntime, fused (mvd)"] = lambda: fused_ort(x)
         if "torch" in runtimes:
-            torch.set_num_threads(threads)
             eager_unfused = TorchRunner(model)
             eager_fused = TorchRunner(reparameterize(model, image_size=size))
             candidates["torch eager, unfused"] = lambda: eager_unfused(x)
             candidates["torch eager, fused (mvd)"] = lambda: eager_fused(x)
         progress(f"timing {len(candidates)} candidates interleaved")
-        results = interleaved(candidates, batch=batch, min_runs=min_runs, min_time_s=min_time_s)
+        with torch_threads(threads):
+            results = interleaved(candidates, batch=batch, min_runs=min_runs, min_time_s=min_time_s)
     base = results[BASELINE].median_ms
     stamp = machine_stamp()
     progress("measuring the matmul peak")

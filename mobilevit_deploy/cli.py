@@ -161,7 +161,8 @@ def reparam(
         f"[green]wrote[/] {data['output']}: {data['model']} fused, params "
         f"{_fmt_int(data['params_before'])} -> {_fmt_int(data['params_after'])}, "
         f"{data['batchnorms_before']} BatchNorms -> 0; check on {data['check_inputs']} inputs: "
-        f"max error {data['max_rel']:.1e} of the output scale"
+        f"max error {data['max_rel']:.1e} of the output scale",
+        soft_wrap=True,
     )
 
 
@@ -279,8 +280,11 @@ def verify(
     markdown: MarkdownPath = None,
 ) -> None:
     """Prove fused torch and every artifact match the unfused model; exit 1 if not."""
+    from .files import check_output_file
     from .report import verify_markdown, write_json, write_text, write_verify_junit
 
+    for path in (json_path, junit, markdown):
+        check_output_file(path)
     report = _run_verify(model, formats, weights, pretrained, image_size, num_images, images)
     if json_path == Path("-"):
         _print_json(report.to_dict())
@@ -338,8 +342,11 @@ def bench(
 ) -> None:
     """onnxruntime CPU latency of the fused export against the plain unfused export."""
     from . import bench as bench_mod
+    from .files import check_output_file
     from .report import bench_markdown, write_json, write_text
 
+    for path in (json_path, markdown, plot):
+        check_output_file(path)
     report = _run_bench(model, weights, image_size, batch, threads, min_time, min_runs, runtime)
     if json_path == Path("-"):
         _print_json(report)

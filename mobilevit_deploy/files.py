@@ -20,6 +20,9 @@ from .errors import BadInput
 
 def ensure_writable_dir(directory: Path) -> Path:
     """Create `directory` if needed; a clear BadInput if it cannot be written."""
+    blocking = next((p for p in (directory, *directory.parents) if p.is_file()), None)
+    if blocking is not None:
+        raise BadInput(f"cannot write into {directory}: {blocking} exists and is not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -27,6 +30,19 @@ def ensure_writable_dir(directory: Path) -> Path:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise BadInput(f"output directory {directory} is not writable")
     return directory
+
+
+def check_output_file(path: Path | None) -> None:
+    """Fail before minutes of work, not after, when `path` cannot be written.
+
+    None and "-" (stdout) pass. Creates the missing parent directories.
+    """
+    if path is None or str(path) == "-":
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; give a file name")
+    ensure_writable_dir(path.parent)
 
 
 def _umask() -> int:

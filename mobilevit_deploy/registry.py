@@ -83,6 +83,9 @@ def _ensure_loaded() -> None:
 
 def list_models(family: str | None = None) -> list[ModelSpec]:
     _ensure_loaded()
+    families = sorted({s.family for s in _REGISTRY.values()})
+    if family is not None and family not in families:
+        raise BadInput(f"unknown family {family!r}; choose from {', '.join(families)}")
     return [s for s in _REGISTRY.values() if family is None or s.family == family]
 
 

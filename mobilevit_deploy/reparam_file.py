@@ -15,7 +15,7 @@ from torch import nn
 
 from .api import example_input, load_model
 from .errors import BadInput, VerificationFailed
-from .files import atomic_path
+from .files import atomic_path, check_output_file
 from .info import count_params
 from .metrics import DEFAULT_TOLERANCES, compare
 from .registry import get_spec
@@ -35,6 +35,7 @@ def reparam_to_file(
     if output.suffix not in (".pt", ".pth", ".safetensors"):
         raise BadInput(f"{output}: choose a .pt, .pth or .safetensors file name")
     spec = get_spec(name)
+    check_output_file(output)
     model = load_model(name, weights, pretrained=pretrained)
     fused = reparameterize(model)
     leftovers = training_leftovers(fused)

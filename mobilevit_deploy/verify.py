@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from . import api
+from .errors import BadInput
+from .exporters.formats import FORMATS
 from .images import natural_images, random_normal_inputs, to_model_input
 from .metrics import DEFAULT_TOLERANCES, compare
 from .registry import get_spec
@@ -57,6 +59,16 @@ class VerifyReport:
         return data
 
 
+def check_formats(formats: Sequence[str]) -> None:
+    """Refuse unknown or unavailable formats before the minutes of work, not after."""
+    for fmt in formats:
+        info = FORMATS.get(fmt)
+        if info is None:
+            raise BadInput(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        if not info.implemented:
+            raise BadInput(f"{fmt} export is not available in this version; use onnx")
+
+
 def _run(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, per_sample: bool) -> np.ndarray:
     if not per_sample:
         return runner(x)
@@ -80,6 +92,9 @@ def verify(
     """`images_dir`: the user's images (the model's preprocessing) instead of made ones."""
     spec = get_spec(name)
     size = api.check_image_size(spec, image_size)
+    check_formats(formats)
+    if num_images < 1:
+        raise BadInput(f"--num-images must be at least 1, got {num_images}")
     model = api.load_model(name, weights, pretrained=pretrained)
     provenance = model.mvd_provenance
     if images_dir is not None:

@@ -10,8 +10,10 @@ A checkpoint may hold any of three forms of a model, told apart by its keys:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,20 +49,41 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Plain data holders that official checkpoints carry next to their tensors (SeaFormer's
+# classification files store the trainer's argparse arguments under `args`). Allowing
+# them runs no code: unpickling one only sets attributes on an empty object.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _unpickling_problem(path: Path, exc: pickle.UnpicklingError) -> BadInput:
+    """Tell a pickle that carries code apart from a file that is not a pickle at all.
+
+    torch words both as "Weights only load failed"; only the first names a global.
+    """
+    text = str(exc)
+    if refused := re.search(r"GLOBAL ([\w.]+)", text):
+        return BadInput(
+            f"{path}: refused, its pickle would call {refused.group(1)}; checkpoints are "
+            "untrusted, so only tensors and plain containers are read (nothing was run)"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    reason = detail.group(1) if detail else _first_line(exc)
+    return BadInput(f"{path}: not a readable checkpoint ({reason[:160]})")
+
+
 def _torch_load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise BadInput(
-                f"{path}: refused, the file holds pickled code or objects, not just tensors "
-                f"(never unpickled: {first[:160]})"
-            ) from None
-        raise BadInput(f"{path}: not a readable checkpoint ({first[:160]})") from None
+        raise _unpickling_problem(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"{path}: not a readable checkpoint ({first[:160]})") from None
+        raise BadInput(f"{path}: not a readable checkpoint ({_first_line(exc)[:160]})") from None
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -97,6 +120,8 @@ def unwrap(obj: object, origin: str) -> tuple[dict[str, torch.Tensor], str | Non
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """Read a checkpoint file safely; returns (state dict, wrapper key or None)."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; --weights takes a checkpoint file or URL")
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     if path.stat().st_size == 0:

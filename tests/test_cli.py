@@ -486,11 +486,6 @@ def test_corrupt_checkpoint(tmp_path, suffix):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="weights._torch_load reports any weights_only unpickling error, random bytes "
-    "included, as 'the file holds pickled code or objects'",
-)
 def test_random_bytes_are_not_called_pickled_code(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(np.random.default_rng(0).bytes(4096))
@@ -515,7 +510,10 @@ def test_output_under_a_file(tmp_path):
     """Works as root too: no permission bit makes a file a directory."""
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a directory")
-    assert_user_error(mvd("export", "fastvit_t8", *SMALL, "-o", blocker / "out.onnx"), "file.txt")
+    assert_user_error(
+        mvd("export", "fastvit_t8", *SMALL, "-o", blocker / "out.onnx"),
+        "file.txt exists and is not a directory",
+    )
     assert blocker.read_text() == "not a directory"
     assert no_partial_files(tmp_path)
 
@@ -600,6 +598,43 @@ def test_reparam_output_suffix(tmp_path):
     out = tmp_path / "x.onnx"
     assert_user_error(mvd("reparam", "fastvit_t8", "-o", out), str(out), ".safetensors")
     assert not out.exists()
+
+
+def test_out_of_range_opset():
+    assert_user_error(mvd("export", "fastvit_t8", "--opset", "99"), "opset 99", "13 to 20")
+
+
+def test_directory_as_weights(tmp_path):
+    assert_user_error(mvd("export", "fastvit_t8", "--weights", tmp_path), "is a directory")
+
+
+def test_unknown_family():
+    assert_user_error(mvd("list", "--family", "resnet"), "unknown family 'resnet'", "fastvit")
+
+
+def test_zero_images():
+    assert_user_error(mvd("verify", "fastvit_t8", "--num-images", "0"), "at least 1")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("verify", "fastvit_t8", "--formats", "onnx,tensorrt"),
+        ("verify", "fastvit_t8", "--json", "{dir}"),
+        ("bench", "fastvit_t8", "--markdown", "{dir}"),
+        ("export", "fastvit_t8", "-o", "{dir}"),
+    ],
+)
+def test_bad_requests_fail_before_any_work(tmp_path, monkeypatch, args):
+    """Found late, these errors came after minutes of exporting and timing."""
+    import mobilevit_deploy.api as api_module
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(api_module, "load_model", no_loading)
+    result = mvd(*(str(a).format(dir=tmp_path) for a in args))
+    assert_user_error(result)
 
 
 def test_missing_images_folder(tmp_path):

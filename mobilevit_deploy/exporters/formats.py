@@ -25,6 +25,10 @@ class FormatInfo:
         )
 
 
+# What torch's TorchScript-based ONNX exporter emits; below 13 the models' ops
+# (LayerNorm, GELU, dynamic Slice) need decompositions it does not offer.
+ONNX_OPSETS = range(13, 21)
+
 FORMATS: dict[str, FormatInfo] = {
     "onnx": FormatInfo("onnx", ".onnx", ("fp32",), ("onnx", "onnxruntime"), None, True),
     "coreml": FormatInfo(
