@@ -318,7 +318,11 @@ def _render_verify(report) -> None:
             f"{m['top5']:.3f}" if "top5" in m else "-",
             "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
         )
-    out.print(f"weights: {report.weights}; inputs: {report.inputs}")
+    out.print(
+        f"weights: {report.weights}; inputs: {report.inputs}; the unfused model's own fp32 "
+        f"run differs from the reference by {report.fp32_noise_floor:.1e}",
+        soft_wrap=True,
+    )
     out.print(table)
     for problem in report.problems:
         out.print(f"[bold red]FAIL[/] {escape(problem)}")

@@ -2,14 +2,20 @@
 
 The reference is the unfused model in float64, so fp32 noise of the reference itself
 (2e-3 on a stressed LeViT, DESIGN.md) never masks or fakes a fold error. Pairs:
-  torch fused (fp64)  vs reference: the fuse math alone;
+  torch fused (fp64)  a float64 copy fused and run in float64 vs the reference: the
+                      fuse math alone, held to 1e-9 (exact folds land near 1e-14);
   torch fused (fp32)  vs reference: what fp32 execution adds;
   <format> (precision) vs reference: each exported artifact, end to end.
+fp32 candidates are held to 1e-5 of the output scale, or to twice the unfused model's
+own fp32 error where that is larger (a 512x512 SeaFormer-L segmenter: 1.5e-5): no fused
+fp32 model can beat the arithmetic it runs on, and the fp64 pair still catches every
+fold error far below that.
 Without real weights the model gets stress weights first (stress.py).
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +28,7 @@ from . import api
 from .errors import BadInput
 from .exporters.formats import FORMATS
 from .images import natural_images, random_normal_inputs, to_model_input
-from .metrics import DEFAULT_TOLERANCES, compare
+from .metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, compare
 from .registry import get_spec
 from .reparam import reparameterize, training_leftovers
 from .runtimes.torch_runtime import TorchRunner
@@ -48,6 +54,8 @@ class VerifyReport:
     pairs: list[PairResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     reference: str = "torch unfused (fp64)"
+    # How far the unfused model's own fp32 run is from the reference (max rel).
+    fp32_noise_floor: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -121,6 +129,8 @@ def verify(
     def add(candidate: str, precision: str, output: np.ndarray) -> None:
         metrics = compare(reference, output, spec.task)
         tol = tolerances[precision]
+        if precision == "fp32":
+            tol = max(tol, NOISE_FLOOR_FACTOR * report.fp32_noise_floor)
         report.pairs.append(
             PairResult(candidate, precision, tol, metrics, metrics["max_rel"] <= tol)
         )
@@ -128,10 +138,14 @@ def verify(
     progress("running the unfused reference in float64")
     reference = TorchRunner(model, torch.float64)(x)
     report.problems += [f"reference: {p}" for p in check_sane_outputs(reference)]
+    report.fp32_noise_floor = compare(reference, TorchRunner(model)(x))["max_rel"]
+    progress("fusing a float64 copy (the fuse math alone)")
+    fused64 = reparameterize(copy.deepcopy(model).double(), image_size=size)
+    add("torch fused (fp64)", "fp64", TorchRunner(fused64, torch.float64)(x))
+    del fused64
     fused = reparameterize(model, image_size=size)
     report.problems += [f"left after reparam: {m}" for m in training_leftovers(fused)]
     progress("running the fused model")
-    add("torch fused (fp64)", "fp32", TorchRunner(fused, torch.float64)(x))
     add("torch fused (fp32)", "fp32", TorchRunner(fused, torch.float32)(x))
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for fmt in formats:

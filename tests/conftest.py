@@ -8,9 +8,14 @@ from mobilevit_deploy.stress import apply_stress_weights
 
 
 def stressed(name: str, size: int = 64, seed: int = 0) -> torch.nn.Module:
-    """A model of `name` under stress weights calibrated on natural-looking images."""
+    """A model of `name` under stress weights calibrated on natural-looking images.
+
+    Seeded build: the same model whichever tests ran before.
+    """
     spec = get_spec(name)
-    model = spec.build()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = spec.build()
     calibration = torch.from_numpy(to_model_input(natural_images(4, size, seed + 100), spec))
     return apply_stress_weights(model, calibration, seed)
 

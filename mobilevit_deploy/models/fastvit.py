@@ -59,7 +59,7 @@ class RepMixer(nn.Module):
         gamma = self.layer_scale.gamma.to(fuse.F64).reshape(-1)
         eye = fuse.identity_kernel(self.dim, self.dim, self.kernel_size)
         weight = eye + gamma.reshape(-1, 1, 1, 1) * (w_mix - w_norm)
-        self.reparam_conv = deploy_conv(weight, gamma * (b_mix - b_norm), 1, self.dim)
+        self.reparam_conv = deploy_conv(weight, gamma * (b_mix - b_norm), 1, self.dim, self)
         self.norm = self.mixer = self.layer_scale = None
 
 

@@ -31,10 +31,17 @@ def conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups
     )
 
 
-def deploy_conv(weight: Tensor, bias: Tensor, stride: int, groups: int) -> nn.Conv2d:
-    """The single 'same'-padded conv (odd kernel) holding a fused kernel and bias."""
+def deploy_conv(
+    weight: Tensor, bias: Tensor, stride: int, groups: int, replaces: nn.Module
+) -> nn.Conv2d:
+    """The single 'same'-padded conv (odd kernel) holding a fused kernel and bias.
+
+    It takes the dtype of the block it `replaces`, so a float64 model fuses into a
+    float64 one (verify checks the fuse math alone that way).
+    """
     out_chs, in_per_group, k, _ = weight.shape
-    conv = nn.Conv2d(in_per_group * groups, out_chs, k, stride, k // 2, groups=groups)
+    dtype = next(replaces.parameters()).dtype
+    conv = nn.Conv2d(in_per_group * groups, out_chs, k, stride, k // 2, groups=groups, dtype=dtype)
     return fuse.assign(conv, weight, bias)
 
 
@@ -140,7 +147,7 @@ class MobileOneBlock(nn.Module):
         if self.reparam_conv is not None:
             return
         weight, bias = self.fused_kernel_bias()
-        self.reparam_conv = deploy_conv(weight, bias, self.stride, self.groups)
+        self.reparam_conv = deploy_conv(weight, bias, self.stride, self.groups, self)
         self.identity = self.conv_kxk = self.conv_scale = None
 
 
@@ -174,7 +181,7 @@ class ReparamLargeKernelConv(nn.Module):
         weight, bias = _conv_bn_kernel(self.large_conv)
         small_w, small_b = _conv_bn_kernel(self.small_conv)
         weight = weight + fuse.pad_kernel(small_w, self.kernel_size)
-        self.reparam_conv = deploy_conv(weight, bias + small_b, self.stride, self.groups)
+        self.reparam_conv = deploy_conv(weight, bias + small_b, self.stride, self.groups, self)
         self.large_conv = self.small_conv = None
 
 
