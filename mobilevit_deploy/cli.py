@@ -302,7 +302,9 @@ def verify(
 
 def _render_verify(report) -> None:
     table = Table(title=f"{report.model} @ {_hw(report.image_size)}: vs {report.reference}")
-    columns = ("candidate", "max abs", "max rel", "bound", "1 - cos", "PSNR dB", "top-1", "top-5")
+    segments = any("pixel_agreement" in p.metrics for p in report.pairs)
+    agreement = ("argmax px",) if segments else ("top-1", "top-5")
+    columns = ("candidate", "max abs", "max rel", "bound", "1 - cos", "PSNR dB", *agreement)
     for col in (*columns, ""):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for p in report.pairs:
@@ -314,8 +316,11 @@ def _render_verify(report) -> None:
             f"{p.tolerance:.0e}",
             f"{1 - m['cosine']:.1e}",
             f"{m['psnr_db']:.1f}",
-            f"{m.get('top1', m.get('pixel_agreement', 0)):.3f}",
-            f"{m['top5']:.3f}" if "top5" in m else "-",
+            *(
+                [f"{m['pixel_agreement']:.4f}"]
+                if segments
+                else [f"{m['top1']:.3f}", f"{m['top5']:.3f}"]
+            ),
             "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
         )
     out.print(

@@ -138,7 +138,7 @@ def verify(
     progress("running the unfused reference in float64")
     reference = TorchRunner(model, torch.float64)(x)
     report.problems += [f"reference: {p}" for p in check_sane_outputs(reference)]
-    report.fp32_noise_floor = compare(reference, TorchRunner(model)(x))["max_rel"]
+    report.fp32_noise_floor = compare(reference, TorchRunner(model)(x), spec.task)["max_rel"]
     progress("fusing a float64 copy (the fuse math alone)")
     fused64 = reparameterize(copy.deepcopy(model).double(), image_size=size)
     add("torch fused (fp64)", "fp64", TorchRunner(fused64, torch.float64)(x))

@@ -33,3 +33,11 @@ def test_fp64_pair_checks_the_fuse_math_and_fp32_pairs_the_noise_floor():
     assert pairs["torch fused (fp64)"].tolerance == 1e-9
     assert 1e-8 < report.fp32_noise_floor < 1e-5
     assert pairs["torch fused (fp32)"].tolerance == max(1e-5, 2 * report.fp32_noise_floor)
+
+
+def test_segmentation_noise_floor_uses_the_argmax_map():
+    """The noise-floor comparison once ran the classifier metrics on (N, C, H, W) maps."""
+    report = verify("seaformer_seg_tiny_ade20k", image_size=128, num_images=1, formats=())
+    assert report.passed
+    assert all("pixel_agreement" in p.metrics for p in report.pairs)
+    assert 0 < report.fp32_noise_floor < 1e-5
