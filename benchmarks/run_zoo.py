@@ -2,10 +2,15 @@
 
     python benchmarks/run_zoo.py                      # every model, all cores
     python benchmarks/run_zoo.py --family fastvit --threads 1 --min-time 5
+    python benchmarks/run_zoo.py --resume             # reuse runs/ records, fill gaps
 
 Each model: the plain unfused ONNX export (the baseline a user would otherwise ship)
 against the fused export, both in onnxruntime at ORT_ENABLE_ALL, timed interleaved,
-plus PyTorch eager for reference. Run it on an otherwise idle machine.
+plus PyTorch eager for reference. Segmenters run at their native resolution and at a
+mobile-sized one (half the height and width); above 512x512 pixels a run takes
+seconds, so those take 5 runs minimum instead of 20, and skip eager PyTorch.
+Every model's report is kept in runs/ as it finishes, so an interrupted run resumes.
+Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -45,9 +50,13 @@ def summarize(report: dict, spec) -> dict:
     model = spec.build()
     return {
         "name": spec.name,
+        "task": spec.task,
         "input": "x".join(map(str, report["image_size"])),
         "params_m": count_params(model) / 1e6,
-        "fused_params_m": count_params(reparameterize(model)) / 1e6,
+        "fused_params_m": count_params(
+            reparameterize(model, image_size=tuple(report["image_size"]))
+        )
+        / 1e6,
         "gmacs": report["macs_per_image"] / 1e9,
         "unfused_ms": by[BASELINE]["median_ms"],
         "fused_ms": by[FUSED_ORT]["median_ms"],
@@ -74,19 +83,51 @@ def table_row(s: dict) -> list[str]:
 
 def results_markdown(reports: list[dict], summaries: list[dict], min_time: float) -> str:
     first = reports[0]
-    return (
+    classifiers = [table_row(s) for s in summaries if s["task"] == "classification"]
+    segmenters = [table_row(s) for s in summaries if s["task"] == "segmentation"]
+    text = (
         "# Measured results\n\n"
         f"Written by `python benchmarks/run_zoo.py` on {datetime.date.today().isoformat()}.\n\n"
         f"Machine: {first['machine_line']}.\n\n"
         f"Batch 1, {first['threads']} threads, onnxruntime CPU at ORT_ENABLE_ALL (which folds "
         "Conv+BN itself), median latency of interleaved runs in rotating order (at least "
-        f"{min_time:g} s and 20 runs each; slow outliers above median + 3 x 1.4826 x MAD "
-        "dropped). *fused / unfused* is the fused export's median over the plain unfused "
-        "export's, measured in the same run: below 1 is faster. GFLOP/s counts the fused "
-        "model's MACs; the peak is this machine's measured fp32 matmul rate "
-        f"({first['matmul_peak_gflops']:.0f} GFLOP/s).\n\n"
-        + markdown_table(HEADERS, [table_row(s) for s in summaries])
-        + "\n![latency against GMACs, unfused to fused](zoo_latency.png)\n"
+        f"{min_time:g} s and 20 runs each, 5 above 512x512 pixels; slow outliers above "
+        "median + 3 x 1.4826 x MAD dropped). *fused / unfused* is the fused export's median "
+        "over the plain unfused export's, measured in the same run: below 1 is faster. "
+        "GFLOP/s counts the fused model's MACs; the peak is this machine's measured fp32 "
+        f"matmul rate ({first['matmul_peak_gflops']:.0f} GFLOP/s).\n\n"
+        "## Classification\n\n" + markdown_table(HEADERS, classifiers)
+    )
+    if segmenters:
+        text += (
+            "\n## Segmentation\n\nAt the native resolution and at half its height and width "
+            "(mobile-sized); eager PyTorch is skipped above 512x512 pixels.\n\n"
+            + markdown_table(HEADERS, segmenters)
+        )
+    return text + "\n![latency against GMACs, unfused to fused](zoo_latency.png)\n"
+
+
+def jobs(specs) -> list[tuple]:
+    """(spec, image size) pairs: classifiers at their size, segmenters at two."""
+    out = []
+    for spec in specs:
+        h, w = spec.input_hw
+        out.append((spec, (h, w)))
+        if spec.task == "segmentation":
+            m = spec.size_multiple
+            out.append((spec, (max(m, h // 2 // m * m), max(m, w // 2 // m * m))))
+    return out
+
+
+def run_job(spec, size: tuple[int, int], args) -> dict:
+    big = size[0] * size[1] > 512 * 512
+    return benchmark(
+        spec.name,
+        image_size=size,
+        threads=args.threads,
+        min_time_s=args.min_time,
+        min_runs=5 if big else 20,
+        runtimes=("onnxruntime",) if big else ("onnxruntime", "torch"),
     )
 
 
@@ -97,17 +138,25 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--resume", action="store_true", help="Reuse reports in runs/.")
     args = parser.parse_args()
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
     if not specs:
         parser.error("no model matches")
+    runs = args.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
     reports, summaries = [], []
-    for spec in specs:
-        print(f"benchmarking {spec.name} ...", file=sys.stderr, flush=True)
-        reports.append(benchmark(spec.name, threads=args.threads, min_time_s=args.min_time))
-        summaries.append(summarize(reports[-1], spec))
-        print(f"  fused/unfused = {summaries[-1]['ratio']:.2f}", file=sys.stderr, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    for spec, size in jobs(specs):
+        record = runs / f"{spec.name}@{size[0]}x{size[1]}.json"
+        if args.resume and record.exists():
+            report = json.loads(record.read_text())
+        else:
+            print(f"benchmarking {spec.name} at {size[0]}x{size[1]} ...", file=sys.stderr)
+            report = run_job(spec, size, args)
+            record.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        reports.append(report)
+        summaries.append(summarize(report, spec))
+        print(f"  {spec.name}: fused/unfused = {summaries[-1]['ratio']:.2f}", file=sys.stderr)
     text = results_markdown(reports, summaries, args.min_time)
     (args.out / "RESULTS.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")

@@ -75,6 +75,8 @@ def plot_zoo(rows: list[dict], path: Path, x: str = "gmacs") -> Path:
     ax.scatter(
         [r[x] for r in rows], [r["fused_ms"] for r in rows], label="fused (mvd)", color="#4c72b0"
     )
+    ax.set_xscale("log")  # the zoo spans 0.3 to several hundred GMACs
+    ax.set_yscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("onnxruntime CPU latency, ms (median)")
     ax.legend()
