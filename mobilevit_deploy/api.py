@@ -103,6 +103,9 @@ def check_image_size(spec: ModelSpec, image_size: ImageSize) -> tuple[int, int]:
     return hw
 
 
+CALIBRATION_SEED = 7_000
+
+
 def example_input(
     spec: ModelSpec, image_size: tuple[int, int], batch: int = 1, seed: int = 0
 ) -> np.ndarray:
@@ -124,8 +127,13 @@ def export(
     reparam: bool = True,
     simplify: bool = True,
     precision: str = "fp32",
+    calibration_images: int = 32,
 ) -> Artifact:
-    """Export `name` (or an already loaded `model` of that name) to one file."""
+    """Export `name` (or an already loaded `model` of that name) to one file.
+
+    int8 calibrates on `calibration_images` natural-looking images, drawn with a
+    seed apart from the ones verify and bench use, so those are never calibrated on.
+    """
     spec = get_spec(name)
     size = check_image_size(spec, image_size)
     fmt = FORMATS.get(format)
@@ -137,6 +145,8 @@ def export(
         raise BadInput(f"{format} supports precisions {', '.join(fmt.precisions)}, not {precision}")
     if batch < 1:
         raise BadInput(f"batch must be at least 1, got {batch}")
+    if precision == "int8" and calibration_images < 1:
+        raise BadInput(f"int8 needs calibration images, got {calibration_images}")
     if format == "onnx" and opset not in ONNX_OPSETS:
         raise BadInput(
             f"ONNX opset {opset} is not supported; choose {ONNX_OPSETS[0]} to {ONNX_OPSETS[-1]}"
@@ -166,5 +176,9 @@ def export(
         opset=opset,
         dynamic_batch=dynamic_batch,
         simplify=simplify,
+        precision=precision,
+        calibration=example_input(spec, size, calibration_images, seed=CALIBRATION_SEED)
+        if precision == "int8"
+        else None,
     )
     return Artifact(out, format, precision, meta)

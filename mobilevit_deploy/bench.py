@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from . import api
 from .errors import BadInput
+from .exporters.formats import FORMATS
 from .images import natural_images, to_model_input
 from .info import count_macs
 from .machine import machine_stamp, stamp_line
@@ -55,13 +57,19 @@ def benchmark(
     min_time_s: float = 3.0,
     min_runs: int = 20,
     runtimes: tuple[str, ...] = RUNTIMES,
+    precisions: tuple[str, ...] = ("fp32",),
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict:
+    """`precisions` beyond fp32 add the fused ONNX file at fp16 / int8 as candidates."""
     spec = get_spec(name)
     size = api.check_image_size(spec, image_size)
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown or not runtimes:
         raise BadInput(f"unknown runtime {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")
+    onnx_precisions = FORMATS["onnx"].precisions
+    if not set(precisions) <= set(onnx_precisions):
+        choices = ", ".join(onnx_precisions)
+        raise BadInput(f"unknown precision in {', '.join(precisions)}; choose from {choices}")
     threads = threads or os.cpu_count() or 1
     model = api.load_model(name, weights)
     if model.mvd_provenance is None:
@@ -90,6 +98,18 @@ def benchmark(
         candidates[BASELINE] = lambda: unfused_ort(x)
         if "onnxruntime" in runtimes:
             candidates["onnxruntime, fused (mvd)"] = lambda: fused_ort(x)
+            for precision in (p for p in precisions if p != "fp32"):
+                progress(f"exporting fused ONNX at {precision}")
+                reduced = api.export(
+                    spec.name,
+                    model=model,
+                    output=Path(tmp) / f"fused.{precision}.onnx",
+                    image_size=size,
+                    batch=batch,
+                    precision=precision,
+                )
+                runner = OrtRunner(reduced.path, threads, ORT_LEVEL, spinning=False)
+                candidates[f"onnxruntime, fused {precision} (mvd)"] = partial(runner, x)
         if "torch" in runtimes:
             eager_unfused = TorchRunner(model)
             eager_fused = TorchRunner(reparameterize(model, image_size=size))

@@ -178,7 +178,10 @@ def export(
     batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
     dynamic_batch: Annotated[bool, typer.Option(help="Leave the batch dimension free.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    precision: Annotated[str, typer.Option(help="fp32")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (static QDQ).")] = "fp32",
+    calibration_images: Annotated[
+        int, typer.Option(help="Natural-looking images int8 calibrates on.")
+    ] = 32,
     no_reparam: Annotated[bool, typer.Option("--no-reparam", help="Export unfused.")] = False,
     simplify: Annotated[bool, typer.Option(help="Run onnxslim, then re-verify.")] = True,
     as_json: JsonFlag = False,
@@ -200,6 +203,7 @@ def export(
             reparam=not no_reparam,
             simplify=simplify,
             precision=precision,
+            calibration_images=calibration_images,
         )
     size = artifact.path.stat().st_size / 2**20
     if as_json:
@@ -220,6 +224,9 @@ def export(
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")]
 MarkdownPath = Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown table.")]
 Formats = Annotated[str, typer.Option(help="Comma-separated formats to export and check.")]
+Precisions = Annotated[
+    str, typer.Option(help="Comma-separated precisions of each format: fp32, fp16, int8.")
+]
 NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
 MinTime = Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")]
@@ -228,16 +235,23 @@ Runtimes = Annotated[
 ]
 
 
-def _run_verify(model, formats, weights, pretrained, image_size, num_images, images=None):
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _run_verify(
+    model, formats, weights, pretrained, image_size, num_images, images=None, precisions="fp32"
+):
     from . import verify as verify_mod
 
-    fmts = tuple(f.strip() for f in formats.split(",") if f.strip())
+    fmts = _split(formats)
     with err.status(f"verifying {model}") as status:
         return verify_mod.verify(
             model,
             weights=weights,
             pretrained=_pretrained(pretrained),
             formats=fmts,
+            precisions=_split(precisions),
             image_size=image_size,
             num_images=num_images,
             images_dir=images,
@@ -246,7 +260,9 @@ def _run_verify(model, formats, weights, pretrained, image_size, num_images, ima
         )
 
 
-def _run_bench(model, weights, image_size, batch, threads, min_time, min_runs, runtime):
+def _run_bench(
+    model, weights, image_size, batch, threads, min_time, min_runs, runtime, precisions="fp32"
+):
     from . import bench as bench_mod
 
     with err.status(f"benchmarking {model}") as status:
@@ -258,7 +274,8 @@ def _run_bench(model, weights, image_size, batch, threads, min_time, min_runs, r
             threads=threads,
             min_time_s=min_time,
             min_runs=min_runs,
-            runtimes=tuple(r.strip() for r in runtime.split(",") if r.strip()),
+            runtimes=_split(runtime),
+            precisions=_split(precisions),
             progress=lambda msg: status.update(f"benchmarking {model}: {msg}"),
         )
 
@@ -268,6 +285,7 @@ def _run_bench(model, weights, image_size, batch, threads, min_time, min_runs, r
 def verify(
     model: str,
     formats: Formats = "onnx",
+    precisions: Precisions = "fp32",
     weights: Weights = None,
     pretrained: Pretrained = None,
     image_size: ImageSize = None,
@@ -285,7 +303,9 @@ def verify(
 
     for path in (json_path, junit, markdown):
         check_output_file(path)
-    report = _run_verify(model, formats, weights, pretrained, image_size, num_images, images)
+    report = _run_verify(
+        model, formats, weights, pretrained, image_size, num_images, images, precisions
+    )
     if json_path == Path("-"):
         _print_json(report.to_dict())
     else:
@@ -313,7 +333,7 @@ def _render_verify(report) -> None:
             p.candidate,
             f"{m['max_abs']:.2e}",
             f"{m['max_rel']:.2e}",
-            f"{p.tolerance:.0e}",
+            p.bound,
             f"{1 - m['cosine']:.1e}",
             f"{m['psnr_db']:.1f}",
             *(
@@ -345,6 +365,7 @@ def bench(
     min_time: MinTime = 3.0,
     min_runs: Annotated[int, typer.Option()] = 20,
     runtime: Runtimes = "onnxruntime,torch",
+    precisions: Precisions = "fp32",
     json_path: JsonPath = None,
     markdown: MarkdownPath = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart.")] = None,
@@ -356,7 +377,9 @@ def bench(
 
     for path in (json_path, markdown, plot):
         check_output_file(path)
-    report = _run_bench(model, weights, image_size, batch, threads, min_time, min_runs, runtime)
+    report = _run_bench(
+        model, weights, image_size, batch, threads, min_time, min_runs, runtime, precisions
+    )
     if json_path == Path("-"):
         _print_json(report)
     else:

@@ -19,6 +19,28 @@ DEFAULT_TOLERANCES = {"fp64": 1e-9, "fp32": 1e-5}
 # unfused model's own fp32 run differs by (its noise floor), when that is larger than
 # the fp32 bound: a fused fp32 model cannot beat the float arithmetic it runs on.
 NOISE_FLOOR_FACTOR = 2.0
+# Reduced precisions are judged by fidelity, not by a max error: PSNR against the
+# reference scale and agreement of the decision (top-1 or the argmax map). Measured
+# on stressed FastViT-T8 at 256 (stress weights are adversarial for quantization:
+# random-sign scales widen every activation range): fp16 74-79 dB and top-1 1.0; int8
+# (static QDQ, percentile calibration) 19.7-25 dB and top-1 0.5-0.75 (the random-normal
+# inputs, unlike anything calibrated on, cost the most). The int8 bound therefore
+# catches broken quantization (wrong scales, a float path left: below 10 dB), not
+# the accuracy a trained model keeps, which only real weights and data can show.
+REDUCED_PRECISION = {
+    "fp16": {"min_psnr_db": 40.0, "min_agreement": 0.9},
+    "int8": {"min_psnr_db": 15.0, "min_agreement": 0.5},
+}
+
+
+def judge(metrics: dict, precision: str, max_rel: float) -> tuple[bool, str]:
+    """Pass/fail of one pair, and its bound in words for the report."""
+    rule = REDUCED_PRECISION.get(precision)
+    if rule is None:
+        return metrics["max_rel"] <= max_rel, f"{max_rel:.0e}"
+    agreement = metrics.get("top1", metrics.get("pixel_agreement", 0.0))
+    passed = metrics["psnr_db"] >= rule["min_psnr_db"] and agreement >= rule["min_agreement"]
+    return passed, f">={rule['min_psnr_db']:g}dB, agree>={rule['min_agreement']:g}"
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, task: str = "classification") -> dict:

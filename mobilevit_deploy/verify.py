@@ -28,7 +28,7 @@ from . import api
 from .errors import BadInput
 from .exporters.formats import FORMATS
 from .images import natural_images, random_normal_inputs, to_model_input
-from .metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, compare
+from .metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION, compare, judge
 from .registry import get_spec
 from .reparam import reparameterize, training_leftovers
 from .runtimes.torch_runtime import TorchRunner
@@ -43,6 +43,7 @@ class PairResult:
     tolerance: float
     metrics: dict
     passed: bool
+    bound: str = ""
 
 
 @dataclass
@@ -67,7 +68,7 @@ class VerifyReport:
         return data
 
 
-def check_formats(formats: Sequence[str]) -> None:
+def check_formats(formats: Sequence[str], precisions: Sequence[str] = ("fp32",)) -> None:
     """Refuse unknown or unavailable formats before the minutes of work, not after."""
     for fmt in formats:
         info = FORMATS.get(fmt)
@@ -75,6 +76,11 @@ def check_formats(formats: Sequence[str]) -> None:
             raise BadInput(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
         if not info.implemented:
             raise BadInput(f"{fmt} export is not available in this version; use onnx")
+        for precision in precisions:
+            if precision not in info.precisions:
+                raise BadInput(
+                    f"{fmt} supports precisions {', '.join(info.precisions)}, not {precision}"
+                )
 
 
 def _run(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, per_sample: bool) -> np.ndarray:
@@ -89,6 +95,7 @@ def verify(
     weights: str | Path | None = None,
     pretrained: bool | str = False,
     formats: Sequence[str] = ("onnx",),
+    precisions: Sequence[str] = ("fp32",),
     image_size: api.ImageSize = None,
     num_images: int = 8,
     seed: int = 0,
@@ -100,7 +107,7 @@ def verify(
     """`images_dir`: the user's images (the model's preprocessing) instead of made ones."""
     spec = get_spec(name)
     size = api.check_image_size(spec, image_size)
-    check_formats(formats)
+    check_formats(formats, precisions)
     if num_images < 1:
         raise BadInput(f"--num-images must be at least 1, got {num_images}")
     model = api.load_model(name, weights, pretrained=pretrained)
@@ -128,12 +135,14 @@ def verify(
 
     def add(candidate: str, precision: str, output: np.ndarray) -> None:
         metrics = compare(reference, output, spec.task)
-        tol = tolerances[precision]
+        if precision in REDUCED_PRECISION:  # judged by PSNR; the bound recorded is its floor
+            tol = REDUCED_PRECISION[precision]["min_psnr_db"]
+        else:
+            tol = tolerances[precision]
         if precision == "fp32":
             tol = max(tol, NOISE_FLOOR_FACTOR * report.fp32_noise_floor)
-        report.pairs.append(
-            PairResult(candidate, precision, tol, metrics, metrics["max_rel"] <= tol)
-        )
+        passed, bound = judge(metrics, precision, tol)
+        report.pairs.append(PairResult(candidate, precision, tol, metrics, passed, bound))
 
     progress("running the unfused reference in float64")
     reference = TorchRunner(model, torch.float64)(x)
@@ -149,15 +158,18 @@ def verify(
     add("torch fused (fp32)", "fp32", TorchRunner(fused, torch.float32)(x))
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for fmt in formats:
-            progress(f"exporting and running {fmt}")
-            artifact = api.export(
-                spec.name,
-                fmt,
-                model=model,
-                output=Path(tmp) / f"{spec.name}.{fmt}",
-                image_size=size,
-            )
-            add(f"{fmt} fused", artifact.precision, _run(_runner(artifact), x, per_sample=True))
+            for precision in precisions:
+                progress(f"exporting and running {fmt} {precision}")
+                artifact = api.export(
+                    spec.name,
+                    fmt,
+                    model=model,
+                    output=Path(tmp) / f"{spec.name}.{precision}{FORMATS[fmt].suffix}",
+                    image_size=size,
+                    precision=precision,
+                )
+                label = f"{fmt} fused" + ("" if precision == "fp32" else f" ({precision})")
+                add(label, precision, _run(_runner(artifact), x, per_sample=True))
     return report
 
 

@@ -141,7 +141,7 @@ def test_info_json():
     assert data["macs"] > 0
     assert data["input_size"] == [256, 256]
     assert "onnx" in data["formats"]
-    assert data["formats"]["onnx"] == "fp32"
+    assert data["formats"]["onnx"] == "fp32, fp16, int8"
     assert data["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert {w["tag"] for w in data["weights"]} >= {"in1k", "in1k_reparam"}
 
@@ -155,7 +155,7 @@ def test_info_at_a_smaller_size_counts_fewer_macs():
 
 def test_info_table():
     result = ok("info", "fastvit_t8")
-    for text in ("fastvit / classification", "4,026,232", "3,996,040", "onnx (fp32)"):
+    for text in ("fastvit / classification", "4,026,232", "3,996,040", "onnx (fp32, fp16, int8)"):
         assert text in result.stdout
 
 
@@ -572,7 +572,7 @@ def test_declared_but_unimplemented_format():
 
 
 def test_unsupported_precision():
-    assert_user_error(mvd("export", "fastvit_t8", "--precision", "fp16"), "fp16", "fp32")
+    assert_user_error(mvd("export", "fastvit_t8", "--precision", "fp8"), "fp8", "fp32, fp16, int8")
 
 
 def test_unknown_runtime():

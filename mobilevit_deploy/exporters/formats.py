@@ -30,7 +30,9 @@ class FormatInfo:
 ONNX_OPSETS = range(13, 21)
 
 FORMATS: dict[str, FormatInfo] = {
-    "onnx": FormatInfo("onnx", ".onnx", ("fp32",), ("onnx", "onnxruntime"), None, True),
+    "onnx": FormatInfo(
+        "onnx", ".onnx", ("fp32", "fp16", "int8"), ("onnx", "onnxruntime"), None, True
+    ),
     "coreml": FormatInfo(
         "coreml", ".mlpackage", ("fp16", "fp32"), ("coremltools",), "coreml", False
     ),

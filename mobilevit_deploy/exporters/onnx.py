@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import VerificationFailed
 from ..files import atomic_path, write_json_atomic
 from ..runtimes.onnxruntime import OrtRunner
+from .onnx_precision import to_fp16, to_int8
 
 DEFAULT_OPSET = 17
 SIMPLIFY_TOLERANCE = 1e-5
@@ -74,8 +75,14 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
     simplify: bool = True,
+    precision: str = "fp32",
+    calibration: np.ndarray | None = None,
 ) -> Path:
-    """Write `model` to `output` (+ `output`.json); returns the path."""
+    """Write `model` to `output` (+ `output`.json); returns the path.
+
+    fp16 and int8 are derived from the checked fp32 graph (onnx_precision.py); int8
+    needs `calibration` images.
+    """
     model = model.eval()
     with atomic_path(output) as tmp:
         _torch_export(model, torch.from_numpy(example), tmp, opset, dynamic_batch)
@@ -83,6 +90,10 @@ def export_onnx(
         onnx.checker.check_model(graph, full_check=True)
         if simplify:
             graph = _simplify(tmp, graph, example)
+        if precision == "fp16":
+            graph = to_fp16(graph)
+        elif precision == "int8":
+            graph = to_int8(graph, calibration if calibration is not None else example)
         del graph.metadata_props[:]
         for key, value in sorted(metadata.items()):
             entry = graph.metadata_props.add()

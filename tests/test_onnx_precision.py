@@ -1,0 +1,85 @@
+"""ONNX at fp16 and int8: what the files contain and how close they stay, under stress."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import stressed, test_inputs
+from onnx import TensorProto
+
+from mobilevit_deploy import api
+from mobilevit_deploy.errors import BadInput
+from mobilevit_deploy.metrics import compare
+from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
+from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
+from mobilevit_deploy.verify import verify
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def model_and_reference():
+    model = stressed("fastvit_t8", SIZE)
+    x = test_inputs("fastvit_t8", SIZE, count=4, seed=5)
+    return model, x, TorchRunner(model, torch.float64)(x)
+
+
+def run(path, x):
+    runner = OrtRunner(path)
+    return np.concatenate([runner(x[i : i + 1]) for i in range(len(x))])
+
+
+def test_fp16_keeps_float32_io_and_sensitive_ops(model_and_reference, tmp_path):
+    model, x, ref = model_and_reference
+    art = api.export(
+        "fastvit_t8", model=model, output=tmp_path / "h.onnx", image_size=SIZE, precision="fp16"
+    )
+    graph = onnx.load(str(art.path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    kinds = {t.data_type for t in graph.initializer if len(t.dims) == 4}
+    assert kinds == {TensorProto.FLOAT16}, "conv weights must be stored as fp16"
+    metrics = compare(ref, run(art.path, x))
+    assert metrics["psnr_db"] > 60 and metrics["top1"] == 1.0, metrics
+    assert art.metadata["precision"] == "fp16"
+
+
+def test_int8_is_static_qdq_with_per_channel_weights(model_and_reference, tmp_path):
+    model, x, ref = model_and_reference
+    art = api.export(
+        "fastvit_t8",
+        model=model,
+        output=tmp_path / "q.onnx",
+        image_size=SIZE,
+        precision="int8",
+        calibration_images=8,
+    )
+    graph = onnx.load(str(art.path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    assert not {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} & set(ops)
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    per_channel = [
+        n
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and scales.get(n.input[1], np.zeros(())).ndim == 1
+    ]
+    assert len(per_channel) > 10
+    metrics = compare(ref, run(art.path, x))
+    assert metrics["psnr_db"] > 18, metrics
+
+
+def test_verify_judges_reduced_precisions_by_psnr_and_agreement():
+    report = verify("fastvit_t8", image_size=SIZE, num_images=2, precisions=("fp16", "int8"))
+    pairs = {p.candidate: p for p in report.pairs}
+    assert report.passed, [(p.candidate, p.bound, p.metrics["psnr_db"]) for p in report.pairs]
+    assert pairs["onnx fused (fp16)"].bound == ">=40dB, agree>=0.9"
+    assert pairs["onnx fused (int8)"].metrics["max_rel"] > 1e-3  # not judged by max error
+
+
+def test_bad_precision_requests(tmp_path):
+    with pytest.raises(BadInput, match="not fp8"):
+        verify("fastvit_t8", precisions=("fp8",))
+    with pytest.raises(BadInput, match="calibration images"):
+        api.export("fastvit_t8", output=tmp_path / "x.onnx", precision="int8", calibration_images=0)
+    assert list(tmp_path.iterdir()) == []
