@@ -160,7 +160,11 @@ def main() -> int:
     text = results_markdown(reports, summaries, args.min_time)
     (args.out / "RESULTS.md").write_text(text)
     (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
-    plot_zoo(summaries, args.out / "zoo_latency.png")
+    labelled = [  # a segmenter appears at two sizes: say which point is which
+        {**s, "name": s["name"] + (f" @{s['input']}" if s["task"] == "segmentation" else "")}
+        for s in summaries
+    ]
+    plot_zoo(labelled, args.out / "zoo_latency.png")
     print(text)
     return 0
 
