@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-zoo clean
+.PHONY: demo test test-fast lint bench-zoo matrix clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-fast: $(STAMP)
 
 bench-zoo: $(STAMP)
 	$(BIN)/python benchmarks/run_zoo.py
+
+# Every model x format x precision, verified; writes benchmarks/MATRIX.md. Not in `make test`.
+matrix: $(STAMP)
+	$(BIN)/python benchmarks/run_matrix.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

@@ -83,3 +83,20 @@ def test_bad_precision_requests(tmp_path):
     with pytest.raises(BadInput, match="calibration images"):
         api.export("fastvit_t8", output=tmp_path / "x.onnx", precision="int8", calibration_images=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_of_a_graph_whose_scalars_feed_both_precisions(tmp_path):
+    """SeaFormer's ReLU6 bounds are shared scalars, some next to kept-fp32 ops: the
+    converter typed them once and onnxruntime refused the file (Clip bound to float16
+    and float)."""
+    model = stressed("seaformer_seg_tiny_ade20k", 128)
+    x = test_inputs("seaformer_seg_tiny_ade20k", 128, count=1)
+    art = api.export(
+        "seaformer_seg_tiny_ade20k",
+        model=model,
+        output=tmp_path / "s.onnx",
+        image_size=128,
+        precision="fp16",
+    )
+    metrics = compare(TorchRunner(model, torch.float64)(x), run(art.path, x), "segmentation")
+    assert metrics["psnr_db"] > 50 and metrics["pixel_agreement"] > 0.95, metrics

@@ -15,6 +15,8 @@ does not implement.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -39,11 +41,35 @@ FP16_KEEP_FP32 = (
 )
 
 
+def _unshare_small_constants(model: onnx.ModelProto) -> None:
+    """Give every user of a small shared initializer its own copy, in place.
+
+    onnxslim merges equal constants, so one scalar may feed a Clip next to a kept-fp32
+    op and another in the fp16 part; the converter can give a tensor only one type,
+    and onnxruntime then refuses the graph (SeaFormer's ReLU6 bounds did this).
+    """
+    small = {t.name: t for t in model.graph.initializer if len(t.dims) <= 1}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name not in small:
+                continue
+            uses[name] = uses.get(name, 0) + 1
+            if uses[name] == 1:
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(small[name])
+            copy.name = f"{name}__use{uses[name]}"
+            model.graph.initializer.append(copy)
+            node.input[i] = copy.name
+
+
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float16 copy of `model` with float32 input and output."""
     from onnxconverter_common import float16
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    _unshare_small_constants(model)
     # Stale float32 value_info (onnxslim writes it) makes the converter type the casts
     # it inserts around kept-fp32 ops wrongly; it re-infers shapes itself.
     del model.graph.value_info[:]
@@ -92,14 +118,16 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
         # Shape inference and graph cleanup first, as onnxruntime recommends: without
         # shapes, some ops keep float paths between quantized neighbours.
         quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            _Calibration(model.graph.input[0].name, calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.Percentile,
-        )
+        # The calibrator prints its progress; stdout belongs to `--json -`.
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(prepared),
+                str(quantized),
+                _Calibration(model.graph.input[0].name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.Percentile,
+            )
         return onnx.load(str(quantized))
