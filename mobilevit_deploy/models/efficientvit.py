@@ -298,11 +298,15 @@ class EfficientViTBackbone(nn.Module):
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.input_stem(x)
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        """Every stage's output, stage 0 (the stem) first: the segmentation head's inputs."""
+        outs = [self.input_stem(x)]
         for stage in self.stages:
-            x = stage(x)
-        return x
+            outs.append(stage(outs[-1]))
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_stages(x)[-1]
 
 
 class EfficientViTLargeBackbone(nn.Module):
@@ -336,10 +340,15 @@ class EfficientViTLargeBackbone(nn.Module):
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        outs = []
         for stage in self.stages:
             x = stage(x)
-        return x
+            outs.append(x)
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_stages(x)[-1]
 
 
 class ClsHead(OpSequential):
@@ -365,7 +374,7 @@ class EfficientViTCls(nn.Module):
 
 
 # variant: (series, widths, depths, attention dim, head in, head widths)
-_CONFIGS = {
+CONFIGS = {
     "b0": ("b", [8, 16, 32, 64, 128], [1, 2, 2, 2, 2], 16, (1024, 1280)),
     "b1": ("b", [16, 32, 64, 128, 256], [1, 2, 3, 3, 4], 16, (1536, 1600)),
     "b2": ("b", [24, 48, 96, 192, 384], [1, 3, 4, 4, 6], 32, (2304, 2560)),
@@ -385,7 +394,7 @@ def set_norm_eps(model: nn.Module, eps: float) -> None:
 
 
 def build_efficientvit(variant: str, num_classes: int = 1000) -> EfficientViTCls:
-    series, widths, depths, dim, head = _CONFIGS[variant]
+    series, widths, depths, dim, head = CONFIGS[variant]
     if series == "b":
         backbone: nn.Module = EfficientViTBackbone(widths, depths, dim)
         model = EfficientViTCls(backbone, ClsHead(widths[-1], head, "hswish", num_classes))
@@ -406,7 +415,7 @@ _RESOLUTIONS = {
     "l3": "224-384",
 }
 
-for _variant in _CONFIGS:
+for _variant in CONFIGS:
     register(
         ModelSpec(
             name=f"efficientvit_{_variant}",
@@ -421,3 +430,6 @@ for _variant in _CONFIGS:
             ),
         )
     )
+
+# The segmenters register with the family (a module of their own: the head and configs).
+from . import efficientvit_seg  # noqa: E402, F401
