@@ -128,11 +128,14 @@ def export(
     simplify: bool = True,
     precision: str = "fp32",
     calibration_images: int = 32,
+    upsample: str | None = None,
 ) -> Artifact:
     """Export `name` (or an already loaded `model` of that name) to one file.
 
     int8 calibrates on `calibration_images` natural-looking images, drawn with a
     seed apart from the ones verify and bench use, so those are never calibrated on.
+    `upsample` ("bicubic" or "bilinear") picks a segmenter's resize mode, for runtimes
+    without bicubic resize; the metadata records it.
     """
     spec = get_spec(name)
     size = check_image_size(spec, image_size)
@@ -153,8 +156,12 @@ def export(
         )
     out = Path(output) if output else Path(f"{spec.name}{fmt.suffix}")
     check_output_file(out)
+    if upsample is not None and upsample not in ("bicubic", "bilinear"):
+        raise BadInput(f"--upsample takes bicubic or bilinear, not {upsample!r}")
     if model is None:
         model = load_model(name, weights, pretrained=pretrained)
+    if upsample is not None and not callable(getattr(model, "set_upsample", None)):
+        raise BadInput(f"{spec.name} has no upsampling to choose (--upsample is for segmenters)")
     provenance = getattr(model, "mvd_provenance", None)
     deployable = reparameterize(model, image_size=size) if reparam else model.eval()
     meta = artifact_metadata(
@@ -166,6 +173,9 @@ def export(
         precision=precision,
         fmt=format,
     )
+    if upsample is not None:
+        deployable.set_upsample(upsample)  # a copy (reparameterize) or the eval model
+        meta["upsample"] = upsample
     from .exporters.onnx import export_onnx
 
     export_onnx(

@@ -182,6 +182,10 @@ def export(
     calibration_images: Annotated[
         int, typer.Option(help="Natural-looking images int8 calibrates on.")
     ] = 32,
+    upsample: Annotated[
+        str | None,
+        typer.Option(help="Segmenters: bicubic (official) or bilinear (runtimes without it)."),
+    ] = None,
     no_reparam: Annotated[bool, typer.Option("--no-reparam", help="Export unfused.")] = False,
     simplify: Annotated[bool, typer.Option(help="Run onnxslim, then re-verify.")] = True,
     as_json: JsonFlag = False,
@@ -204,6 +208,7 @@ def export(
             simplify=simplify,
             precision=precision,
             calibration_images=calibration_images,
+            upsample=upsample,
         )
     size = artifact.path.stat().st_size / 2**20
     if as_json:

@@ -90,3 +90,22 @@ def test_verify_passes_with_argmax_agreement():
     report = verify("efficientvit_seg_b1_ade20k", image_size=128, num_images=1)
     assert report.passed, [(p.candidate, p.metrics) for p in report.pairs]
     assert all(p.metrics["pixel_agreement"] == 1.0 for p in report.pairs)
+
+
+def test_export_with_bilinear_upsampling(tmp_path):
+    from typer.testing import CliRunner
+
+    from mobilevit_deploy.cli import app
+
+    out = tmp_path / "b0.onnx"
+    args = ["export", "efficientvit_seg_b0_cityscapes", "--image-size", "128x256"]
+    result = CliRunner().invoke(app, [*args, "--upsample", "bilinear", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(out)).graph
+    modes = {
+        a.s for n in graph.node if n.op_type == "Resize" for a in n.attribute if a.name == "mode"
+    }
+    assert modes == {b"linear"}
+    assert {p.key: p.value for p in onnx.load(str(out)).metadata_props}["upsample"] == "bilinear"
+    refused = CliRunner().invoke(app, ["export", "fastvit_t8", "--upsample", "bilinear"])
+    assert refused.exit_code == 2 and "segmenters" in refused.stderr
