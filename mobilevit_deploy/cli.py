@@ -80,7 +80,7 @@ def _weight_tags(tags: list[str]) -> str:
     """'in1k, dist_in1k (+ _reparam)': one line per model even with many files."""
     base = sorted({t.removesuffix("_reparam") for t in tags})
     fused = " (+ _reparam)" if any(t.endswith("_reparam") for t in tags) else ""
-    return ", ".join(base) + fused if base else "none"
+    return ", ".join(base) + fused if base else "--weights PATH"
 
 
 @app.command("list")
@@ -96,12 +96,17 @@ def list_cmd(
     if as_json:
         return _print_json(rows)
     table = Table(title="mobilevit_deploy zoo")
-    for col in ("model", "family", "task", "input", "params (train)", "published weights"):
-        table.add_column(col, justify="right" if col.startswith("params") else "left")
+    # The family is the name's prefix (and `--family` filters by it): no column for it.
+    for col in ("model", "task", "input", "params (train)", "weights"):
+        # Only the weights column may wrap: a cut model name cannot be copied.
+        table.add_column(
+            col,
+            justify="right" if col.startswith("params") else "left",
+            no_wrap=col != "weights",
+        )
     for r in rows:
         table.add_row(
             r["name"],
-            r["family"],
             r["task"],
             _hw(r["input_size"]),
             _fmt_int(r["params"]),
@@ -136,7 +141,9 @@ def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) ->
     )
     table.add_row("formats", ", ".join(f"{k} ({v})" for k, v in data["formats"].items()))
     table.add_row(
-        "weights", "\n".join(f"{w['tag']}: {w['url']}" for w in data["weights"]) or "none"
+        "weights",
+        "\n".join(f"{w['tag']}: {w['url']}" for w in data["weights"])
+        or "no download URL; load files with --weights",
     )
     out.print(table)
 
