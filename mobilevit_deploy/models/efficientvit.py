@@ -422,7 +422,7 @@ for _variant in CONFIGS:
             family="efficientvit",
             builder=partial(build_efficientvit, _variant),
             input_size=224,
-            preprocessing=Preprocessing(crop_pct=0.95, interpolation="bicubic"),
+            preprocessing=Preprocessing(crop_pct=1.0, interpolation="bicubic"),  # timm cfg
             description=(
                 f"EfficientViT-{_variant.upper()} (MIT Han Lab, ICCV 2023), ImageNet-1k; "
                 f"official checkpoints (mit-han-lab README; load with --weights) at "
