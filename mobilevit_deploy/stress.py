@@ -3,7 +3,7 @@
 A fresh model hides fusion bugs: layer scales start at 1e-5 and BatchNorm statistics
 at 0/1, so a wrong fold still matches. Order matters (DESIGN.md):
 1. draw every BN affine and layer scale near 1 in magnitude, every bias non-zero,
-   every attention-bias table;
+   every attention-bias table and learned window token;
 2. only then calibrate BN running statistics with train-mode forwards over inputs
    (calibrating first lets activations explode once the branches switch on);
 3. perturb the statistics, so a fold that ignores them (or uses the wrong eps) fails.
@@ -50,7 +50,7 @@ def apply_stress_weights(model: nn.Module, calibration: torch.Tensor, seed: int 
             p.copy_(_draw_magnitude(p.shape, gen))
         elif name.endswith("bias"):
             p.copy_(0.1 * torch.randn(p.shape, generator=gen) + 0.02)
-        elif "attention_bias" in name:
+        elif "attention_bias" in name or name.endswith("win_tokens"):
             p.copy_(torch.randn(p.shape, generator=gen))
     norms = [m for m in model.modules() if isinstance(m, _BN)]
     closing = [bn for bn in norms if bn.weight is not None and not bn.weight.any()]

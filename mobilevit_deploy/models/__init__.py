@@ -1,5 +1,5 @@
 """One module per family; importing them registers their specs."""
 
-from . import efficientvit, fastvit, levit, seaformer
+from . import efficientvit, fastvit, levit, seaformer, sepvit
 
-__all__ = ["efficientvit", "fastvit", "levit", "seaformer"]
+__all__ = ["efficientvit", "fastvit", "levit", "seaformer", "sepvit"]
