@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mobilevit_deploy.machine import machine_stamp, stamp_line
-from mobilevit_deploy.registry import get_spec
+from mobilevit_deploy.registry import get_spec, list_models
 from mobilevit_deploy.report import markdown_table
 
 HERE = Path(__file__).parent
@@ -67,7 +67,8 @@ def main() -> int:
     parser.add_argument("--formats", default="onnx")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
-    jobs = [(m, s) for m, s in BIG if not args.models or m in args.models]
+    known = {s.name for s in list_models()}
+    jobs = [(m, s) for m, s in BIG if (not args.models or m in args.models) and m in known]
     rows = []
     for name, size in jobs:
         for fmt in args.formats.split(","):

@@ -1,3 +1,8 @@
+import functools
+import http.server
+import threading
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -31,3 +36,31 @@ test_inputs.__test__ = False  # a helper, not a test
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """No test may touch the user's download cache."""
     monkeypatch.setenv("MVD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a directory and records each requested path, to prove a cache was hit."""
+
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self):
+        self.hits.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *_args):
+        pass
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """(directory, base URL) of an HTTP server on 127.0.0.1: the only 'model hub' here."""
+    root = tmp_path / "www"
+    root.mkdir()
+    CountingHandler.hits = []
+    handler = functools.partial(CountingHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

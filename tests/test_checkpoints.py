@@ -7,19 +7,15 @@ just keys), under stress weights so a misplaced tensor cannot go unnoticed.
 
 import argparse
 import dataclasses
-import functools
 import hashlib
-import http.server
 import os
-import threading
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from checkpoint_layouts import apple_checkpoint, to_apple
-from conftest import stressed, test_inputs
+from conftest import CountingHandler, stressed, test_inputs
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -219,31 +215,6 @@ def test_corrupt_files_are_one_line_errors_with_exit_2(tmp_path, name):
     assert not (tmp_path / "m.onnx").exists()
 
 
-class _CountingHandler(http.server.SimpleHTTPRequestHandler):
-    hits: ClassVar[list[str]] = []
-
-    def do_GET(self):
-        self.hits.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *_args):
-        pass
-
-
-@pytest.fixture
-def weights_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    _CountingHandler.hits = []
-    handler = functools.partial(_CountingHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def _publish(monkeypatch, url: str, sha256: str) -> None:
     spec = registry.get_spec(NAME)
     source = registry.WeightSource("in1k", url, sha256)
@@ -260,7 +231,7 @@ def test_pretrained_downloads_once_into_the_cache(source, tmp_path, monkeypatch,
     _publish(monkeypatch, f"{base}/fastvit_t8.pth.tar", sha)
     first = load_model(NAME, pretrained="in1k", progress=False)
     second = load_model(NAME, pretrained=True, progress=False)
-    assert _CountingHandler.hits == ["/fastvit_t8.pth.tar"]
+    assert CountingHandler.hits == ["/fastvit_t8.pth.tar"]
     for loaded in (first, second):
         assert same_outputs(loaded, x, expected) < 1e-6
         assert loaded.mvd_provenance.sha256 == sha
