@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BadInput
 from .exporters import Artifact
-from .exporters.formats import FORMATS, ONNX_OPSETS
+from .exporters.formats import ONNX_OPSETS, check_format
 from .exporters.metadata import artifact_metadata
 from .files import check_output_file
 from .images import natural_images, to_model_input
@@ -112,6 +112,48 @@ def example_input(
     return to_model_input(natural_images(batch, image_size, seed), spec)
 
 
+MIN_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15")
+COMPRESSIONS = ("palettize8", "int8")
+INT8_MODES = ("static", "dynamic")
+FORMAT_OPTIONS = {
+    "onnx": {"opset", "dynamic_batch", "simplify"},
+    "coreml": {"image_input", "min_target", "compress", "labels"},
+    "tflite": {"nhwc", "int8_mode"},
+}
+OPTION_DEFAULTS = {
+    "opset": 17,
+    "dynamic_batch": False,
+    "simplify": True,
+    "image_input": False,
+    "min_target": "iOS16",
+    "compress": None,
+    "labels": None,
+    "nhwc": False,
+    "int8_mode": "static",
+}
+
+
+def _check_options(format: str, options: dict) -> None:
+    """An option of another format is a mistake the user should hear about."""
+    for key, value in options.items():
+        if key not in OPTION_DEFAULTS:
+            raise TypeError(f"export() got an unexpected keyword argument {key!r}")
+        if value != OPTION_DEFAULTS[key] and key not in FORMAT_OPTIONS[format]:
+            owner = next(f for f, keys in FORMAT_OPTIONS.items() if key in keys)
+            flag = "--" + key.replace("_", "-")
+            raise BadInput(f"{flag} applies to --format {owner}, not {format}")
+    choices = {"min_target": MIN_TARGETS, "compress": COMPRESSIONS, "int8_mode": INT8_MODES}
+    for key, allowed in choices.items():
+        if options.get(key) is not None and options[key] not in allowed:
+            flag = "--" + key.replace("_", "-")
+            raise BadInput(f"{flag} {options[key]!r}: choose from {', '.join(allowed)}")
+    if format == "onnx" and options.get("opset", 17) not in ONNX_OPSETS:
+        raise BadInput(
+            f"ONNX opset {options['opset']} is not supported; "
+            f"choose {ONNX_OPSETS[0]} to {ONNX_OPSETS[-1]}"
+        )
+
+
 def export(
     name: str,
     format: str = "onnx",
@@ -122,40 +164,36 @@ def export(
     output: str | Path | None = None,
     image_size: ImageSize = None,
     batch: int = 1,
-    dynamic_batch: bool = False,
-    opset: int = 17,
     reparam: bool = True,
-    simplify: bool = True,
-    precision: str = "fp32",
+    precision: str | None = None,
     calibration_images: int = 32,
     upsample: str | None = None,
+    **options,
 ) -> Artifact:
-    """Export `name` (or an already loaded `model` of that name) to one file.
+    """Export `name` (or an already loaded `model` of that name) to one artifact.
 
-    int8 calibrates on `calibration_images` natural-looking images, drawn with a
-    seed apart from the ones verify and bench use, so those are never calibrated on.
+    `precision` defaults to the format's own (CoreML: fp16, as on device; others:
+    fp32). int8 calibrates on `calibration_images` natural-looking images, drawn with
+    a seed apart from the ones verify and bench use, so those are never calibrated on.
     `upsample` ("bicubic" or "bilinear") picks a segmenter's resize mode, for runtimes
-    without bicubic resize; the metadata records it.
+    without bicubic resize; the metadata records it. `options` are the format's own:
+    onnx: opset, dynamic_batch, simplify; coreml: image_input, min_target, compress,
+    labels; tflite: nhwc, int8_mode ("static" full-integer or "dynamic" range).
     """
     spec = get_spec(name)
     size = check_image_size(spec, image_size)
-    fmt = FORMATS.get(format)
-    if fmt is None:
-        raise BadInput(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
-    if not fmt.implemented:
-        raise BadInput(f"{format} export is not available in this version; use --format onnx")
-    if precision not in fmt.precisions:
-        raise BadInput(f"{format} supports precisions {', '.join(fmt.precisions)}, not {precision}")
+    fmt = check_format(format, precision)
+    precision = precision or fmt.default_precision
+    _check_options(format, options)
+    options = {
+        k: options.get(k, v) for k, v in OPTION_DEFAULTS.items() if k in FORMAT_OPTIONS[format]
+    }
     if batch < 1:
         raise BadInput(f"batch must be at least 1, got {batch}")
     if precision == "int8" and calibration_images < 1:
         raise BadInput(f"int8 needs calibration images, got {calibration_images}")
-    if format == "onnx" and opset not in ONNX_OPSETS:
-        raise BadInput(
-            f"ONNX opset {opset} is not supported; choose {ONNX_OPSETS[0]} to {ONNX_OPSETS[-1]}"
-        )
     out = Path(output) if output else Path(f"{spec.name}{fmt.suffix}")
-    check_output_file(out)
+    check_output_file(out, package=format == "coreml")
     if upsample is not None and upsample not in ("bicubic", "bilinear"):
         raise BadInput(f"--upsample takes bicubic or bilinear, not {upsample!r}")
     if model is None:
@@ -168,27 +206,41 @@ def export(
         spec,
         provenance=provenance,
         image_size=size,
-        batch="batch" if dynamic_batch else batch,
+        batch="batch" if options.get("dynamic_batch") else batch,
         reparameterized=reparam,
         precision=precision,
         fmt=format,
+        extra_tools=fmt.dists,
     )
+    if upsample is None and not fmt.has_bicubic and callable(getattr(model, "set_upsample", None)):
+        upsample = "bilinear"
+        meta["upsample_note"] = (
+            f"{format} has no bicubic resize, so this segmenter upsamples bilinear; "
+            "`mvd verify` reports what that costs against the bicubic original"
+        )
     if upsample is not None:
         deployable.set_upsample(upsample)  # a copy (reparameterize) or the eval model
         meta["upsample"] = upsample
-    from .exporters.onnx import export_onnx
-
-    export_onnx(
-        deployable,
-        out,
-        example_input(spec, size, batch),
-        meta,
-        opset=opset,
-        dynamic_batch=dynamic_batch,
-        simplify=simplify,
-        precision=precision,
-        calibration=example_input(spec, size, calibration_images, seed=CALIBRATION_SEED)
+    example = example_input(spec, size, batch)
+    calibration = (
+        example_input(spec, size, calibration_images, seed=CALIBRATION_SEED)
         if precision == "int8"
-        else None,
+        else None
     )
+    if format == "onnx":
+        from .exporters.onnx import export_onnx
+
+        export_onnx(
+            deployable, out, example, meta, precision=precision, calibration=calibration, **options
+        )
+    elif format == "coreml":
+        from .exporters.coreml import export_coreml
+
+        export_coreml(deployable, out, example, meta, spec=spec, precision=precision, **options)
+    else:
+        from .exporters.tflite import export_tflite
+
+        export_tflite(
+            deployable, out, example, meta, precision=precision, calibration=calibration, **options
+        )
     return Artifact(out, format, precision, meta)

@@ -56,7 +56,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MvdError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
@@ -177,7 +177,7 @@ def reparam(
 @handle_errors
 def export(
     model: str,
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx")] = "onnx",
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx, coreml or tflite.")] = "onnx",
     output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
     weights: Weights = None,
     pretrained: Pretrained = None,
@@ -185,7 +185,10 @@ def export(
     batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
     dynamic_batch: Annotated[bool, typer.Option(help="Leave the batch dimension free.")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    precision: Annotated[str, typer.Option(help="fp32, fp16 or int8 (static QDQ).")] = "fp32",
+    precision: Annotated[
+        str | None,
+        typer.Option(help="fp32, fp16 or int8; default fp16 for coreml (as on device), else fp32."),
+    ] = None,
     calibration_images: Annotated[
         int, typer.Option(help="Natural-looking images int8 calibrates on.")
     ] = 32,
@@ -194,7 +197,21 @@ def export(
         typer.Option(help="Segmenters: bicubic (official) or bilinear (runtimes without it)."),
     ] = None,
     no_reparam: Annotated[bool, typer.Option("--no-reparam", help="Export unfused.")] = False,
-    simplify: Annotated[bool, typer.Option(help="Run onnxslim, then re-verify.")] = True,
+    simplify: Annotated[bool, typer.Option(help="ONNX: run onnxslim, then re-verify.")] = True,
+    image_input: Annotated[
+        bool, typer.Option(help="CoreML: an image input, preprocessing inside the model.")
+    ] = False,
+    min_target: Annotated[str, typer.Option(help="CoreML: deployment target.")] = "iOS16",
+    compress: Annotated[
+        str | None, typer.Option(help="CoreML: weight compression, palettize8 or int8.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="CoreML classifiers: a labels file, one per line.")
+    ] = None,
+    nhwc: Annotated[bool, typer.Option(help="TFLite: channels-last input and output.")] = False,
+    int8_mode: Annotated[
+        str, typer.Option(help="TFLite int8: static (full integer) or dynamic (range).")
+    ] = "static",
     as_json: JsonFlag = False,
 ) -> None:
     """Export to a deployable file with its metadata (embedded and a sidecar JSON)."""
@@ -209,15 +226,25 @@ def export(
             output=output,
             image_size=image_size,
             batch=batch,
-            dynamic_batch=dynamic_batch,
-            opset=opset,
             reparam=not no_reparam,
-            simplify=simplify,
             precision=precision,
             calibration_images=calibration_images,
             upsample=upsample,
+            **_changed_options(
+                dynamic_batch=dynamic_batch,
+                opset=opset,
+                simplify=simplify,
+                image_input=image_input,
+                min_target=min_target,
+                compress=compress,
+                labels=labels,
+                nhwc=nhwc,
+                int8_mode=int8_mode,
+            ),
         )
-    size = artifact.path.stat().st_size / 2**20
+    if "upsample_note" in artifact.metadata:
+        err.print(f"[yellow]note:[/] {escape(artifact.metadata['upsample_note'])}")
+    size = artifact_size(artifact.path) / 2**20
     if as_json:
         return _print_json(
             {
@@ -233,11 +260,29 @@ def export(
     )
 
 
+def _changed_options(**options) -> dict:
+    """Only the format options a user set: api.export refuses another format's option."""
+    from .api import OPTION_DEFAULTS
+
+    return {k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]}
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a package directory (.mlpackage)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")]
 MarkdownPath = Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown table.")]
 Formats = Annotated[str, typer.Option(help="Comma-separated formats to export and check.")]
 Precisions = Annotated[
-    str, typer.Option(help="Comma-separated precisions of each format: fp32, fp16, int8.")
+    str,
+    typer.Option(
+        help="Comma-separated precisions of each format: fp32, fp16, int8 "
+        "(default: the format's own, fp16 for coreml, else fp32)."
+    ),
 ]
 NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
@@ -252,7 +297,7 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def _run_verify(
-    model, formats, weights, pretrained, image_size, num_images, images=None, precisions="fp32"
+    model, formats, weights, pretrained, image_size, num_images, images=None, precisions=""
 ):
     from . import verify as verify_mod
 
@@ -263,7 +308,7 @@ def _run_verify(
             weights=weights,
             pretrained=_pretrained(pretrained),
             formats=fmts,
-            precisions=_split(precisions),
+            precisions=_split(precisions) or None,
             image_size=image_size,
             num_images=num_images,
             images_dir=images,
@@ -297,7 +342,7 @@ def _run_bench(
 def verify(
     model: str,
     formats: Formats = "onnx",
-    precisions: Precisions = "fp32",
+    precisions: Precisions = "",
     weights: Weights = None,
     pretrained: Pretrained = None,
     image_size: ImageSize = None,
@@ -361,6 +406,8 @@ def _render_verify(report) -> None:
         soft_wrap=True,
     )
     out.print(table)
+    for note in report.notes:
+        out.print(f"note: {escape(note)}", soft_wrap=True)
     for problem in report.problems:
         out.print(f"[bold red]FAIL[/] {escape(problem)}")
     out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +33,19 @@ def ensure_writable_dir(directory: Path) -> Path:
     return directory
 
 
-def check_output_file(path: Path | None) -> None:
+def check_output_file(path: Path | None, package: bool = False) -> None:
     """Fail before minutes of work, not after, when `path` cannot be written.
 
-    None and "-" (stdout) pass. Creates the missing parent directories.
+    None and "-" (stdout) pass. Creates the missing parent directories. A `package`
+    (an .mlpackage is a directory) may replace an existing package, nothing else.
     """
     if path is None or str(path) == "-":
         return
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not (package and (path / "Manifest.json").is_file()):
         raise BadInput(f"{path} is a directory; give a file name")
+    if package and path.is_file():
+        raise BadInput(f"{path} exists and is a file; a package is a directory")
     ensure_writable_dir(path.parent)
 
 
@@ -52,6 +56,16 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def _disk_full_is_bad_input(final: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise BadInput(f"no space left on the device writing {final}") from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it to `final` on success only."""
     ensure_writable_dir(final.parent)
@@ -59,18 +73,31 @@ def atomic_path(final: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        try:
+        with _disk_full_is_bad_input(final):
             yield tmp
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise BadInput(f"no space left on the device writing {final}") from None
-            raise
         if tmp.is_file():  # mkstemp makes 0600 files; artifacts get the usual umask mode
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """atomic_path for a directory artifact (.mlpackage): build it under a temporary
+    name beside `final`; on success swap it in, so readers never see half a package."""
+    ensure_writable_dir(final.parent)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp, old = work / final.name, work / f"old{final.suffix}"
+    try:
+        with _disk_full_is_bad_input(final):
+            yield tmp
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: object) -> Path:

@@ -26,11 +26,13 @@ import torch
 
 from . import api
 from .errors import BadInput
-from .exporters.formats import FORMATS
+from .exporters.formats import FORMATS, check_format
 from .images import natural_images, random_normal_inputs, to_model_input
 from .metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION, compare, judge
 from .registry import get_spec
 from .reparam import reparameterize, training_leftovers
+from .runtimes.coreml import check_package
+from .runtimes.coreml import runs_here as coreml_runs_here
 from .runtimes.torch_runtime import TorchRunner
 from .stress import apply_stress_weights, check_sane_outputs
 from .user_images import load_images
@@ -54,6 +56,7 @@ class VerifyReport:
     inputs: str
     pairs: list[PairResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     reference: str = "torch unfused (fp64)"
     # How far the unfused model's own fp32 run is from the reference (max rel).
     fp32_noise_floor: float = 0.0
@@ -68,19 +71,16 @@ class VerifyReport:
         return data
 
 
-def check_formats(formats: Sequence[str], precisions: Sequence[str] = ("fp32",)) -> None:
+def check_formats(formats: Sequence[str], precisions: Sequence[str] | None = None) -> None:
     """Refuse unknown or unavailable formats before the minutes of work, not after."""
     for fmt in formats:
-        info = FORMATS.get(fmt)
-        if info is None:
-            raise BadInput(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-        if not info.implemented:
-            raise BadInput(f"{fmt} export is not available in this version; use onnx")
-        for precision in precisions:
-            if precision not in info.precisions:
-                raise BadInput(
-                    f"{fmt} supports precisions {', '.join(info.precisions)}, not {precision}"
-                )
+        for precision in precisions or (None,):
+            check_format(fmt, precision)
+
+
+def _precisions_of(fmt: str, precisions: Sequence[str] | None) -> Sequence[str]:
+    """The asked precisions, or the format's own default (CoreML: fp16)."""
+    return precisions or (FORMATS[fmt].default_precision,)
 
 
 def _run(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, per_sample: bool) -> np.ndarray:
@@ -95,7 +95,7 @@ def verify(
     weights: str | Path | None = None,
     pretrained: bool | str = False,
     formats: Sequence[str] = ("onnx",),
-    precisions: Sequence[str] = ("fp32",),
+    precisions: Sequence[str] | None = None,
     image_size: api.ImageSize = None,
     num_images: int = 8,
     seed: int = 0,
@@ -133,8 +133,8 @@ def verify(
     )
     tolerances = {**DEFAULT_TOLERANCES, **spec.tolerances}
 
-    def add(candidate: str, precision: str, output: np.ndarray) -> None:
-        metrics = compare(reference, output, spec.task)
+    def add(candidate: str, precision: str, output: np.ndarray, against=None) -> None:
+        metrics = compare(reference if against is None else against, output, spec.task)
         if precision in REDUCED_PRECISION:  # judged by PSNR; the bound recorded is its floor
             tol = REDUCED_PRECISION[precision]["min_psnr_db"]
         else:
@@ -156,9 +156,22 @@ def verify(
     report.problems += [f"left after reparam: {m}" for m in training_leftovers(fused)]
     progress("running the fused model")
     add("torch fused (fp32)", "fp32", TorchRunner(fused, torch.float32)(x))
+    bilinear = _bilinear_reference(model, formats, x)
+    if bilinear is not None:
+        metrics = compare(reference, bilinear, spec.task)
+        report.pairs.append(
+            PairResult("torch bilinear upsample", "fp64", 0.0, metrics, True, "informational")
+        )
+        report.notes.append(
+            "bilinear upsample: the formats without bicubic resize ("
+            + ", ".join(f for f in formats if not FORMATS[f].has_bicubic)
+            + ") are compared with the unfused model upsampling bilinear; the row "
+            "'torch bilinear upsample' is what the swap costs against the bicubic original"
+        )
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for fmt in formats:
-            for precision in precisions:
+            against = None if FORMATS[fmt].has_bicubic else bilinear
+            for precision in _precisions_of(fmt, precisions):
                 progress(f"exporting and running {fmt} {precision}")
                 artifact = api.export(
                     spec.name,
@@ -169,8 +182,56 @@ def verify(
                     precision=precision,
                 )
                 label = f"{fmt} fused" + ("" if precision == "fp32" else f" ({precision})")
-                add(label, precision, _run(_runner(artifact), x, per_sample=True))
+                if fmt == "coreml" and not coreml_runs_here():
+                    output = _coreml_static_check(artifact, fused, x, report)
+                    label = f"coreml fused ({precision}, estimated)"
+                else:
+                    output = _run(_runner(artifact), x, per_sample=True)
+                    if fmt == "coreml" and spec.task == "classification":  # probabilities
+                        against = _softmax(reference if against is None else against)
+                add(label, precision, output, against)
     return report
+
+
+def _bilinear_reference(model, formats: Sequence[str], x: np.ndarray) -> np.ndarray | None:
+    """The unfused model upsampling bilinear, in float64: the reference for formats
+    without bicubic resize (the export switches them), or None if none is needed."""
+    if all(FORMATS[f].has_bicubic for f in formats) or not hasattr(model, "set_upsample"):
+        return None
+    swapped = copy.deepcopy(model)
+    swapped.set_upsample("bilinear")
+    return TorchRunner(swapped, torch.float64)(x)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _coreml_static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.ndarray:
+    """Where CoreML cannot run: check the package, and estimate its numbers with the
+    fused model in torch at the package's precision (fp16 on every op, as the ANE and
+    GPU compute; the CPU may use fp32 for some, so the estimate is the harsher one)."""
+    dtype = torch.float16 if artifact.precision == "fp16" else torch.float32
+    if "upsample" in artifact.metadata:  # the package's resize mode, not the model's
+        fused = copy.deepcopy(fused)
+        fused.set_upsample(artifact.metadata["upsample"])
+    estimate = TorchRunner(fused, dtype)(x).astype(np.float32)
+    checked = check_package(artifact.path, (1, *estimate.shape[1:]))
+    report.problems += [f"coreml package: {p}" for p in checked["problems"]]
+    checks = (
+        f"the package loads, its input and outputs have the expected names, types and "
+        f"shapes, and its {len(checked['ops'])} op types are all in "
+        f"{artifact.metadata['min_target']}'s op set"
+        if not checked["problems"]
+        else "the package failed its static checks (listed below)"
+    )
+    report.notes.append(
+        f"coreml {artifact.precision}: device numerics were NOT run (coremltools predicts on "
+        f"macOS only); {checks}; the row's numbers are the fused model run in torch "
+        f"{str(dtype).removeprefix('torch.')} on every op"
+    )
+    return estimate
 
 
 def _runner(artifact) -> Callable[[np.ndarray], np.ndarray]:
@@ -178,4 +239,10 @@ def _runner(artifact) -> Callable[[np.ndarray], np.ndarray]:
         from .runtimes.onnxruntime import OrtRunner
 
         return OrtRunner(artifact.path)
-    raise ValueError(f"no runtime for {artifact.format}")
+    if artifact.format == "tflite":
+        from .runtimes.litert import LiteRTRunner
+
+        return LiteRTRunner(artifact.path)
+    from .runtimes.coreml import CoreMLRunner
+
+    return CoreMLRunner(artifact.path)

@@ -5,6 +5,7 @@ that declares one. Every case goes through `read_checkpoint` and, when it reads,
 strict load into the model.
 """
 
+import os
 import struct
 
 import numpy as np
@@ -19,7 +20,9 @@ from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.weights import load_into_spec, read_checkpoint
 
 FUZZ = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=int(os.environ.get("MVD_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 SMALL = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4), "steps": torch.tensor(7)}
 

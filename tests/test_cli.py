@@ -567,8 +567,17 @@ def test_unknown_format():
     )
 
 
-def test_declared_but_unimplemented_format():
-    assert_user_error(mvd("export", "fastvit_t8", "--format", "coreml"), "coreml", "--format onnx")
+def test_a_missing_backend_names_the_extra_and_exits_3(monkeypatch):
+    import dataclasses
+
+    from mobilevit_deploy.exporters import formats
+
+    gone = dataclasses.replace(formats.FORMATS["coreml"], python_modules=("no_such_module_x",))
+    monkeypatch.setitem(formats.FORMATS, "coreml", gone)
+    result = mvd("export", "fastvit_t8", "--format", "coreml")
+    assert result.exit_code == 3, result.output
+    assert "pip install 'mobilevit_deploy[coreml]'" in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_unsupported_precision():

@@ -117,6 +117,26 @@ def test_linear_attention_is_exact_in_fp32_and_finite_in_fp16():
     assert ((ours16.double() - ref).abs().max() / scale).item() < 5e-3
 
 
+@pytest.mark.parametrize(("attend", "hw"), [("linear", (64, 128)), ("quadratic", (4, 4))])
+def test_attention_with_large_activations_stays_finite_in_fp16(attend, hw):
+    """Activations of a few hundred (a stressed segmenter's last stage reaches 390):
+    v k^T q then passed 65504 in fp16 even with k divided by n, so CoreML's all-fp16
+    estimate of efficientvit_seg_b0 came out NaN. Scaling q per token and k per head
+    keeps it finite; fp32 stays the official function to rounding."""
+    gen = torch.Generator().manual_seed(1)
+    qkv = 300 * torch.randn(1, 2 * 3 * 16, *hw, generator=gen, dtype=torch.float64)
+    fn = evit.relu_linear_attention if attend == "linear" else evit.relu_quadratic_attention
+    ref = fn(qkv, 16)
+    scale = ref.abs().max()
+    if attend == "linear":
+        assert ((official_linear_attention(qkv, 16) - ref).abs().max() / scale) < 1e-12
+    ours32 = fn(qkv.float(), 16).double()
+    assert ((ours32 - ref).abs().max() / scale).item() < 1e-5
+    ours16 = fn(qkv.half(), 16)
+    assert torch.isfinite(ours16).all()
+    assert ((ours16.double() - ref).abs().max() / scale).item() < 5e-3
+
+
 def test_official_checkpoint_layout_loads(tmp_path):
     model = stressed("efficientvit_b0", 64)
     state = model.state_dict()

@@ -12,15 +12,20 @@ ConvLayer's BatchNorm into its conv, each with its own eps (1e-5 for B, 1e-7 for
 The head's LayerNorm follows a pooled Linear and stays.
 
 Linear attention in fp16. The official LiteMLA divides by (k-sum . q + 1e-15): in fp16
-1e-15 is zero (0/0 where ReLU zeroes a column) and v @ k^T sums over every token, which
-passes 65504 at segmentation resolutions, so the official code upcasts to fp32.
-Here k is divided by the token count first (a mean instead of a sum: the ratio is
-unchanged) and eps becomes 1e-15 / n, raised to the dtype's smallest normal: in fp32
-that is the official function to rounding, in fp16 it stays finite without upcasting.
+1e-15 is zero (0/0 where ReLU zeroes a column), and v @ k^T @ q multiplies three
+activations summed over every token, which passes 65504 at segmentation resolutions
+or with activations of a few hundred, so the official code upcasts to fp32. Here the
+ratio's invariances keep every product small: q is divided by its own sum per token
+and k by its maximum per head, then by sqrt(n) (scales that cancel between numerator
+and denominator), so every k term stays a normal fp16 number and |v k^T q| <=
+sqrt(n) * max|v|; eps becomes 1e-15 / n, raised to the dtype's smallest normal. In
+fp32 that is the official function to rounding; in fp16 it stays finite without
+upcasting.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -190,14 +195,25 @@ class ResBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
+def _scaled_relu_qk(q: Tensor, k: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """ReLU'd q and k over (B, heads, dim, n), q scaled per token to sum 1 and k per head
+    to max 1/sqrt(n): scales that cancel in the attention ratio (module docstring).
+    Two divisions, never amax * sqrt(n), which itself can pass 65504."""
+    tiny = torch.finfo(q.dtype).tiny
+    q = torch.relu(q)
+    k = torch.relu(k)
+    q = q / (q.sum(dim=2, keepdim=True) + tiny)
+    k = k / (k.amax(dim=(2, 3), keepdim=True) + tiny) * (1.0 / math.sqrt(n))
+    return q, k
+
+
 def relu_linear_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tensor:
-    """ReLU linear attention over (B, heads*3*dim, H, W), as LiteMLA computes it,
-    with the token-mean and dtype-aware eps of the module docstring."""
+    """ReLU linear attention over (B, heads*3*dim, H, W), as LiteMLA computes it, with
+    the scaling and dtype-aware eps of the module docstring."""
     b, _, h, w = qkv.shape
     n = int(h) * int(w)
     qkv = qkv.reshape(b, -1, 3 * dim, n)
-    q = torch.relu(qkv[:, :, :dim])
-    k = torch.relu(qkv[:, :, dim : 2 * dim]) / n
+    q, k = _scaled_relu_qk(qkv[:, :, :dim], qkv[:, :, dim : 2 * dim], n)
     v = nn.functional.pad(qkv[:, :, 2 * dim :], (0, 0, 0, 1), value=1.0)
     out = torch.matmul(torch.matmul(v, k.transpose(-1, -2)), q)
     floor = max(eps / n, torch.finfo(out.dtype).tiny)
@@ -210,11 +226,11 @@ def relu_quadratic_attention(qkv: Tensor, dim: int, eps: float = 1e-15) -> Tenso
     (n x n) attention map, normalised per query. The choice follows the static input
     size, so a traced graph holds one branch and no data-dependent control flow."""
     b, _, h, w = qkv.shape
-    qkv = qkv.reshape(b, -1, 3 * dim, int(h) * int(w))
-    q = torch.relu(qkv[:, :, :dim])
-    k = torch.relu(qkv[:, :, dim : 2 * dim])
+    n = int(h) * int(w)
+    qkv = qkv.reshape(b, -1, 3 * dim, n)
+    q, k = _scaled_relu_qk(qkv[:, :, :dim], qkv[:, :, dim : 2 * dim], n)
     att = torch.matmul(k.transpose(-1, -2), q)
-    floor = max(eps, torch.finfo(att.dtype).tiny)
+    floor = max(eps / n, torch.finfo(att.dtype).tiny)
     att = att / (att.sum(dim=2, keepdim=True) + floor)
     return torch.matmul(qkv[:, :, 2 * dim :], att).reshape(b, -1, h, w)
 

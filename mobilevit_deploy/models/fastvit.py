@@ -95,8 +95,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
-        qkv = self.qkv(tokens).reshape(b, h * w, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        # (b, 3*heads, n, head_dim): rank 4, the most mobile delegates take (timm: rank 5).
+        qkv = self.qkv(tokens).reshape(b, h * w, 3 * self.num_heads, self.head_dim)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=1)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(b, h * w, c)
         return self.proj(out).transpose(1, 2).reshape(b, c, h, w)

@@ -205,7 +205,8 @@ class Subsample(nn.Module):
     """Keep every `stride`-th token of the (H, W) grid: x.view(B,H,W,C)[:, ::s, ::s].
 
     Written as pad + reshape + unit-step slice: the same values, but no strided Slice
-    in the exported graph (which some converters and delegates mishandle). Odd sizes
+    in the exported graph (which some converters and delegates mishandle), and no
+    tensor above rank 3 (CoreML stops at rank 5, mobile delegates at 4). Odd sizes
     are padded at the far end, and the padding never lands on a kept position.
     Named `Downsample` in timm; the name only matters for modules with weights.
     """
@@ -221,7 +222,8 @@ class Subsample(nn.Module):
         x = x.reshape(b, h, w, c)
         if (hs * s, ws * s) != (h, w):
             x = nn.functional.pad(x, (0, 0, 0, ws * s - w, 0, hs * s - h))
-        x = x.reshape(b, hs, s, ws, s, c)[:, :, :1, :, :1]
+        x = x.reshape(b * hs, s, ws * s * c)[:, :1]  # first row of each s-row band
+        x = x.reshape(b * hs * ws, s, c)[:, :1]  # first column of each s-column band
         return x.reshape(b, hs * ws, c)
 
 

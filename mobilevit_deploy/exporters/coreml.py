@@ -1,0 +1,188 @@
+"""CoreML export: torch -> ML Program `.mlpackage` with metadata, labels and image input.
+
+Goes through `torch.export` (an ATen graph), not `torch.jit.trace`: with torch 2.13
+and numpy >= 2.3, coremltools 9.0's TorchScript frontend fails on shape arithmetic
+("only 0-dimensional arrays can be converted to Python scalars"); the ExportedProgram
+frontend has no such casts. The models are written rank <= 4 for the same reason
+(CoreML stops at rank 5).
+
+With `image_input`, CoreML feeds pixels in [0, 255] through one scalar scale and a
+per-channel bias, so (x/255 - mean)/std cannot be expressed; the bias takes the mean
+and the 1/std is folded into the first convolution's weights (exact, zero padding
+included), instead of approximating std by one number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import BadInput
+from ..files import atomic_dir, write_json_atomic
+from ..registry import ModelSpec
+from ..runtimes.coreml import import_coremltools
+
+# coremltools stamps the conversion date; the record of DESIGN.md holds no timestamp.
+_DATED_KEY = "com.github.apple.coremltools.conversion_date"
+
+
+def first_conv(model: nn.Module, example: torch.Tensor) -> nn.Conv2d:
+    """The Conv2d that consumes the model's input tensor itself (found by running it)."""
+    found: list[nn.Module] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if not found and args and args[0] is example:
+            found.append(module)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    conv = found[0] if found else None
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.padding_mode != "zeros":
+        raise BadInput(
+            f"--image-input folds 1/std into the first layer, but this model's input first "
+            f"meets {type(conv).__name__ if conv else 'no layer'}, not a plain Conv2d"
+        )
+    return conv
+
+
+def fold_input_std(model: nn.Module, example: torch.Tensor, std: tuple[float, ...]) -> nn.Module:
+    """A copy whose first conv takes (x - mean) instead of (x - mean) / std."""
+    model = copy.deepcopy(model)
+    conv = first_conv(model, example)
+    scale = torch.tensor([1.0 / s for s in std], dtype=torch.float64).reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_((conv.weight.double() * scale).to(conv.weight.dtype))
+    return model
+
+
+class _WithSoftmax(nn.Module):
+    """CoreML classifiers report probabilities; the zoo's heads give logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).softmax(dim=-1)
+
+
+def read_labels(path: Path | None, num_classes: int) -> list:
+    """One label per line; without a file, the class indices (no names ship offline)."""
+    if path is None:
+        return list(range(num_classes))
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such labels file")
+    labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(labels) != num_classes:
+        raise BadInput(f"{path}: {len(labels)} labels, but the model has {num_classes} classes")
+    return labels
+
+
+def _convert(model, example, spec: ModelSpec, precision, min_target, image_input, labels):
+    ct = import_coremltools()
+
+    x = torch.from_numpy(example)
+    if image_input:
+        model = fold_input_std(model, x, spec.preprocessing.std)
+        inputs = [
+            ct.ImageType(
+                name="input",
+                shape=x.shape,
+                scale=1 / 255,
+                bias=[-m for m in spec.preprocessing.mean],
+                color_layout=ct.colorlayout.RGB,
+            )
+        ]
+    else:
+        inputs = [ct.TensorType(name="input", shape=x.shape, dtype=np.float32)]
+    classifier = None
+    if spec.task == "classification":
+        model = _WithSoftmax(model)
+        classifier = ct.ClassifierConfig(labels)
+    with torch.no_grad():
+        program = torch.export.export(model.eval(), (x,)).run_decompositions({})
+    return ct.convert(
+        program,
+        inputs=inputs,
+        outputs=None if classifier else [ct.TensorType(name="output")],
+        classifier_config=classifier,
+        convert_to="mlprogram",
+        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+        minimum_deployment_target=getattr(ct.target, min_target),
+    )
+
+
+def _compress(mlmodel, compress: str):
+    from coremltools.optimize import coreml as cto
+
+    if compress == "palettize8":
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=8)
+        return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+    op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8")
+    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
+
+
+def export_coreml(
+    model: nn.Module,
+    output: Path,
+    example: np.ndarray,
+    metadata: dict,
+    *,
+    spec: ModelSpec,
+    precision: str = "fp16",
+    min_target: str = "iOS16",
+    image_input: bool = False,
+    compress: str | None = None,
+    labels: Path | None = None,
+) -> Path:
+    """Write `model` to the `.mlpackage` directory `output` (+ `output`.json)."""
+    label_list = read_labels(labels, spec.num_classes) if spec.task == "classification" else None
+    metadata.update(  # in place: the caller's Artifact carries the full record
+        min_target=min_target,
+        compress=compress,
+        input_type="image, RGB" if image_input else "tensor",
+    )
+    if image_input:
+        metadata["input_range"] = "RGB pixels in [0, 255]; preprocessing is inside the model"
+    if label_list is not None:
+        metadata["outputs"] = ["classLabel", "classLabel_probs (softmax)"]
+        if labels is not None:
+            metadata["class_labels"] = label_list
+    # coremltools draws progress bars and warns about the untested torch on stderr;
+    # the CLI shows its own status, and verify proves the result.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        mlmodel = _convert(
+            model.eval(), example, spec, precision, min_target, image_input, label_list
+        )
+        if compress is not None:
+            mlmodel = _compress(mlmodel, compress)
+    mlmodel.user_defined_metadata.pop(_DATED_KEY, None)
+    for key, value in sorted(metadata.items()):
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        mlmodel.user_defined_metadata[f"mvd.{key}"] = text
+    mlmodel.author = "mobilevit_deploy"
+    form = "fused" if metadata["reparameterized"] else "unfused"
+    mlmodel.short_description = (
+        f"{spec.name} ({spec.family}, {spec.task}), {form}, {precision}; "
+        f"weights: {metadata['weights']}"
+    )
+    mlmodel.version = metadata["tool_versions"].get("mobilevit_deploy") or "unknown"
+    with atomic_dir(output) as tmp:
+        mlmodel.save(str(tmp))
+    write_json_atomic(output.with_name(output.name + ".json"), metadata)
+    return output
