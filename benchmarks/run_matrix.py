@@ -39,7 +39,12 @@ def run_cell(name: str, fmt: str, precision: str, num_images: int) -> dict:
     return {
         **cell,
         "status": "pass" if report.passed else "FAIL",
-        "detail": "; ".join(report.problems),
+        "detail": "; ".join(
+            [
+                *report.problems,
+                *(["estimated, not run on device"] if "estimated" in artifact.candidate else []),
+            ]
+        ),
         "bound": artifact.bound,
         "metrics": artifact.metrics,
         "seconds": time.perf_counter() - start,
@@ -80,12 +85,7 @@ def main() -> int:
                 if precision not in info.precisions:
                     continue
                 if not info.available():
-                    why = (
-                        f"needs mobilevit_deploy[{info.extra}]"
-                        if info.implemented
-                        else ("exporter not implemented")
-                    )
-                    cell = {"status": "skipped", "detail": why}
+                    cell = {"status": "skipped", "detail": f"needs {info.install_hint()}"}
                     cells.append(
                         {"model": spec.name, "format": fmt, "precision": precision, **cell}
                     )

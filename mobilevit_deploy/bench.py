@@ -19,7 +19,7 @@ import torch
 
 from . import api
 from .errors import BadInput
-from .exporters.formats import FORMATS
+from .exporters.formats import FORMATS, check_format
 from .images import natural_images, to_model_input
 from .info import count_macs
 from .machine import machine_stamp, stamp_line
@@ -31,7 +31,8 @@ from .stress import apply_stress_weights
 from .timing import interleaved, time_callable
 
 BASELINE = "onnxruntime, unfused (plain export)"
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "litert")
+DEFAULT_RUNTIMES = ("onnxruntime", "torch")
 ORT_LEVEL = "all"
 
 
@@ -56,11 +57,12 @@ def benchmark(
     threads: int | None = None,
     min_time_s: float = 3.0,
     min_runs: int = 20,
-    runtimes: tuple[str, ...] = RUNTIMES,
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES,
     precisions: tuple[str, ...] = ("fp32",),
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict:
-    """`precisions` beyond fp32 add the fused ONNX file at fp16 / int8 as candidates."""
+    """`precisions` beyond fp32 add the fused file at fp16 / int8 as candidates, for
+    onnxruntime and (with "litert" among `runtimes`) for a TFLite file under LiteRT."""
     spec = get_spec(name)
     size = api.check_image_size(spec, image_size)
     unknown = set(runtimes) - set(RUNTIMES)
@@ -70,6 +72,8 @@ def benchmark(
     if not set(precisions) <= set(onnx_precisions):
         choices = ", ".join(onnx_precisions)
         raise BadInput(f"unknown precision in {', '.join(precisions)}; choose from {choices}")
+    if "litert" in runtimes:
+        check_format("tflite")
     threads = threads or os.cpu_count() or 1
     model = api.load_model(name, weights)
     if model.mvd_provenance is None:
@@ -110,6 +114,12 @@ def benchmark(
                 )
                 runner = OrtRunner(reduced.path, threads, ORT_LEVEL, spinning=False)
                 candidates[f"onnxruntime, fused {precision} (mvd)"] = partial(runner, x)
+        if "litert" in runtimes:
+            candidates.update(
+                _litert_candidates(
+                    spec.name, model, size, batch, precisions, threads, x, Path(tmp), progress
+                )
+            )
         if "torch" in runtimes:
             eager_unfused = TorchRunner(model)
             eager_fused = TorchRunner(reparameterize(model, image_size=size))
@@ -147,6 +157,28 @@ def benchmark(
             for key, res in results.items()
         ],
     }
+
+
+def _litert_candidates(name, model, size, batch, precisions, threads, x, tmp: Path, progress):
+    """The fused TFLite file at each precision, run by LiteRT (XNNPACK on CPU)."""
+    from .runtimes.litert import LiteRTRunner
+
+    out = {}
+    for precision in ("fp32", *(p for p in precisions if p != "fp32")):
+        progress(f"exporting fused TFLite at {precision}")
+        artifact = api.export(
+            name,
+            "tflite",
+            model=model,
+            output=tmp / f"fused.{precision}.tflite",
+            image_size=size,
+            batch=batch,
+            precision=precision,
+        )
+        runner = LiteRTRunner(artifact.path, threads)
+        label = "litert, fused (mvd)" if precision == "fp32" else f"litert, fused {precision} (mvd)"
+        out[label] = partial(runner, x)
+    return out
 
 
 def render(report: dict, console) -> None:

@@ -288,7 +288,8 @@ NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
 MinTime = Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")]
 Runtimes = Annotated[
-    str, typer.Option("--runtime", help="Comma-separated: onnxruntime, torch (eager).")
+    str,
+    typer.Option("--runtime", help="Comma-separated: onnxruntime, torch (eager), litert (TFLite)."),
 ]
 
 

@@ -2,8 +2,8 @@
 
 coremltools cannot run a model on Linux, so these tests prove what can be proven here:
 the package's spec (names, shapes, types, ops in the target's op set, metadata), the
-exactness of the std fold behind `--image-input` (in float64 torch), and the fp16
-estimate of `mvd verify` under stress weights.
+exactness of the std fold behind `--image-input` (in float64 torch). Every family
+through `mvd verify --formats coreml` is in test_matrix.py.
 """
 
 from __future__ import annotations
@@ -29,32 +29,8 @@ from mobilevit_deploy.runtimes.coreml import (
     runs_here,
     unsupported_ops,
 )
-from mobilevit_deploy.verify import verify
 
 pytestmark = pytest.mark.skipif(runs_here(), reason="the Linux checks; macOS runs the model")
-
-ONE_PER_FAMILY = [
-    ("fastvit_t8", 64),
-    ("levit_128s", 224),
-    ("efficientvit_b0", 64),
-    ("seaformer_tiny", 64),
-    ("sepvit_lite", 64),
-    ("efficientvit_seg_b0_cityscapes", 128),
-    ("seaformer_seg_tiny_ade20k", 128),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "size"), ONE_PER_FAMILY)
-def test_every_family_converts_and_verifies(name, size):
-    """The default fp16 package of one variant of each family and task: spec checks
-    clean, and the all-fp16 estimate within the fp16 bounds under stress weights."""
-    report = verify(name, formats=("coreml",), image_size=size, num_images=4)
-    row = next(p for p in report.pairs if p.candidate.startswith("coreml"))
-    assert report.passed, (report.problems, row)
-    assert row.precision == "fp16" and row.candidate.endswith("estimated)")
-    assert row.metrics["psnr_db"] >= 40
-    assert any("NOT run" in note and "op set" in note for note in report.notes)
 
 
 @pytest.fixture(scope="module")

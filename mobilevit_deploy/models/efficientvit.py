@@ -5,7 +5,8 @@ Facts come from mit-han-lab/efficientvit: `models/efficientvit/backbone.py` and
 `cls.py` (configs), `models/nn/ops.py` (ConvLayer, DSConv, MBConv, FusedMBConv,
 ResBlock, LiteMLA, EfficientViTBlock, ResidualBlock, OpSequential) and
 `cls_model_zoo.py` (the L models' norms use eps 1e-7). Module names are the official
-ones, so an official checkpoint (`{"state_dict": ...}`) loads as it is.
+ones, so an official checkpoint (`{"state_dict": ...}`) loads as it is; timm's
+`efficientvit_*` state dicts load through `remap_timm`.
 
 Deploy form. EfficientViT ships no reparameterization; `fold_affine` folds every
 ConvLayer's BatchNorm into its conv, each with its own eps (1e-5 for B, 1e-7 for L).
@@ -26,6 +27,7 @@ upcasting.
 from __future__ import annotations
 
 import math
+import re
 from functools import partial
 
 import torch
@@ -431,6 +433,62 @@ _RESOLUTIONS = {
     "l3": "224-384",
 }
 
+# timm's ClassifierHead: in_conv, pool, classifier = Sequential(Linear, LayerNorm, act,
+# Dropout, Linear); ours is op_list = [ConvLayer, pool, LinearLayer(+norm), LinearLayer].
+_TIMM_HEAD = {
+    "head.in_conv.": "head.op_list.0.",
+    "head.classifier.0.": "head.op_list.2.linear.",
+    "head.classifier.1.": "head.op_list.2.norm.",
+    "head.classifier.4.": "head.op_list.3.linear.",
+}
+
+
+def is_timm_layout(state_dict: dict) -> bool:
+    keys = list(state_dict)
+    return not any(k.startswith("backbone.") for k in keys) and any(
+        k.startswith(("stem.", "stages.")) for k in keys
+    )
+
+
+def remap_timm(state_dict: dict) -> dict:
+    """timm's `efficientvit_b*`/`efficientvit_l*` names -> the official ones used here.
+
+    timm (timm/models/efficientvit_mit.py) builds the same modules with the same shapes
+    and the same names inside every block (`main`, `qkv`, `aggreg`, `proj`, ...), but
+    different containers, which is all this renames:
+      stem.in_conv, stem.res{i}      -> input_stem.op_list.0, .{i+1}  (B series)
+                                     -> stages.0.op_list.0, .{i+1}    (L series: the stem
+                                        is the official backbone's stage 0)
+      stages.{s}.blocks.{j}          -> stages.{s}.op_list.{j} (B), stages.{s+1}... (L);
+                                        blocks.0 is the downsampling block in both
+      head.in_conv, head.classifier.{0,1,4} -> head.op_list.0, .2.linear, .2.norm, .3.linear
+    The L series is told apart by its ResBlocks and FusedMBConvs (`main.conv1`,
+    `main.spatial_conv`), which B never has.
+    A dict already in the official layout is returned unchanged; keys matching nothing
+    keep their names, so the strict load reports them as unexpected.
+    """
+    if not is_timm_layout(state_dict):
+        return state_dict
+    large = any(re.search(r"\.main\.(conv1|spatial_conv)\.", k) for k in state_dict)
+    stem = "backbone.stages.0.op_list" if large else "backbone.input_stem.op_list"
+    shift = 1 if large else 0
+    out = {}
+    for key, value in state_dict.items():
+        new = None
+        if m := re.fullmatch(r"stem\.in_conv\.(.+)", key):
+            new = f"{stem}.0.{m[1]}"
+        elif m := re.fullmatch(r"stem\.res(\d+)\.(.+)", key):
+            new = f"{stem}.{int(m[1]) + 1}.{m[2]}"
+        elif m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)", key):
+            new = f"backbone.stages.{int(m[1]) + shift}.op_list.{m[2]}.{m[3]}"
+        else:
+            for old, ours in _TIMM_HEAD.items():
+                if key.startswith(old):
+                    new = ours + key[len(old) :]
+        out[new if new is not None else key] = value
+    return out
+
+
 for _variant in CONFIGS:
     register(
         ModelSpec(
@@ -439,6 +497,7 @@ for _variant in CONFIGS:
             builder=partial(build_efficientvit, _variant),
             input_size=224,
             preprocessing=Preprocessing(crop_pct=1.0, interpolation="bicubic"),  # timm cfg
+            remap_state_dict=remap_timm,
             description=(
                 f"EfficientViT-{_variant.upper()} (MIT Han Lab, ICCV 2023), ImageNet-1k; "
                 f"official checkpoints (mit-han-lab README; load with --weights) at "

@@ -1,0 +1,58 @@
+"""Run a .tflite file with the LiteRT interpreter (XNNPACK on CPU): NCHW numpy in and out.
+
+The caller always speaks NCHW, like every other runner: a channels-last file (export
+--nhwc, recorded in its sidecar) gets its input transposed here and image-shaped
+outputs transposed back. int8 inputs or outputs, if a file has them, are quantized
+and dequantized with the file's own scale and zero point.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..quiet import quiet
+
+
+class LiteRTRunner:
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        path = Path(path)
+        sidecar = path.with_name(path.name + ".json")
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        with quiet():  # the XNNPACK banner is printed from C++
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.input = self.interpreter.get_input_details()[0]
+        self.nhwc = meta.get("input_layout") == "NHWC" or (
+            meta.get("input_layout") is None and self.input["shape"][-1] == 3
+        )
+        self.interpreter.allocate_tensors()
+        self.options = {"num_threads": threads or 0, "delegate": "XNNPACK (default CPU)"}
+
+    def _feed(self, x: np.ndarray) -> None:
+        if self.nhwc:
+            x = x.transpose(0, 2, 3, 1)
+        if tuple(x.shape) != tuple(self.input["shape"]):
+            self.interpreter.resize_tensor_input(self.input["index"], list(x.shape))
+            self.interpreter.allocate_tensors()
+            self.input = self.interpreter.get_input_details()[0]
+        if self.input["dtype"] != np.float32:
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        self.interpreter.set_tensor(
+            self.input["index"], np.ascontiguousarray(x, self.input["dtype"])
+        )
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self._feed(x)
+        self.interpreter.invoke()
+        detail = self.interpreter.get_output_details()[0]
+        out = self.interpreter.get_tensor(detail["index"])
+        if detail["dtype"] != np.float32:
+            scale, zero = detail["quantization"]
+            out = (out.astype(np.float32) - zero) * scale
+        return out.transpose(0, 3, 1, 2) if self.nhwc and out.ndim == 4 else out

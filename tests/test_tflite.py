@@ -1,0 +1,137 @@
+"""TFLite: every precision runs in LiteRT and stays close to the fused model, channels-last
+is the same function, segmenters swap to bilinear by themselves, and what mobile
+delegates lack is reported by name. Under stress weights throughout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import stressed, test_inputs
+from torch import nn
+from typer.testing import CliRunner
+
+from mobilevit_deploy import api
+from mobilevit_deploy.cli import app
+from mobilevit_deploy.exporters.tflite import ConversionFailed, export_tflite
+from mobilevit_deploy.metrics import compare
+from mobilevit_deploy.reparam import reparameterize
+from mobilevit_deploy.runtimes.litert import LiteRTRunner
+
+NAME, SIZE = "fastvit_t8", 64
+
+
+@pytest.fixture(scope="module")
+def source():
+    model = stressed(NAME, SIZE)
+    x = test_inputs(NAME, SIZE, count=4)
+    with torch.no_grad():
+        fused = reparameterize(model, image_size=(SIZE, SIZE))(torch.from_numpy(x)).numpy()
+    return model, x, fused.astype(np.float64)
+
+
+def _export(source, tmp_path, **kwargs):
+    out = tmp_path / f"m.{kwargs.get('precision', 'fp32')}.tflite"
+    artifact = api.export(NAME, "tflite", model=source[0], output=out, image_size=SIZE, **kwargs)
+    runner = LiteRTRunner(artifact.path)
+    got = np.concatenate([runner(source[1][i : i + 1]) for i in range(len(source[1]))])
+    return artifact, compare(source[2], got, "classification")
+
+
+@pytest.fixture(scope="module")
+def fp32(source, tmp_path_factory):
+    return _export(source, tmp_path_factory.mktemp("fp32"))
+
+
+def test_fp32_is_the_fused_model(fp32):
+    artifact, metrics = fp32
+    assert metrics["max_rel"] < 1e-5
+    sidecar = json.loads(artifact.sidecar.read_text())
+    assert sidecar["format"] == "tflite" and sidecar["precision"] == "fp32"
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= set(sidecar["tflite_ops"])
+    assert sidecar["delegate_warnings"] == []  # rank <= 4 everywhere, no gathers
+    assert sorted(p.name for p in artifact.path.parent.iterdir()) == [
+        "m.fp32.tflite",
+        "m.fp32.tflite.json",
+    ]
+
+
+def test_channels_last_is_the_same_function(source, fp32, tmp_path):
+    artifact, metrics = _export(source, tmp_path, nhwc=True)
+    assert artifact.metadata["input_details"]["shape"] == [1, SIZE, SIZE, 3]
+    assert artifact.metadata["input_layout"] == "NHWC"
+    assert artifact.metadata["input_shape"] == [1, SIZE, SIZE, 3]
+    assert abs(metrics["max_rel"] - fp32[1]["max_rel"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_fp16_halves_the_file_and_keeps_70db(source, fp32, tmp_path):
+    artifact, metrics = _export(source, tmp_path, precision="fp16")
+    assert artifact.path.stat().st_size < 0.55 * fp32[0].path.stat().st_size
+    assert metrics["psnr_db"] >= 60 and metrics["top1"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_int8(source, fp32, tmp_path, mode):
+    artifact, metrics = _export(
+        source, tmp_path, precision="int8", int8_mode=mode, calibration_images=8
+    )
+    assert artifact.path.stat().st_size < 0.35 * fp32[0].path.stat().st_size
+    assert metrics["psnr_db"] >= 15
+    details = artifact.metadata["input_details"]
+    assert details["dtype"] == ("int8" if mode == "static" else "float32")
+    assert artifact.metadata["int8_mode"] == mode
+
+
+@pytest.mark.slow
+def test_a_segmenter_swaps_to_bilinear_and_matches_it(tmp_path):
+    name, size = "efficientvit_seg_b0_cityscapes", 128
+    model = stressed(name, size)
+    artifact = api.export(
+        name, "tflite", model=model, output=tmp_path / "s.tflite", image_size=size
+    )
+    assert artifact.metadata["upsample"] == "bilinear"
+    assert "RESIZE_BICUBIC" not in artifact.metadata["tflite_ops"]
+    fused = reparameterize(model, image_size=(size, size))
+    fused.set_upsample("bilinear")
+    x = test_inputs(name, size, count=1)
+    with torch.no_grad():
+        want = fused(torch.from_numpy(x)).double().numpy()
+    got = LiteRTRunner(artifact.path)(x)
+    assert compare(want, got, "segmentation")["max_rel"] < 1e-5
+
+
+class _Rank5(nn.Module):
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return x.reshape(b, c, 2, h // 2, w).sum(dim=2)
+
+
+def test_rank5_tensors_are_reported_by_name(tmp_path):
+    meta = {"input_shape": [1, 3, 8, 8], "task": "classification"}
+    export_tflite(_Rank5(), tmp_path / "r5.tflite", np.zeros((1, 3, 8, 8), np.float32), meta)
+    assert any("rank 5" in w for w in meta["delegate_warnings"])
+
+
+def test_a_model_that_does_not_lower_is_one_error(tmp_path):
+    class Sorts(nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigvalsh(x[0, 0] @ x[0, 0].T)
+
+    with pytest.raises(ConversionFailed, match="litert-torch could not convert"):
+        export_tflite(Sorts(), tmp_path / "bad.tflite", np.ones((1, 3, 4, 4), np.float32), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_tflite(tmp_path):
+    out = tmp_path / "t8.tflite"
+    result = CliRunner().invoke(
+        app, ["export", NAME, "--format", "tflite", "--image-size", "64", "--nhwc", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "fp32" in result.stdout and out.is_file()
+    assert json.loads((tmp_path / "t8.tflite.json").read_text())["input_layout"] == "NHWC"
