@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mobilevit_deploy.exporters.formats import FORMATS
+from mobilevit_deploy.files import artifact_size
 from mobilevit_deploy.machine import machine_stamp, stamp_line
 from mobilevit_deploy.registry import get_spec, list_models
 from mobilevit_deploy.report import markdown_table
@@ -39,7 +41,7 @@ BIG = [
 def measure(name: str, size: str | None, fmt: str) -> dict:
     """Run one export in a child process; its peak RSS and wall time."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / f"{name}.{fmt}"
+        out = Path(tmp) / f"{name}{FORMATS[fmt].suffix}"
         cmd = [sys.executable, "-m", "mobilevit_deploy", "export", name, "-f", fmt, "-o", str(out)]
         if size:
             cmd += ["--image-size", size]
@@ -48,7 +50,7 @@ def measure(name: str, size: str | None, fmt: str) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         error = proc.stderr.read().decode().strip().splitlines()[-1:] if status else []
-        size_mib = out.stat().st_size / 2**20 if out.exists() else None
+        size_mib = artifact_size(out) / 2**20 if out.exists() else None
     return {
         "model": name,
         "image_size": size or "x".join(map(str, get_spec(name).input_hw)),
@@ -69,12 +71,17 @@ def main() -> int:
     args = parser.parse_args()
     known = {s.name for s in list_models()}
     jobs = [(m, s) for m, s in BIG if (not args.models or m in args.models) and m in known]
-    rows = []
+    # Rows of earlier runs stay unless this run measures the same export again.
+    previous = args.out / "memory.json"
+    rows = json.loads(previous.read_text()) if previous.exists() else []
     for name, size in jobs:
         for fmt in args.formats.split(","):
             print(f"exporting {name} ({size or 'default size'}) to {fmt} ...", file=sys.stderr)
-            rows.append(measure(name, size, fmt))
-            print(f"  peak {rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+            row = measure(name, size, fmt)
+            key = (row["model"], row["image_size"], row["format"])
+            rows = [r for r in rows if (r["model"], r["image_size"], r["format"]) != key]
+            rows.append(row)
+            print(f"  peak {row['peak_rss_gib']:.2f} GiB", file=sys.stderr)
     table = markdown_table(
         ["model", "input", "format", "exported", "peak RSS GiB", "seconds", "file MiB"],
         [

@@ -107,13 +107,15 @@ def results_markdown(reports: list[dict], summaries: list[dict], min_time: float
     return text + "\n![latency against GMACs, unfused to fused](zoo_latency.png)\n"
 
 
-def jobs(specs) -> list[tuple]:
-    """(spec, image size) pairs: classifiers at their size, segmenters at two."""
+def jobs(specs, seg_sizes: str = "both") -> list[tuple]:
+    """(spec, image size) pairs: classifiers at their size, segmenters at their native
+    size and/or the mobile one (half the height and width)."""
     out = []
     for spec in specs:
         h, w = spec.input_hw
-        out.append((spec, (h, w)))
-        if spec.task == "segmentation":
+        if spec.task != "segmentation" or seg_sizes in ("native", "both"):
+            out.append((spec, (h, w)))
+        if spec.task == "segmentation" and seg_sizes in ("mobile", "both"):
             m = spec.size_multiple
             out.append((spec, (max(m, h // 2 // m * m), max(m, w // 2 // m * m))))
     return out
@@ -139,6 +141,12 @@ def main() -> int:
     parser.add_argument("--min-time", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--resume", action="store_true", help="Reuse reports in runs/.")
+    parser.add_argument("--seg-sizes", choices=("native", "mobile", "both"), default="both")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Run nothing: write RESULTS.md from the reports already in runs/.",
+    )
     args = parser.parse_args()
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
     if not specs:
@@ -146,10 +154,12 @@ def main() -> int:
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     reports, summaries = [], []
-    for spec, size in jobs(specs):
+    for spec, size in jobs(specs, args.seg_sizes):
         record = runs / f"{spec.name}@{size[0]}x{size[1]}.json"
-        if args.resume and record.exists():
+        if (args.resume or args.report_only) and record.exists():
             report = json.loads(record.read_text())
+        elif args.report_only:
+            continue
         else:
             print(f"benchmarking {spec.name} at {size[0]}x{size[1]} ...", file=sys.stderr)
             report = run_job(spec, size, args)

@@ -244,6 +244,8 @@ def export(
         )
     if "upsample_note" in artifact.metadata:
         err.print(f"[yellow]note:[/] {escape(artifact.metadata['upsample_note'])}")
+    from .files import artifact_size
+
     size = artifact_size(artifact.path) / 2**20
     if as_json:
         return _print_json(
@@ -265,13 +267,6 @@ def _changed_options(**options) -> dict:
     from .api import OPTION_DEFAULTS
 
     return {k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]}
-
-
-def artifact_size(path: Path) -> int:
-    """Bytes of a file, or of every file in a package directory (.mlpackage)."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")]

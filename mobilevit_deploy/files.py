@@ -49,6 +49,13 @@ def check_output_file(path: Path | None, package: bool = False) -> None:
     ensure_writable_dir(path.parent)
 
 
+def artifact_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a package directory (.mlpackage)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
