@@ -196,6 +196,11 @@ def export(
     check_output_file(out, package=format == "coreml")
     if upsample is not None and upsample not in ("bicubic", "bilinear"):
         raise BadInput(f"--upsample takes bicubic or bilinear, not {upsample!r}")
+    if upsample == "bicubic" and not fmt.has_bicubic:
+        raise BadInput(
+            f"{format} has no bicubic resize (RESIZE_BICUBIC / upsample_bicubic2d); "
+            "use --upsample bilinear, whose cost `mvd verify` reports"
+        )
     if model is None:
         model = load_model(name, weights, pretrained=pretrained)
     if upsample is not None and not callable(getattr(model, "set_upsample", None)):

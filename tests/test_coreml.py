@@ -192,6 +192,8 @@ def test_cli_export_coreml(tmp_path):
         (["--format", "coreml", "--min-target", "iOS9"], "choose from iOS15"),
         (["--format", "coreml", "--compress", "zip"], "palettize8, int8"),
         (["--format", "coreml", "--precision", "int8"], "fp16, fp32, not int8"),
+        (["--format", "coreml", "--upsample", "bicubic"], "coreml has no bicubic resize"),
+        (["--format", "tflite", "--upsample", "bicubic"], "tflite has no bicubic resize"),
     ],
 )
 def test_cli_option_mistakes_are_one_line(tmp_path, args, message):
