@@ -81,6 +81,19 @@ def table_row(s: dict) -> list[str]:
     ]
 
 
+def inject_readme(readme: Path, results: str) -> None:
+    """Put the results (their headline dropped, the plot path made relative to the
+    README) between the README's results markers, so the front page quotes this run."""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return
+    body = results.split("\n", 2)[2].replace("## ", "### ")
+    body = body.replace("(zoo_latency.png)", "(benchmarks/zoo_latency.png)")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
+
+
 def results_markdown(reports: list[dict], summaries: list[dict], min_time: float) -> str:
     first = reports[0]
     classifiers = [table_row(s) for s in summaries if s["task"] == "classification"]
@@ -100,9 +113,9 @@ def results_markdown(reports: list[dict], summaries: list[dict], min_time: float
     )
     if segmenters:
         text += (
-            "\n## Segmentation\n\nAt the native resolution and at half its height and width "
-            "(mobile-sized); eager PyTorch is skipped above 512x512 pixels.\n\n"
-            + markdown_table(HEADERS, segmenters)
+            "\n## Segmentation\n\nAt the native resolution and/or at half its height and width "
+            "(mobile-sized): the input column says which. Eager PyTorch is skipped above "
+            "512x512 pixels.\n\n" + markdown_table(HEADERS, segmenters)
         )
     return text + "\n![latency against GMACs, unfused to fused](zoo_latency.png)\n"
 
@@ -142,6 +155,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--resume", action="store_true", help="Reuse reports in runs/.")
     parser.add_argument("--seg-sizes", choices=("native", "mobile", "both"), default="both")
+    parser.add_argument("--note", default="", help="A sentence for RESULTS.md (e.g. reuse).")
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -168,7 +182,11 @@ def main() -> int:
         summaries.append(summarize(report, spec))
         print(f"  {spec.name}: fused/unfused = {summaries[-1]['ratio']:.2f}", file=sys.stderr)
     text = results_markdown(reports, summaries, args.min_time)
+    if args.note:
+        text = text.replace("\n\n## Classification", f" {args.note}\n\n## Classification", 1)
     (args.out / "RESULTS.md").write_text(text)
+    if args.out == HERE:
+        inject_readme(HERE.parent / "README.md", text)
     (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
     labelled = [  # a segmenter appears at two sizes: say which point is which
         {**s, "name": s["name"] + (f" @{s['input']}" if s["task"] == "segmentation" else "")}

@@ -4,10 +4,11 @@ litert-torch lowers a `torch.export` graph to TFLite ops (no ONNX or TensorFlow 
 Precisions are derived from the fp32 flatbuffer: fp16 stores weights as float16 (half
 the file; the runtime computes in fp32, or fp16 where a GPU delegate does); int8 is
 full-integer static quantization (int8 weights per channel and int8 activations,
-calibrated on natural-looking images; int8 input and output too, with their scale and
-zero point in the metadata) or, with `int8_mode="dynamic"`, dynamic-range quantization
-(int8 weights, activations quantized on the fly, float32 I/O) for models whose
-activations do not survive a static range.
+calibrated on natural-looking images) or, with `int8_mode="dynamic"`, dynamic-range
+quantization (int8 weights, activations quantized on the fly) for models whose
+activations do not survive a static range. Every precision keeps float32 input and
+output (a QUANTIZE/DEQUANTIZE pair at the edges), so a file is a drop-in replacement
+for the fp32 one: the app's pre- and post-processing do not change with the precision.
 
 After writing, the flatbuffer is inspected: its op set is recorded in the metadata, and
 what mobile GPU/NNAPI delegates lack (tensors above rank 4, gathers, bicubic resize,
@@ -16,6 +17,9 @@ custom and Flex ops) is reported by name.
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +37,15 @@ class ConversionFailed(MvdError):
     """litert-torch could not lower the model; the message names the op where it can."""
 
 
-class _ChannelsLast(nn.Module):
-    """NHWC in, and NHWC out for image-shaped outputs: the layout mobile apps feed."""
+def _channels_last(model: nn.Module, example: np.ndarray) -> tuple[nn.Module, bool]:
+    """NHWC in, and NHWC out where the output is image-shaped (a segmenter's map): the
+    layout mobile apps feed and read. A classifier's (N, classes) stays as it is."""
+    import litert_torch
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x.permute(0, 3, 1, 2))
-        return out.permute(0, 2, 3, 1) if out.dim() == 4 else out
+    with torch.no_grad():
+        image_out = model(torch.from_numpy(example)).dim() == 4
+    wrapped = litert_torch.to_channel_last_io(model, args=[0], outputs=[0] if image_out else [])
+    return wrapped, image_out
 
 
 def _convert_fp32(model: nn.Module, example: np.ndarray, path: Path) -> None:
@@ -53,8 +56,17 @@ def _convert_fp32(model: nn.Module, example: np.ndarray, path: Path) -> None:
             edge = litert_torch.convert(model.eval(), (torch.from_numpy(example),))
             edge.export(str(path))
     except Exception as exc:  # the converter raises many types; the op name is the news
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionFailed(f"litert-torch could not convert the model: {first[:300]}") from exc
+        raise ConversionFailed(f"litert-torch could not convert the model: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """One line: the torch op the converter stopped at, when its message names one."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    op = re.search(r"\baten\.[A-Za-z0-9_]+", text)
+    if op is None or op.group(0) in first:
+        return first
+    return f"op {op.group(0)}: {first}"
 
 
 def _signature(path: Path) -> tuple[str, str]:
@@ -82,15 +94,35 @@ def _quantize(fp32: Path, out: Path, precision: str, int8_mode: str, calibration
         q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
     else:
         q.load_quantization_recipe(recipe.static_wi8_ai8())
+        for edge in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):  # float32 I/O
+            q.update_quantization_recipe(".*", edge, algorithm_key=AlgorithmName.NO_QUANTIZE)
     calibration_result = None
     if q.need_calibration:
         key, name = _signature(fp32)
         samples = [{name: calibration[i : i + 1]} for i in range(len(calibration))]
-        with quiet():
+        with quiet(), warnings.catch_warnings():  # its own debug-mode interpreter warns
+            warnings.simplefilter("ignore")
             calibration_result = q.calibrate({key: samples})
     with quiet():
         result = q.quantize(calibration_result)
     out.write_bytes(result.quantized_model)
+
+
+def _rank_warnings(interpreter) -> list[str]:
+    """Tensors above rank 4, named by the ops that make or take them."""
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    found: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for op in interpreter._get_ops_details():
+        for index in [*op["outputs"], *op["inputs"]]:
+            tensor = tensors.get(int(index))
+            if tensor is not None and len(tensor["shape"]) > 4:
+                found[op["op_name"], len(tensor["shape"])].append(tensor["name"])
+    return [
+        f"op {op} has tensors of rank {rank} ({names[0]}"
+        + (f" and {len(set(names)) - 1} more" if len(set(names)) > 1 else "")
+        + "): mobile GPU/NNAPI delegates take rank <= 4"
+        for (op, rank), names in sorted(found.items())
+    ]
 
 
 def inspect_tflite(path: Path) -> dict:
@@ -99,26 +131,17 @@ def inspect_tflite(path: Path) -> dict:
 
     interpreter = Interpreter(model_path=str(path))
     ops = sorted({op["op_name"] for op in interpreter._get_ops_details()})
-    warnings = [
+    notes = [
         f"op {op}: mobile GPU/NNAPI delegates lack it (it falls back to the CPU)"
         for op in ops
         if op in DELEGATE_UNFRIENDLY or op.startswith(("Flex", "CUSTOM"))
     ]
-    high = sorted(
-        {len(t["shape"]) for t in interpreter.get_tensor_details() if len(t["shape"]) > 4}
-    )
-    warnings += [f"tensors of rank {rank}: mobile delegates take rank <= 4" for rank in high]
+    notes += _rank_warnings(interpreter)
     detail = interpreter.get_input_details()[0]
-    scale, zero_point = detail["quantization"]
     return {
         "tflite_ops": ops,
-        "delegate_warnings": warnings,
-        "input_details": {
-            "shape": detail["shape"].tolist(),
-            "dtype": detail["dtype"].__name__,
-            # An int8 input takes round(x / scale + zero_point) of the float input.
-            "quantization": {"scale": float(scale), "zero_point": int(zero_point)},
-        },
+        "delegate_warnings": notes,
+        "input_details": {"shape": detail["shape"].tolist(), "dtype": detail["dtype"].__name__},
     }
 
 
@@ -139,11 +162,10 @@ def export_tflite(
     tools, so the record of DESIGN.md goes to the sidecar only.
     """
     if nhwc:
-        model = _ChannelsLast(model)
+        model, image_out = _channels_last(model.eval(), example)
         example = np.ascontiguousarray(example.transpose(0, 2, 3, 1))
-        batch, channels, height, width = metadata["input_shape"]
-        metadata.update(input_layout="NHWC", input_shape=[batch, height, width, channels])
-        metadata["output_layout"] = "NHWC" if metadata["task"] == "segmentation" else "NC"
+        metadata.update(input_layout="NHWC", input_shape=[int(d) for d in example.shape])
+        metadata["output_layout"] = "NHWC" if image_out else "NC"
     if precision == "int8":
         metadata["int8_mode"] = int8_mode
         if calibration is not None and nhwc:
@@ -155,7 +177,8 @@ def export_tflite(
             fp32 = tmp.with_name(tmp.name + ".fp32")
             try:
                 _convert_fp32(model, example, fp32)
-                _quantize(fp32, tmp, precision, int8_mode, calibration)
+                images = calibration if calibration is not None else example
+                _quantize(fp32, tmp, precision, int8_mode, images)
             finally:
                 fp32.unlink(missing_ok=True)
         metadata.update(inspect_tflite(tmp))
