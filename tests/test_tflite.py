@@ -6,6 +6,8 @@ delegates lack is reported by name. Under stress weights throughout.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,6 +59,23 @@ def test_fp32_is_the_fused_model(fp32):
         "m.fp32.tflite",
         "m.fp32.tflite.json",
     ]
+
+
+def test_the_runner_prints_nothing(fp32):
+    """The C++ XNNPACK banner ("INFO: Created TensorFlow Lite XNNPACK delegate") used to
+    land in the middle of `mvd verify`'s report. It is printed once per process, so a
+    fresh one runs the file."""
+    script = (
+        "import numpy as np, sys\n"
+        "from mobilevit_deploy.runtimes.litert import LiteRTRunner\n"
+        "runner = LiteRTRunner(sys.argv[1])\n"
+        f"runner(np.zeros((2, 3, {SIZE}, {SIZE}), np.float32))\n"  # a resize reallocates
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(fp32[0].path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == ("", "")
 
 
 def test_channels_last_is_the_same_function(source, fp32, tmp_path):

@@ -72,7 +72,8 @@ def _reason(exc: Exception) -> str:
 def _signature(path: Path) -> tuple[str, str]:
     from ai_edge_litert.interpreter import Interpreter
 
-    signatures = Interpreter(model_path=str(path)).get_signature_list()
+    with quiet():
+        signatures = Interpreter(model_path=str(path)).get_signature_list()
     key = next(iter(signatures))
     return key, signatures[key]["inputs"][0]
 
@@ -129,7 +130,8 @@ def inspect_tflite(path: Path) -> dict:
     """Op names, I/O details, and what mobile delegates would refuse, by name."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path))
+    with quiet():
+        interpreter = Interpreter(model_path=str(path))
     ops = sorted({op["op_name"] for op in interpreter._get_ops_details()})
     notes = [
         f"op {op}: mobile GPU/NNAPI delegates lack it (it falls back to the CPU)"
@@ -161,6 +163,10 @@ def export_tflite(
     TFLite has no metadata field this stack can write without the TensorFlow metadata
     tools, so the record of DESIGN.md goes to the sidecar only.
     """
+    with quiet():  # importing litert-torch and torchao prints banners and warnings
+        import ai_edge_litert.interpreter  # noqa: F401
+        import litert_torch  # noqa: F401
+
     if nhwc:
         model, image_out = _channels_last(model.eval(), example)
         example = np.ascontiguousarray(example.transpose(0, 2, 3, 1))

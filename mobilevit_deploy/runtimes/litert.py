@@ -18,18 +18,19 @@ from ..quiet import quiet
 
 class LiteRTRunner:
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+        with quiet():
+            from ai_edge_litert.interpreter import Interpreter
 
         path = Path(path)
         sidecar = path.with_name(path.name + ".json")
         meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-        with quiet():  # the XNNPACK banner is printed from C++
+        with quiet():  # the XNNPACK banner is printed from C++ when tensors are allocated
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.nhwc = meta.get("input_layout") == "NHWC" or (
             meta.get("input_layout") is None and self.input["shape"][-1] == 3
         )
-        self.interpreter.allocate_tensors()
         self.options = {"num_threads": threads or 0, "delegate": "XNNPACK (default CPU)"}
 
     def _feed(self, x: np.ndarray) -> None:
@@ -37,7 +38,8 @@ class LiteRTRunner:
             x = x.transpose(0, 2, 3, 1)
         if tuple(x.shape) != tuple(self.input["shape"]):
             self.interpreter.resize_tensor_input(self.input["index"], list(x.shape))
-            self.interpreter.allocate_tensors()
+            with quiet():
+                self.interpreter.allocate_tensors()
             self.input = self.interpreter.get_input_details()[0]
         if self.input["dtype"] != np.float32:
             scale, zero = self.input["quantization"]
