@@ -21,34 +21,55 @@ from pathlib import Path
 from mobilevit_deploy.errors import MvdError
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.machine import machine_stamp, stamp_line
-from mobilevit_deploy.registry import list_models
+from mobilevit_deploy.registry import get_spec, list_models
 from mobilevit_deploy.report import markdown_table
 from mobilevit_deploy.verify import verify
 
 HERE = Path(__file__).parent
 
 
-def run_cell(name: str, fmt: str, precision: str, num_images: int) -> dict:
+def run_format(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
+    """One `verify` per model and format: the float64 reference is computed once for all
+    of the format's precisions. A converter that crashes is a cell's error, not the end
+    of a run that takes hours."""
     start = time.perf_counter()
-    cell = {"model": name, "format": fmt, "precision": precision}
+    cells = [{"model": name, "format": fmt, "precision": p} for p in precisions]
     try:
-        report = verify(name, formats=(fmt,), precisions=(precision,), num_images=num_images)
-    except MvdError as exc:
-        return {**cell, "status": "error", "detail": str(exc)}
-    artifact = report.pairs[-1]
-    return {
-        **cell,
-        "status": "pass" if report.passed else "FAIL",
-        "detail": "; ".join(
-            [
-                *report.problems,
-                *(["estimated, not run on device"] if "estimated" in artifact.candidate else []),
-            ]
-        ),
-        "bound": artifact.bound,
-        "metrics": artifact.metrics,
-        "seconds": time.perf_counter() - start,
-    }
+        report = verify(
+            name,
+            formats=(fmt,),
+            precisions=precisions,
+            num_images=args.num_images,
+            image_size=matrix_size(get_spec(name), args.seg_size),
+        )
+    except Exception as exc:  # recorded in the table; the run goes on
+        detail = str(exc) if isinstance(exc, MvdError) else f"{type(exc).__name__}: {exc}"
+        return [{**c, "status": "error", "detail": detail.splitlines()[0][:300]} for c in cells]
+    seconds = (time.perf_counter() - start) / len(cells)
+    artifacts = [p for p in report.pairs if p.candidate.startswith(fmt)]
+    for cell, pair in zip(cells, artifacts, strict=True):
+        problems = [*report.problems]
+        if "estimated" in pair.candidate:
+            problems.append("estimated, not run on device")
+        cell.update(
+            status="pass" if pair.passed and not report.problems else "FAIL",
+            detail="; ".join(problems),
+            bound=pair.bound,
+            metrics=pair.metrics,
+            input="x".join(map(str, report.image_size)),
+            seconds=seconds,
+        )
+    return cells
+
+
+def matrix_size(spec, seg_size: str) -> tuple[int, int]:
+    """Classifiers at their own size; segmenters at their native size or the mobile one
+    (half the height and width), the one phones run and that keeps the zoo in hours."""
+    h, w = spec.input_hw
+    if spec.task != "segmentation" or seg_size == "native":
+        return (h, w)
+    m = spec.size_multiple
+    return (max(m, h // 2 // m * m), max(m, w // 2 // m * m))
 
 
 def row(c: dict) -> list[str]:
@@ -58,6 +79,7 @@ def row(c: dict) -> list[str]:
         c["model"],
         c["format"],
         c["precision"],
+        c.get("input", "-"),
         f"**{c['status']}**" if c["status"] != "pass" else "pass",
         f"{m['max_rel']:.1e}" if m else "-",
         f"{m['psnr_db']:.1f}" if m else "-",
@@ -74,29 +96,53 @@ def main() -> int:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--precisions", default="fp32,fp16,int8")
     parser.add_argument("--num-images", type=int, default=4)
+    parser.add_argument("--seg-size", choices=("mobile", "native"), default="mobile")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the cells of matrix.json, run the rest"
+    )
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
-    cells = []
+    out_json = args.out / "matrix.json"
+    cells = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else []
+    done = {(c["model"], c["format"]) for c in cells if c["status"] != "error"}
+    cells = [c for c in cells if (c["model"], c["format"]) in done]
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
     for spec in specs:
         for fmt in args.formats.split(","):
             info = FORMATS[fmt]
-            for precision in args.precisions.split(","):
-                if precision not in info.precisions:
-                    continue
-                if not info.available():
-                    cell = {"status": "skipped", "detail": f"needs {info.install_hint()}"}
-                    cells.append(
-                        {"model": spec.name, "format": fmt, "precision": precision, **cell}
-                    )
-                    continue
-                print(f"{spec.name} {fmt} {precision} ...", file=sys.stderr, flush=True)
-                cells.append(run_cell(spec.name, fmt, precision, args.num_images))
-                print(f"  {cells[-1]['status']}", file=sys.stderr, flush=True)
+            precisions = [p for p in args.precisions.split(",") if p in info.precisions]
+            if not precisions or (spec.name, fmt) in done:
+                continue
+            if not info.available():
+                cells += [
+                    {
+                        "model": spec.name,
+                        "format": fmt,
+                        "precision": p,
+                        "status": "skipped",
+                        "detail": f"needs {info.install_hint()}",
+                    }
+                    for p in precisions
+                ]
+                continue
+            print(f"{spec.name} {fmt} {','.join(precisions)} ...", file=sys.stderr, flush=True)
+            cells += run_format(spec.name, fmt, precisions, args)
+            print(
+                "  " + " ".join(c["status"] for c in cells[-len(precisions) :]),
+                file=sys.stderr,
+                flush=True,
+            )
+        write(cells, args)  # after every model: a stopped run keeps what it measured
+    counts = write(cells, args)
+    return 1 if counts["FAIL"] or counts["error"] else 0
+
+
+def write(cells: list[dict], args) -> dict[str, int]:
     headers = [
         "model",
         "format",
         "precision",
+        "input",
         "result",
         "max rel",
         "PSNR dB",
@@ -110,17 +156,18 @@ def main() -> int:
         f"Written by `python benchmarks/run_matrix.py` (`make matrix`) on "
         f"{datetime.date.today()}.\n\nMachine: {stamp_line(machine_stamp())}.\n\n"
         "Every cell is `mvd verify MODEL --formats F --precisions P` under stress weights "
-        "at the model's default size: the fused artifact against the unfused model in "
+        "at the model's default size (segmenters: "
+        + ("native" if args.seg_size == "native" else "half the height and width, the mobile size")
+        + "): the fused artifact against the unfused model in "
         "float64. fp32 is held to 1e-5 of the output scale; fp16 and int8 to a PSNR floor "
         "and top-1 (or argmax-pixel) agreement. "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
-        + ".\n\n"
+        + f", {sum(c.get('seconds', 0) for c in cells) / 60:.0f} minutes of verifying.\n\n"
         + markdown_table(headers, [row(c) for c in cells])
     )
     (args.out / "MATRIX.md").write_text(text)
     (args.out / "matrix.json").write_text(json.dumps(cells, indent=2, sort_keys=True) + "\n")
-    print(text)
-    return 1 if counts["FAIL"] or counts["error"] else 0
+    return counts
 
 
 if __name__ == "__main__":
