@@ -95,7 +95,9 @@ def inject_readme(readme: Path, results: str) -> None:
 
 
 def results_markdown(reports: list[dict], summaries: list[dict], min_time: float) -> str:
+    """`min_time`: the stopping time of records too old to carry their own."""
     first = reports[0]
+    min_time = min(r.get("stopping", {}).get("min_time_s", min_time) for r in reports)
     classifiers = [table_row(s) for s in summaries if s["task"] == "classification"]
     segmenters = [table_row(s) for s in summaries if s["task"] == "segmentation"]
     text = (
@@ -188,11 +190,7 @@ def main() -> int:
     if args.out == HERE:
         inject_readme(HERE.parent / "README.md", text)
     (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
-    labelled = [  # a segmenter appears at two sizes: say which point is which
-        {**s, "name": s["name"] + (f" @{s['input']}" if s["task"] == "segmentation" else "")}
-        for s in summaries
-    ]
-    plot_zoo(labelled, args.out / "zoo_latency.png")
+    plot_zoo(summaries, args.out / "zoo_latency.png")
     print(text)
     return 0
 

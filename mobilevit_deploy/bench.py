@@ -146,6 +146,7 @@ def benchmark(
         "machine_line": stamp_line(stamp),
         "macs_per_image": macs,
         "matmul_peak_gflops": peak,
+        "stopping": {"min_runs": min_runs, "min_time_s": min_time_s},
         "results": [
             {
                 "runtime": key,

@@ -44,43 +44,61 @@ def plot_bench(report: dict, path: Path) -> Path:
     return path
 
 
-def plot_zoo(rows: list[dict], path: Path, x: str = "gmacs") -> Path:
-    """Latency against GMACs (or params) for every model, unfused -> fused arrows.
+FAMILY_COLORS = {
+    "fastvit": "#4c72b0",
+    "levit": "#dd8452",
+    "efficientvit": "#55a868",
+    "seaformer": "#c44e52",
+    "sepvit": "#8172b3",
+}
 
-    `rows` items: name, gmacs, params_m, unfused_ms, fused_ms.
+
+def _short_label(row: dict) -> str:
+    """The colour says the family, so a label only tells the variant apart:
+    efficientvit_seg_b0_cityscapes at 512x1024 is "b0 City 512x1024"."""
+    name = row["name"].split("_", 1)[-1].replace("seg_", "")
+    name = name.replace("_cityscapes", " City").replace("_ade20k", " ADE")
+    return f"{name} {row['input']}" if row.get("task") == "segmentation" else name
+
+
+def plot_zoo(rows: list[dict], path: Path, x: str = "gmacs") -> Path:
+    """Latency against GMACs (or params), one panel per task, a colour per family: a
+    hollow marker for the plain export, a filled one for the fused model, joined.
+
+    `rows` items: name, gmacs, params_m, unfused_ms, fused_ms; optional task ("classification"
+    or "segmentation") and input ("HxW", shown for segmenters, which run at two sizes).
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    tasks = sorted({r.get("task", "classification") for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.5), squeeze=False)
     label = {"gmacs": "GMACs per image", "params_m": "parameters, millions"}[x]
-    for row in rows:
-        ax.annotate(
-            "",
-            xy=(row[x], row["fused_ms"]),
-            xytext=(row[x], row["unfused_ms"]),
-            arrowprops={"arrowstyle": "->", "color": "grey"},
-        )
-        ax.annotate(
-            row["name"],
-            (row[x], row["fused_ms"]),
-            fontsize=7,
-            xytext=(4, -2),
-            textcoords="offset points",
-        )
-    ax.scatter(
-        [r[x] for r in rows],
-        [r["unfused_ms"] for r in rows],
-        label="unfused (plain export)",
-        color="#dd8452",
-    )
-    ax.scatter(
-        [r[x] for r in rows], [r["fused_ms"] for r in rows], label="fused (mvd)", color="#4c72b0"
-    )
-    ax.set_xscale("log")  # the zoo spans 0.3 to several hundred GMACs
-    ax.set_yscale("log")
-    ax.set_xlabel(label)
-    ax.set_ylabel("onnxruntime CPU latency, ms (median)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for row in (r for r in rows if r.get("task", "classification") == task):
+            color = FAMILY_COLORS.get(row["name"].split("_")[0], "grey")
+            ax.plot([row[x]] * 2, [row["unfused_ms"], row["fused_ms"]], color=color, lw=1)
+            ax.scatter(row[x], row["unfused_ms"], facecolors="none", edgecolors=color, s=30)
+            ax.scatter(row[x], row["fused_ms"], color=color, s=30)
+            ax.annotate(
+                _short_label(row),
+                (row[x], row["fused_ms"]),
+                fontsize=6.5,
+                color=color,
+                xytext=(4, -3),
+                textcoords="offset points",
+            )
+        ax.set_xscale("log")  # the zoo spans 0.1 to 100 GMACs
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_title(task, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("onnxruntime CPU latency, ms (median)")
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in FAMILY_COLORS.items()
+    ] + [
+        plt.Line2D([], [], marker="o", ls="", mfc="none", mec="black", label="plain export"),
+        plt.Line2D([], [], marker="o", ls="", color="black", label="fused (mvd)"),
+    ]
+    axes[0][0].legend(handles=handles, fontsize=8, loc="upper left")
     path = _save(fig, path)
     plt.close(fig)
     return path

@@ -53,9 +53,12 @@ def test_bench_report_schema(bench_report, tmp_path):
         "machine_line",
         "macs_per_image",
         "matmul_peak_gflops",
+        "stopping",
         "results",
     } <= set(r)
     assert r["image_size"] == [64, 64] and r["batch"] == 1
+    assert r["stopping"] == {"min_runs": 3, "min_time_s": 0.05}
+    assert all(x["n_total"] >= 3 for x in r["results"])
     assert r["onnxruntime_session"]["graph_optimization_level"] == "all"
     assert r["onnxruntime_session"]["allow_spinning"] is False
     assert [x["runtime"] for x in r["results"]] == [BASELINE, "onnxruntime, fused (mvd)"]
@@ -82,7 +85,18 @@ def test_bench_markdown_and_plots(bench_report, tmp_path):
     for path in (
         plot_bench(bench_report, tmp_path / "b.png"),
         plot_zoo(
-            [{"name": "m", "gmacs": 1.0, "params_m": 2.0, "unfused_ms": 3.0, "fused_ms": 2.0}],
+            [
+                {"name": "m", "gmacs": 1.0, "params_m": 2.0, "unfused_ms": 3.0, "fused_ms": 2.0},
+                {
+                    "name": "seaformer_seg_tiny_ade20k",
+                    "task": "segmentation",
+                    "input": "256x256",
+                    "gmacs": 0.1,
+                    "params_m": 1.7,
+                    "unfused_ms": 5.0,
+                    "fused_ms": 4.0,
+                },
+            ],
             tmp_path / "z.png",
         ),
     ):
@@ -113,3 +127,12 @@ def test_verify_json_junit_markdown(tmp_path, passed):
     failures = suite.findall("testcase/failure")
     assert bool(failures) is not passed
     assert ("FAIL" in verify_markdown(report)) is not passed
+
+
+def test_zoo_plot_labels_tell_variants_apart():
+    """Colour says the family; the label keeps the variant, dataset and input size."""
+    from mobilevit_deploy.plots import _short_label
+
+    seg = {"name": "efficientvit_seg_b0_cityscapes", "task": "segmentation", "input": "512x1024"}
+    assert _short_label(seg) == "b0 City 512x1024"
+    assert _short_label({"name": "levit_128s", "task": "classification"}) == "128s"
