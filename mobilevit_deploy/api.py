@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import BadInput
 from .exporters import Artifact
-from .exporters.formats import ONNX_OPSETS, check_format
+from .exporters.formats import ONNX_OPSETS, check_format, float_modules
 from .exporters.metadata import artifact_metadata
 from .files import check_output_file
 from .images import natural_images, to_model_input
@@ -226,6 +226,8 @@ def export(
     if upsample is not None:
         deployable.set_upsample(upsample)  # a copy (reparameterize) or the eval model
         meta["upsample"] = upsample
+    if precision == "int8":
+        meta["int8_float_modules"] = [path for path, _ in float_modules(deployable)]
     example = example_input(spec, size, batch)
     calibration = (
         example_input(spec, size, calibration_images, seed=CALIBRATION_SEED)

@@ -30,3 +30,19 @@ def quiet() -> Iterator[None]:
             os.dup2(saved[1], 2)
             for fd in saved:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def no_root_warnings() -> Iterator[None]:
+    """onnxruntime's quantizer warns through the root logger about norms it leaves
+    per-tensor; `logging.warning` would also install a stderr handler on the host
+    program's root logger for good, so a null handler stands in while it runs."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    root.addHandler(null)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+        root.removeHandler(null)

@@ -7,7 +7,7 @@ import pytest
 
 from mobilevit_deploy.bench import BASELINE, benchmark
 from mobilevit_deploy.errors import BadInput
-from mobilevit_deploy.plots import plot_bench, plot_zoo
+from mobilevit_deploy.plots import _short_label, plot_bench, plot_zoo
 from mobilevit_deploy.report import (
     bench_markdown,
     verify_markdown,
@@ -131,8 +131,6 @@ def test_verify_json_junit_markdown(tmp_path, passed):
 
 def test_zoo_plot_labels_tell_variants_apart():
     """Colour says the family; the label keeps the variant, dataset and input size."""
-    from mobilevit_deploy.plots import _short_label
-
     seg = {"name": "efficientvit_seg_b0_cityscapes", "task": "segmentation", "input": "512x1024"}
     assert _short_label(seg) == "b0 City 512x1024"
     assert _short_label({"name": "levit_128s", "task": "classification"}) == "128s"

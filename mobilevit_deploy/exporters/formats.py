@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from torch import nn
+
 from ..errors import BackendUnavailable, BadInput
 
 
@@ -69,3 +71,13 @@ def check_format(name: str, precision: str | None = None) -> FormatInfo:
         missing = ", ".join(info.python_modules)
         raise BackendUnavailable(f"{name} needs {missing}: {info.install_hint()}")
     return info
+
+
+def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each module that int8 exports leave in float: those whose class
+    says `int8_keeps_float` (a range uint8 cannot hold; the class's docstring says why)."""
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if getattr(module, "int8_keeps_float", False)
+    ]

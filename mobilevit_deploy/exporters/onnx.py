@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import VerificationFailed
 from ..files import atomic_path, write_json_atomic
 from ..runtimes.onnxruntime import OrtRunner
+from .formats import float_modules
 from .onnx_precision import to_fp16, to_int8
 
 DEFAULT_OPSET = 17
@@ -66,6 +67,20 @@ def _simplify(raw_path: Path, graph: onnx.ModelProto, example: np.ndarray) -> on
     return slim
 
 
+def _node_scope(model: nn.Module, path: str) -> str:
+    """The prefix torch.onnx gives the nodes of the module at `path`: one level per
+    module whose forward ran, so a ModuleList index stays joined to its list's name
+    ("backbone.stages.2.op_list.1.main" -> "/backbone/stages.2/op_list.1/main/")."""
+    levels, pending, module = [], "", model
+    for part in path.split("."):
+        module = module._modules[part]
+        name = f"{pending}.{part}" if pending else part
+        pending = name if isinstance(module, (nn.ModuleList, nn.ModuleDict)) else ""
+        if not pending:
+            levels.append(name)
+    return "/" + "/".join(levels) + "/"
+
+
 def export_onnx(
     model: nn.Module,
     output: Path,
@@ -81,7 +96,7 @@ def export_onnx(
     """Write `model` to `output` (+ `output`.json); returns the path.
 
     fp16 and int8 are derived from the checked fp32 graph (onnx_precision.py); int8
-    needs `calibration` images.
+    needs `calibration` images and leaves the modules that ask for it in float.
     """
     model = model.eval()
     with atomic_path(output) as tmp:
@@ -93,7 +108,8 @@ def export_onnx(
         if precision == "fp16":
             graph = to_fp16(graph)
         elif precision == "int8":
-            graph = to_int8(graph, calibration if calibration is not None else example)
+            scopes = [_node_scope(model, path) for path, _ in float_modules(model)]
+            graph = to_int8(graph, calibration if calibration is not None else example, scopes)
         del graph.metadata_props[:]
         for key, value in sorted(metadata.items()):
             entry = graph.metadata_props.add()

@@ -19,11 +19,13 @@ import contextlib
 import io
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
+
+from ..quiet import no_root_warnings
 
 # Numerically sensitive in fp16 (see the module docstring); they run in fp32.
 FP16_KEEP_FP32 = (
@@ -97,8 +99,11 @@ class _Calibration:
         return next(self._feeds, None)
 
 
-def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
-    """Static QDQ int8: per-channel int8 weights, uint8 activations.
+def to_int8(
+    model: onnx.ModelProto, calibration: np.ndarray, float_scopes: Sequence[str] = ()
+) -> onnx.ModelProto:
+    """Static QDQ int8: per-channel int8 weights, uint8 activations; nodes whose names
+    start with one of `float_scopes` (the modules that ask for it) stay float.
 
     Activation ranges come from the 99.999th percentile of the calibration
     activations, not their min and max: one outlier no longer stretches the scale for
@@ -118,8 +123,10 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
         # Shape inference and graph cleanup first, as onnxruntime recommends: without
         # shapes, some ops keep float paths between quantized neighbours.
         quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+        nodes = onnx.load(str(prepared)).graph.node
+        excluded = [n.name for n in nodes if n.name.startswith(tuple(float_scopes))]
         # The calibrator prints its progress; stdout belongs to `--json -`.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), no_root_warnings():
             quantize_static(
                 str(prepared),
                 str(quantized),
@@ -129,5 +136,6 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
                 weight_type=QuantType.QInt8,
                 activation_type=QuantType.QUInt8,
                 calibrate_method=CalibrationMethod.Percentile,
+                nodes_to_exclude=excluded,
             )
         return onnx.load(str(quantized))

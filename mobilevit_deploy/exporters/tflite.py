@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import MvdError
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
+from .formats import float_modules
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
 
@@ -78,7 +79,12 @@ def _signature(path: Path) -> tuple[str, str]:
     return key, signatures[key]["inputs"][0]
 
 
-def _quantize(fp32: Path, out: Path, precision: str, int8_mode: str, calibration) -> None:
+def _quantize(
+    fp32: Path, out: Path, precision: str, int8_mode: str, calibration, keep_float=()
+) -> None:
+    """`keep_float`: module classes whose ops stay float in full-integer int8. litert-torch
+    names each tensor by its module chain, one "<module>.<Class>_<attribute>" per level,
+    so a class is matched by that part of the name."""
     from ai_edge_quantizer import quantizer, recipe
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
     from ai_edge_quantizer.qtyping import TFLOperationName
@@ -95,8 +101,16 @@ def _quantize(fp32: Path, out: Path, precision: str, int8_mode: str, calibration
         q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
     else:
         q.load_quantization_recipe(recipe.static_wi8_ai8())
-        for edge in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):  # float32 I/O
-            q.update_quantization_recipe(".*", edge, algorithm_key=AlgorithmName.NO_QUANTIZE)
+        # float32 I/O; and DIV stays float: an int8 divisor that rounds to its zero point
+        # stops the interpreter (EfficientViT's attention normaliser did, at run time).
+        for op in (TFLOperationName.INPUT, TFLOperationName.OUTPUT, TFLOperationName.DIV):
+            q.update_quantization_recipe(".*", op, algorithm_key=AlgorithmName.NO_QUANTIZE)
+        for cls in keep_float:
+            q.update_quantization_recipe(
+                f".*{re.escape(f'{cls.__module__}.{cls.__qualname__}_')}.*",
+                TFLOperationName.ALL_SUPPORTED,
+                algorithm_key=AlgorithmName.NO_QUANTIZE,
+            )
     calibration_result = None
     if q.need_calibration:
         key, name = _signature(fp32)
@@ -184,7 +198,8 @@ def export_tflite(
             try:
                 _convert_fp32(model, example, fp32)
                 images = calibration if calibration is not None else example
-                _quantize(fp32, tmp, precision, int8_mode, images)
+                keep_float = {type(module) for _, module in float_modules(model)}
+                _quantize(fp32, tmp, precision, int8_mode, images, sorted(keep_float, key=str))
             finally:
                 fp32.unlink(missing_ok=True)
         metadata.update(inspect_tflite(tmp))
