@@ -31,7 +31,15 @@ HERE = Path(__file__).parent
 def run_format(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
     """One `verify` per model and format: the float64 reference is computed once for all
     of the format's precisions. A converter that crashes is a cell's error, not the end
-    of a run that takes hours."""
+    of a run that takes hours; then each precision runs alone, so the error lands on the
+    precision that has it and the others still get their numbers."""
+    cells = _verify_cells(name, fmt, precisions, args)
+    if len(precisions) > 1 and cells[0]["status"] == "error":
+        cells = [c for p in precisions for c in _verify_cells(name, fmt, [p], args)]
+    return cells
+
+
+def _verify_cells(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
     start = time.perf_counter()
     cells = [{"model": name, "format": fmt, "precision": p} for p in precisions]
     try:
@@ -104,11 +112,21 @@ def main() -> int:
     args = parser.parse_args()
     out_json = args.out / "matrix.json"
     cells = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else []
-    done = {(c["model"], c["format"]) for c in cells if c["status"] != "error"}
-    cells = [c for c in cells if (c["model"], c["format"]) in done]
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
+    formats = args.formats.split(",")
+    # A selected model's format is done when all its cells passed or were skipped: FAIL
+    # and error run again; cells of models outside this run's selection stay as they are.
+    rerun = {
+        (c["model"], c["format"])
+        for c in cells
+        if c["status"] in ("FAIL", "error")
+        and c["model"] in {s.name for s in specs}
+        and c["format"] in formats
+    }
+    cells = [c for c in cells if (c["model"], c["format"]) not in rerun]
+    done = {(c["model"], c["format"]) for c in cells}
     for spec in specs:
-        for fmt in args.formats.split(","):
+        for fmt in formats:
             info = FORMATS[fmt]
             precisions = [p for p in args.precisions.split(",") if p in info.precisions]
             if not precisions or (spec.name, fmt) in done:
@@ -132,9 +150,24 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        cells = zoo_order(cells)
         write(cells, args)  # after every model: a stopped run keeps what it measured
     counts = write(cells, args)
     return 1 if counts["FAIL"] or counts["error"] else 0
+
+
+def zoo_order(cells: list[dict]) -> list[dict]:
+    """The zoo's order, whatever order a resumed run measured the cells in."""
+    models = {s.name: i for i, s in enumerate(list_models())}
+    formats, precisions = list(FORMATS), ["fp32", "fp16", "int8"]
+    return sorted(
+        cells,
+        key=lambda c: (
+            models.get(c["model"], len(models)),
+            formats.index(c["format"]),
+            precisions.index(c["precision"]),
+        ),
+    )
 
 
 def write(cells: list[dict], args) -> dict[str, int]:

@@ -1,0 +1,76 @@
+"""benchmarks/run_matrix.py's bookkeeping, with `verify` stubbed: an error lands on the
+precision that has it, --resume reruns only what did not pass, the table keeps the zoo's
+order. (The cells' numbers come from the real verify, tested elsewhere.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "run_matrix.py"
+
+
+@pytest.fixture
+def run_matrix(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("run_matrix", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+
+    def fake_verify(name, formats, precisions, **_kwargs):
+        calls.append((name, formats[0], tuple(precisions)))
+        if "int8" in precisions and name == "fastvit_t12":
+            raise RuntimeError("DIV failed to invoke\nmore lines")
+        pairs = [
+            SimpleNamespace(
+                candidate=f"{formats[0]} fused ({p})",
+                passed=name != "fastvit_t8" or p != "fp16",
+                bound="b",
+                metrics={"max_rel": 1e-7, "psnr_db": 120.0, "top1": 1.0},
+            )
+            for p in precisions
+        ]
+        return SimpleNamespace(pairs=pairs, problems=[], image_size=(64, 64))
+
+    monkeypatch.setattr(module, "verify", fake_verify)
+
+    def run(*extra):
+        argv = ["run_matrix.py", "--formats", "onnx", "--out", str(tmp_path), *extra]
+        monkeypatch.setattr(sys, "argv", argv)
+        code = module.main()
+        return code, json.loads((tmp_path / "matrix.json").read_text())
+
+    return run, calls
+
+
+def test_an_error_is_pinned_to_its_precision_and_resume_reruns_what_failed(run_matrix):
+    run, calls = run_matrix
+    code, cells = run("--models", "fastvit_t8", "fastvit_t12")
+    assert code == 1
+    status = {(c["model"], c["precision"]): c["status"] for c in cells}
+    assert status == {
+        ("fastvit_t8", "fp32"): "pass",
+        ("fastvit_t8", "fp16"): "FAIL",
+        ("fastvit_t8", "int8"): "pass",
+        ("fastvit_t12", "fp32"): "pass",
+        ("fastvit_t12", "fp16"): "pass",
+        ("fastvit_t12", "int8"): "error",
+    }
+    error = next(c for c in cells if c["status"] == "error")
+    assert error["detail"] == "RuntimeError: DIV failed to invoke"  # first line only
+    assert ("fastvit_t12", "onnx", ("fp32",)) in calls  # rerun alone after the error
+
+    calls.clear()
+    _, resumed = run("--models", "fastvit_t12", "fastvit_t8", "fastvit_s12", "--resume")
+    assert {name for name, _, _ in calls} == {"fastvit_t8", "fastvit_t12", "fastvit_s12"}
+    calls.clear()
+    _, kept = run("--models", "fastvit_s12", "--resume")
+    assert calls == [], "a format whose cells all passed is not run again"
+    assert len(kept) == 9, "the failed cells of models outside the selection stay"
+    order = [c["model"] for c in resumed]
+    assert order == sorted(order, key=["fastvit_t8", "fastvit_t12", "fastvit_s12"].index)
