@@ -28,6 +28,13 @@ NOISE_FLOOR_FACTOR = 2.0
 # nearly tied, so int8's decision agreement is reported, not judged. The int8 bound
 # catches broken quantization (wrong scales, a float path left: below 10 dB), not the
 # accuracy a trained model keeps, which only real weights and data can show.
+#
+# A decision whose reference margin (top-1 logit minus the runner-up) is within
+# NEAR_TIE_FACTOR x the candidate's RMS error is a coin toss at that precision, not a
+# defect: agreement is judged on the other, decisive, inputs (or pixels) and the raw
+# agreement is still reported. Stressed EfficientViT-B0 at 64: fp16 at 60.9 dB flipped
+# one of six inputs, a tie by that rule; a broken fp16 graph also loses its PSNR.
+NEAR_TIE_FACTOR = 3.0
 REDUCED_PRECISION = {
     "fp16": {"min_psnr_db": 40.0, "min_agreement": 0.9},
     "int8": {"min_psnr_db": 15.0, "min_agreement": 0.0},
@@ -39,7 +46,7 @@ def judge(metrics: dict, precision: str, max_rel: float) -> tuple[bool, str]:
     rule = REDUCED_PRECISION.get(precision)
     if rule is None:
         return metrics["max_rel"] <= max_rel, f"{max_rel:.0e}"
-    agreement = metrics.get("top1", metrics.get("pixel_agreement", 0.0))
+    agreement = metrics.get("decisive_agreement", metrics.get("top1", 0.0))
     passed = metrics["psnr_db"] >= rule["min_psnr_db"] and agreement >= rule["min_agreement"]
     if not rule["min_agreement"]:
         return passed, f">={rule['min_psnr_db']:g}dB"
@@ -63,12 +70,21 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str = "classific
         "cosine": float(cosine.min()),
         "psnr_db": math.inf if rmse == 0 else 20 * math.log10(scale / rmse),
     }
+    agrees = ref.argmax(1) == out.argmax(1)
+    top2 = -np.partition(-ref, 1, axis=1)[:, :2] if ref.shape[1] > 1 else None
+    decisive = (
+        top2[:, 0] - top2[:, 1] > NEAR_TIE_FACTOR * rmse
+        if top2 is not None
+        else np.ones_like(agrees)
+    )
+    result["near_ties"] = float(1 - np.mean(decisive))
+    result["decisive_agreement"] = float(np.mean(agrees[decisive])) if decisive.any() else 1.0
     if task == "classification":
-        result["top1"] = float(np.mean(ref.argmax(1) == out.argmax(1)))
+        result["top1"] = float(np.mean(agrees))
         top5_r = np.argsort(-ref, axis=1)[:, :5]
         top5_o = np.argsort(-out, axis=1)[:, :5]
         overlap = [len(set(a) & set(b)) / 5 for a, b in zip(top5_r, top5_o, strict=True)]
         result["top5"] = float(np.mean(overlap))
     else:
-        result["pixel_agreement"] = float(np.mean(ref.argmax(1) == out.argmax(1)))
+        result["pixel_agreement"] = float(np.mean(agrees))
     return result

@@ -28,7 +28,14 @@ from . import api
 from .errors import BadInput
 from .exporters.formats import FORMATS, check_format
 from .images import natural_images, random_normal_inputs, to_model_input
-from .metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION, compare, judge
+from .metrics import (
+    DEFAULT_TOLERANCES,
+    NEAR_TIE_FACTOR,
+    NOISE_FLOOR_FACTOR,
+    REDUCED_PRECISION,
+    compare,
+    judge,
+)
 from .registry import get_spec
 from .reparam import reparameterize, training_leftovers
 from .runtimes.coreml import check_package
@@ -143,6 +150,16 @@ def verify(
             tol = max(tol, NOISE_FLOOR_FACTOR * report.fp32_noise_floor)
         passed, bound = judge(metrics, precision, tol)
         report.pairs.append(PairResult(candidate, precision, tol, metrics, passed, bound))
+        raw = metrics.get("top1", metrics.get("pixel_agreement", 1.0))
+        judged = REDUCED_PRECISION.get(precision, {}).get("min_agreement")
+        if judged and raw < metrics["decisive_agreement"]:
+            report.notes.append(
+                f"{candidate}: agreement judged on decisive "
+                + ("inputs" if "top1" in metrics else "pixels")
+                + f" ({metrics['decisive_agreement']:.3f}); {metrics['near_ties']:.1%} are "
+                f"near-ties (reference margin within {NEAR_TIE_FACTOR:g}x the RMS error), "
+                "where a flip is not a defect"
+            )
 
     progress("running the unfused reference in float64")
     reference = TorchRunner(model, torch.float64)(x)
