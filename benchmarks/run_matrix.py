@@ -150,7 +150,6 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        cells = zoo_order(cells)
         write(cells, args)  # after every model: a stopped run keeps what it measured
     counts = write(cells, args)
     return 1 if counts["FAIL"] or counts["error"] else 0
@@ -183,7 +182,9 @@ def write(cells: list[dict], args) -> dict[str, int]:
         "bound",
         "detail",
     ]
+    cells = zoo_order(cells)
     counts = {s: sum(c["status"] == s for c in cells) for s in ("pass", "FAIL", "error", "skipped")}
+    missing = [s.name for s in list_models() if s.name not in {c["model"] for c in cells}]
     text = (
         "# Format x precision matrix\n\n"
         f"Written by `python benchmarks/run_matrix.py` (`make matrix`) on "
@@ -196,7 +197,9 @@ def write(cells: list[dict], args) -> dict[str, int]:
         "(or argmax-pixel) agreement on decisive inputs (not tied within 3x its RMS error); "
         "int8 to 15 dB, its agreement reported, not judged (stressed logits are near-tied). "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
-        + f", {sum(c.get('seconds', 0) for c in cells) / 60:.0f} minutes of verifying.\n\n"
+        + f", {sum(c.get('seconds', 0) for c in cells) / 60:.0f} minutes of verifying."
+        + (f" Not in this table (not run): {', '.join(missing)}." if missing else "")
+        + "\n\n"
         + markdown_table(headers, [row(c) for c in cells])
     )
     (args.out / "MATRIX.md").write_text(text)

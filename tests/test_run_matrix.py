@@ -40,6 +40,7 @@ def run_matrix(monkeypatch, tmp_path):
     monkeypatch.setattr(module, "verify", fake_verify)
 
     def run(*extra):
+        """(exit code, cells of matrix.json) of one run over `--formats onnx`."""
         argv = ["run_matrix.py", "--formats", "onnx", "--out", str(tmp_path), *extra]
         monkeypatch.setattr(sys, "argv", argv)
         code = module.main()
@@ -48,7 +49,7 @@ def run_matrix(monkeypatch, tmp_path):
     return run, calls
 
 
-def test_an_error_is_pinned_to_its_precision_and_resume_reruns_what_failed(run_matrix):
+def test_an_error_is_pinned_to_its_precision_and_resume_reruns_what_failed(run_matrix, tmp_path):
     run, calls = run_matrix
     code, cells = run("--models", "fastvit_t8", "fastvit_t12")
     assert code == 1
@@ -64,6 +65,9 @@ def test_an_error_is_pinned_to_its_precision_and_resume_reruns_what_failed(run_m
     error = next(c for c in cells if c["status"] == "error")
     assert error["detail"] == "RuntimeError: DIV failed to invoke"  # first line only
     assert ("fastvit_t12", "onnx", ("fp32",)) in calls  # rerun alone after the error
+    table = (tmp_path / "MATRIX.md").read_text()
+    not_run = table.split("Not in this table (not run): ")[1].split(".\n")[0].split(", ")
+    assert "fastvit_s12" in not_run and "fastvit_t8" not in not_run
 
     calls.clear()
     _, resumed = run("--models", "fastvit_t12", "fastvit_t8", "fastvit_s12", "--resume")
