@@ -60,7 +60,12 @@ def apply_stress_weights(model: nn.Module, calibration: torch.Tensor, seed: int 
             bn.bias.copy_(0.2 * torch.randn(bn.bias.shape, generator=gen))
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration batches
-    model.train()
+    # Only the norms calibrate in train mode: dropout and stochastic depth would make
+    # the statistics depend on the global RNG (SeaFormer's DropPath did: stressed models,
+    # and every test on them, changed with whatever ran before in the process).
+    model.eval()
+    for bn in norms:
+        bn.train()
     for chunk in calibration.split(4):
         model(chunk)
     for bn in norms:
