@@ -116,12 +116,11 @@ def main() -> int:
     formats = args.formats.split(",")
     # A selected model's format is done when all its cells passed or were skipped: FAIL
     # and error run again; cells of models outside this run's selection stay as they are.
+    selected = {s.name for s in specs}
     rerun = {
         (c["model"], c["format"])
         for c in cells
-        if c["status"] in ("FAIL", "error")
-        and c["model"] in {s.name for s in specs}
-        and c["format"] in formats
+        if c["status"] in ("FAIL", "error") and c["model"] in selected and c["format"] in formats
     }
     cells = [c for c in cells if (c["model"], c["format"]) not in rerun]
     done = {(c["model"], c["format"]) for c in cells}

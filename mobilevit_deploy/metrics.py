@@ -71,12 +71,11 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str = "classific
         "psnr_db": math.inf if rmse == 0 else 20 * math.log10(scale / rmse),
     }
     agrees = ref.argmax(1) == out.argmax(1)
-    top2 = -np.partition(-ref, 1, axis=1)[:, :2] if ref.shape[1] > 1 else None
-    decisive = (
-        top2[:, 0] - top2[:, 1] > NEAR_TIE_FACTOR * rmse
-        if top2 is not None
-        else np.ones_like(agrees)
-    )
+    if ref.shape[1] > 1:
+        top2 = -np.partition(-ref, 1, axis=1)[:, :2]
+        decisive = top2[:, 0] - top2[:, 1] > NEAR_TIE_FACTOR * rmse
+    else:  # one class: no runner-up to tie with
+        decisive = np.ones_like(agrees)
     result["near_ties"] = float(1 - np.mean(decisive))
     result["decisive_agreement"] = float(np.mean(agrees[decisive])) if decisive.any() else 1.0
     if task == "classification":
