@@ -9,17 +9,20 @@ benchmark("fastvit_sa12")                           # BenchReport
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .configure import Features, configure
 from .errors import BadInput
 from .exporters import Artifact
-from .exporters.formats import ONNX_OPSETS, check_format, float_modules
-from .exporters.metadata import artifact_metadata
-from .files import check_output_file
+from .exporters.formats import FORMATS, ONNX_OPSETS, check_format, float_modules
+from .exporters.metadata import CALLER_MODULE, artifact_metadata
+from .files import check_output_file, resolve_artifact_path
+from .hub import is_hub_folder, read_hub_folder
 from .images import natural_images, to_model_input
 from .registry import ModelSpec, get_spec
 from .reparam import reparameterize
@@ -45,16 +48,30 @@ def load_model(
     *,
     pretrained: bool | str = False,
     progress: bool = True,
+    num_classes: int | None = None,
+    image_size: ImageSize = None,
+    labels: Path | Sequence[str] | None = None,
+    features: Features = None,
 ) -> nn.Module:
     """The model in the form its weights hold (train, deploy or fused), in eval mode.
 
-    `weights` is a path or an http(s) URL (downloaded once into the cache);
+    `weights` is a path, a local hub folder (config.json beside model.safetensors or
+    pytorch_model.bin) or an http(s) URL (downloaded once into the cache);
     `pretrained` picks a published checkpoint by tag. Without either, the model is
     randomly initialised (seeded: the same every time).
+
+    The checkpoint sizes the model (configure.py): its head's classes (or none), a
+    LeViT's token grid, the class names it carries. `num_classes` builds a fresh model
+    of that size or checks a checkpoint against it; `image_size` other than a LeViT
+    checkpoint's resizes its bias tables; `labels` (a file or names) must match the
+    head; `features` (True or stage indices) makes the model return feature maps.
+    The spec of what was built is `model.mvd_spec`.
     """
     spec = get_spec(name)
     if weights is not None and pretrained:
         raise BadInput("give either --weights or --pretrained, not both")
+    asked_size = check_image_size(spec, image_size) if image_size is not None else None
+    config = dict(num_classes=num_classes, image_size=asked_size, labels=labels, features=features)
     source, sha = None, None
     if pretrained:
         source, sha = resolve_pretrained(spec, pretrained)
@@ -65,13 +82,26 @@ def load_model(
 
         weights = download(source, sha256=sha, progress=progress)
     if weights is None:
+        derived, _ = configure(spec, None, **config)
         # Seeded, so the same command exports the same file (CI caches, reviews).
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = spec.build().eval()
+            model = derived.build().eval()
         model.mvd_provenance = None
+        model.mvd_spec = derived
         return model
-    return load_into_spec(spec, Path(weights), source)
+    path, carried = Path(weights), None
+    if is_hub_folder(path):
+        path, carried = read_hub_folder(path, spec)
+    model = load_into_spec(spec, path, source, carried=carried, **config)
+    check_image_size(spec, model.mvd_spec.input_hw)  # a hub config's size must fit too
+    return model
+
+
+def spec_of(model: nn.Module, name: str) -> ModelSpec:
+    """The spec a loaded model was built from; the zoo's for a caller's own module."""
+    spec = getattr(model, "mvd_spec", None)
+    return spec if spec is not None else get_spec(name)
 
 
 ImageSize = int | tuple[int, int] | str | None
@@ -117,7 +147,7 @@ COMPRESSIONS = ("palettize8", "int8")
 INT8_MODES = ("static", "dynamic")
 FORMAT_OPTIONS = {
     "onnx": {"opset", "dynamic_batch", "simplify"},
-    "coreml": {"image_input", "min_target", "compress", "labels"},
+    "coreml": {"image_input", "min_target", "compress"},
     "tflite": {"nhwc", "int8_mode"},
 }
 OPTION_DEFAULTS = {
@@ -127,7 +157,6 @@ OPTION_DEFAULTS = {
     "image_input": False,
     "min_target": "iOS16",
     "compress": None,
-    "labels": None,
     "nhwc": False,
     "int8_mode": "static",
 }
@@ -168,6 +197,9 @@ def export(
     precision: str | None = None,
     calibration_images: int = 32,
     upsample: str | None = None,
+    num_classes: int | None = None,
+    labels: Path | Sequence[str] | None = None,
+    features: Features = None,
     **options,
 ) -> Artifact:
     """Export `name` (or an already loaded `model` of that name) to one artifact.
@@ -176,12 +208,22 @@ def export(
     fp32). int8 calibrates on `calibration_images` natural-looking images, drawn with
     a seed apart from the ones verify and bench use, so those are never calibrated on.
     `upsample` ("bicubic" or "bilinear") picks a segmenter's resize mode, for runtimes
-    without bicubic resize; the metadata records it. `options` are the format's own:
-    onnx: opset, dynamic_batch, simplify; coreml: image_input, min_target, compress,
-    labels; tflite: nhwc, int8_mode ("static" full-integer or "dynamic" range).
+    without bicubic resize; the metadata records it. `num_classes`, `labels` and
+    `features` configure the model as in `load_model` (not with `model`, which is
+    configured already). `output` may be a directory (`DIR/<model><suffix>`) or a
+    name without the suffix (which is added; the artifact's notes say so). `options`
+    are the format's own: onnx: opset, dynamic_batch, simplify; coreml: image_input,
+    min_target, compress; tflite: nhwc, int8_mode ("static" full-integer or "dynamic").
     """
-    spec = get_spec(name)
-    size = check_image_size(spec, image_size)
+    configured = num_classes is not None or labels is not None or features not in (None, False)
+    if model is not None and configured:
+        raise BadInput(
+            "num_classes, labels and features configure a model being loaded; "
+            "pass them to load_model, not with model="
+        )
+    spec = spec_of(model, name) if model is not None else get_spec(name)
+    if image_size is not None:
+        check_image_size(spec, image_size)
     fmt = check_format(format, precision)
     precision = precision or fmt.default_precision
     _check_options(format, options)
@@ -192,7 +234,8 @@ def export(
         raise BadInput(f"batch must be at least 1, got {batch}")
     if precision == "int8" and calibration_images < 1:
         raise BadInput(f"int8 needs calibration images, got {calibration_images}")
-    out = Path(output) if output else Path(f"{spec.name}{fmt.suffix}")
+    others = {f.suffix: f.name for f in FORMATS.values() if f.name != format}
+    out, path_note = resolve_artifact_path(output, spec.name, fmt.suffix, others)
     check_output_file(out, package=format == "coreml")
     if upsample is not None and upsample not in ("bicubic", "bilinear"):
         raise BadInput(f"--upsample takes bicubic or bilinear, not {upsample!r}")
@@ -202,13 +245,24 @@ def export(
             "use --upsample bilinear, whose cost `mvd verify` reports"
         )
     if model is None:
-        model = load_model(name, weights, pretrained=pretrained)
+        model = load_model(
+            name,
+            weights,
+            pretrained=pretrained,
+            image_size=image_size,
+            num_classes=num_classes,
+            labels=labels,
+            features=features,
+        )
+        spec = model.mvd_spec
+    size = check_image_size(spec, image_size)
     if upsample is not None and not callable(getattr(model, "set_upsample", None)):
         raise BadInput(f"{spec.name} has no upsampling to choose (--upsample is for segmenters)")
-    provenance = getattr(model, "mvd_provenance", None)
+    provenance = getattr(model, "mvd_provenance", CALLER_MODULE)
     deployable = reparameterize(model, image_size=size) if reparam else model.eval()
     meta = artifact_metadata(
         spec,
+        model=deployable,
         provenance=provenance,
         image_size=size,
         batch="batch" if options.get("dynamic_batch") else batch,
@@ -217,12 +271,15 @@ def export(
         fmt=format,
         extra_tools=fmt.dists,
     )
+    notes = [path_note] if path_note else []
+    notes += list(spec.adaptations)
     if upsample is None and not fmt.has_bicubic and callable(getattr(model, "set_upsample", None)):
         upsample = "bilinear"
-        meta["upsample_note"] = (
+        notes.append(
             f"{format} has no bicubic resize, so this segmenter upsamples bilinear; "
             "`mvd verify` reports what that costs against the bicubic original"
         )
+        meta["upsample_note"] = notes[-1]
     if upsample is not None:
         deployable.set_upsample(upsample)  # a copy (reparameterize) or the eval model
         meta["upsample"] = upsample
@@ -250,4 +307,4 @@ def export(
         export_tflite(
             deployable, out, example, meta, precision=precision, calibration=calibration, **options
         )
-    return Artifact(out, format, precision, meta)
+    return Artifact(out, format, precision, meta, tuple(notes))

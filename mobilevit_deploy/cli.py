@@ -44,6 +44,39 @@ ImageSize = Annotated[
     str | None, typer.Option(help="N or HxW (e.g. 224, 1024x2048); default: the model's.")
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+NumClasses = Annotated[
+    int | None,
+    typer.Option(
+        help="Head size: builds a fresh model of it, or checks a checkpoint against it "
+        "(default: read from the checkpoint's head; 0 = headless)."
+    ),
+]
+Labels = Annotated[
+    Path | None,
+    typer.Option(help="Class names, one per line (default: the checkpoint's, if it has any)."),
+]
+FeaturesFlag = Annotated[
+    bool,
+    typer.Option(
+        "--features", help="Export the backbone's multi-scale feature maps instead of the head."
+    ),
+]
+Stages = Annotated[
+    str | None,
+    typer.Option(help="With --features: the stage indices wanted, e.g. 1,2,3 (default: all)."),
+]
+
+
+def _features(features: bool, stages: str | None) -> bool | tuple[int, ...] | None:
+    """--features alone: every stage; --stages picks some (and implies --features)."""
+    if stages is None:
+        return True if features else None
+    try:
+        return tuple(int(part) for part in stages.split(",") if part.strip())
+    except ValueError:
+        from .errors import BadInput
+
+        raise BadInput(f"--stages takes comma-separated stage indices, not {stages!r}") from None
 
 
 def _pretrained(tag: str | None) -> bool | str:
@@ -117,12 +150,29 @@ def list_cmd(
 
 @app.command()
 @handle_errors
-def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) -> None:
-    """Params unfused / deploy / fused, MACs, preprocessing, formats, weights."""
+def info(
+    model: str,
+    weights: Weights = None,
+    image_size: ImageSize = None,
+    num_classes: NumClasses = None,
+    labels: Labels = None,
+    features: FeaturesFlag = False,
+    stages: Stages = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Params unfused / deploy / fused, MACs, preprocessing, formats, weights; with
+    --weights, what the checkpoint decides (head size, input size, class names)."""
     from .info import model_info
 
     with err.status(f"building {model} in its three forms"):
-        data = model_info(model, image_size)
+        data = model_info(
+            model,
+            image_size,
+            weights=weights,
+            num_classes=num_classes,
+            labels=labels,
+            features=_features(features, stages),
+        )
     if as_json:
         return _print_json(data)
     table = Table(title=data["name"], show_header=False)
@@ -131,6 +181,11 @@ def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) ->
     table.add_row("family / task", f"{data['family']} / {data['task']}")
     table.add_row("description", data["description"])
     table.add_row("input", f"3x{_hw(data['input_size'])} (NCHW, RGB)")
+    table.add_row("outputs", _outputs_line(data))
+    for line in data["configured_by"]:
+        table.add_row("configuration", line)
+    for line in data["adaptations"]:
+        table.add_row("note", line)
     for form in ("train", "deploy", "fused"):
         table.add_row(f"params ({form})", _fmt_int(data["params"][form]))
     table.add_row("MACs (fused)", f"{data['macs'] / 1e9:.3f} G")
@@ -146,6 +201,19 @@ def info(model: str, image_size: ImageSize = None, as_json: JsonFlag = False) ->
         or "no download URL; load files with --weights",
     )
     out.print(table)
+
+
+def _outputs_line(data: dict) -> str:
+    """'logits of 10 classes' / 'stage0 (stride 4, 48 ch), ...'."""
+    outputs = data["outputs"]
+    if data["task"] == "features" and "stride" in outputs[0]:
+        return ", ".join(f"{o['name']} (stride {o['stride']}, {o['channels']} ch)" for o in outputs)
+    if data["num_classes"] == 0:
+        return "pooled features (no head)"
+    what = "class map" if data["task"] == "segmentation" else "logits"
+    names = f"; names: {', '.join(data['class_names'][:5])}" if data["class_names"] else ""
+    more = " ..." if data["class_names"] and len(data["class_names"]) > 5 else ""
+    return f"{what} of {data['num_classes']} classes ({data['labels']}){names}{more}"
 
 
 @app.command()
@@ -178,7 +246,14 @@ def reparam(
 def export(
     model: str,
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, coreml or tflite.")] = "onnx",
-    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="File, or a directory (DIR/ gets DIR/<model><suffix>); a missing suffix is added.",
+        ),
+    ] = None,
     weights: Weights = None,
     pretrained: Pretrained = None,
     image_size: ImageSize = None,
@@ -205,9 +280,10 @@ def export(
     compress: Annotated[
         str | None, typer.Option(help="CoreML: weight compression, palettize8 or int8.")
     ] = None,
-    labels: Annotated[
-        Path | None, typer.Option(help="CoreML classifiers: a labels file, one per line.")
-    ] = None,
+    labels: Labels = None,
+    num_classes: NumClasses = None,
+    features: FeaturesFlag = False,
+    stages: Stages = None,
     nhwc: Annotated[bool, typer.Option(help="TFLite: channels-last input and output.")] = False,
     int8_mode: Annotated[
         str, typer.Option(help="TFLite int8: static (full integer) or dynamic (range).")
@@ -230,6 +306,9 @@ def export(
             precision=precision,
             calibration_images=calibration_images,
             upsample=upsample,
+            num_classes=num_classes,
+            labels=labels,
+            features=_features(features, stages),
             **_changed_options(
                 dynamic_batch=dynamic_batch,
                 opset=opset,
@@ -237,13 +316,12 @@ def export(
                 image_input=image_input,
                 min_target=min_target,
                 compress=compress,
-                labels=labels,
                 nhwc=nhwc,
                 int8_mode=int8_mode,
             ),
         )
-    if "upsample_note" in artifact.metadata:
-        err.print(f"[yellow]note:[/] {escape(artifact.metadata['upsample_note'])}")
+    for note in artifact.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     from .files import artifact_size
 
     size = artifact_size(artifact.path) / 2**20
@@ -254,12 +332,25 @@ def export(
                 "sidecar": str(artifact.sidecar),
                 "size_mib": size,
                 "metadata": artifact.metadata,
+                "notes": list(artifact.notes),
             }
         )
     out.print(
         f"[green]wrote[/] {artifact.path} ({size:.1f} MiB, {artifact.precision}, "
-        f"{'fused' if not no_reparam else 'unfused'}) + {artifact.sidecar.name}"
+        f"{'fused' if not no_reparam else 'unfused'}, {_artifact_outputs(artifact.metadata)}) "
+        f"+ {artifact.sidecar.name}",
+        soft_wrap=True,
     )
+
+
+def _artifact_outputs(meta: dict) -> str:
+    """'10 classes', '150-class map', 'pooled features', '4 feature maps'."""
+    if meta["task"] == "features":
+        n = len(meta["output_names"])
+        return "pooled features" if n == 1 else f"{n} feature maps"
+    if meta["task"] == "segmentation":
+        return f"{meta['num_classes']}-class map"
+    return f"{meta['num_classes']} classes"
 
 
 def _changed_options(**options) -> dict:
@@ -293,7 +384,15 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def _run_verify(
-    model, formats, weights, pretrained, image_size, num_images, images=None, precisions=""
+    model,
+    formats,
+    weights,
+    pretrained,
+    image_size,
+    num_images,
+    images=None,
+    precisions="",
+    **config,
 ):
     from . import verify as verify_mod
 
@@ -308,6 +407,7 @@ def _run_verify(
             image_size=image_size,
             num_images=num_images,
             images_dir=images,
+            **config,
             progress=lambda msg: status.update(f"verifying {model}: {msg}"),
             warn=lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"),
         )
@@ -346,6 +446,10 @@ def verify(
     images: Annotated[
         Path | None, typer.Option(help="A folder of your images to verify on (any format).")
     ] = None,
+    num_classes: NumClasses = None,
+    labels: Labels = None,
+    features: FeaturesFlag = False,
+    stages: Stages = None,
     json_path: JsonPath = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
     markdown: MarkdownPath = None,
@@ -357,7 +461,17 @@ def verify(
     for path in (json_path, junit, markdown):
         check_output_file(path)
     report = _run_verify(
-        model, formats, weights, pretrained, image_size, num_images, images, precisions
+        model,
+        formats,
+        weights,
+        pretrained,
+        image_size,
+        num_images,
+        images,
+        precisions,
+        num_classes=num_classes,
+        labels=labels,
+        features=_features(features, stages),
     )
     if json_path == Path("-"):
         _print_json(report.to_dict())
@@ -377,6 +491,8 @@ def _render_verify(report) -> None:
     table = Table(title=f"{report.model} @ {_hw(report.image_size)}: vs {report.reference}")
     segments = any("pixel_agreement" in p.metrics for p in report.pairs)
     agreement = ("argmax px",) if segments else ("top-1", "top-5")
+    if report.task == "features":
+        agreement = ()
     columns = ("candidate", "max abs", "max rel", "bound", "1 - cos", "PSNR dB", *agreement)
     for col in (*columns, ""):
         table.add_column(col, justify="left" if col == "candidate" else "right")
@@ -390,7 +506,9 @@ def _render_verify(report) -> None:
             f"{1 - m['cosine']:.1e}",
             f"{m['psnr_db']:.1f}",
             *(
-                [f"{m['pixel_agreement']:.4f}"]
+                []
+                if not agreement
+                else [f"{m['pixel_agreement']:.4f}"]
                 if segments
                 else [f"{m['top1']:.3f}", f"{m['top5']:.3f}"]
             ),
@@ -401,6 +519,11 @@ def _render_verify(report) -> None:
         f"run differs from the reference by {report.fp32_noise_floor:.1e}",
         soft_wrap=True,
     )
+    if len(report.outputs) > 1:
+        out.print(
+            f"outputs compared: {', '.join(report.outputs)} (each row: the worst of them)",
+            soft_wrap=True,
+        )
     out.print(table)
     for note in report.notes:
         out.print(f"note: {escape(note)}", soft_wrap=True)

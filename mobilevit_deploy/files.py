@@ -49,6 +49,36 @@ def check_output_file(path: Path | None, package: bool = False) -> None:
     ensure_writable_dir(path.parent)
 
 
+def resolve_artifact_path(
+    output: str | Path | None, stem: str, suffix: str, other_suffixes: dict[str, str]
+) -> tuple[Path, str | None]:
+    """Where an export writes, and a note when that is not literally what was given.
+
+    None: `<stem><suffix>` here. An existing directory (not a package), or a path
+    written with a trailing `/`: `DIR/<stem><suffix>` inside it. A name without the
+    format's suffix gets it appended, and the note says so (an app or a runtime that
+    picks the loader by suffix would otherwise refuse the file); a name carrying another
+    format's suffix (`m.tflite` for ONNX) is a mistake and refused. `other_suffixes`
+    maps suffix -> format name.
+    """
+    if output is None:
+        return Path(f"{stem}{suffix}"), None
+    text = str(output)
+    path = Path(text)
+    is_package = suffix == ".mlpackage" and (path / "Manifest.json").is_file()
+    if text.endswith(("/", os.sep)) or (path.is_dir() and not is_package):
+        return path / f"{stem}{suffix}", None
+    if path.suffix == suffix:
+        return path, None
+    if path.suffix in other_suffixes:
+        raise BadInput(
+            f"{path} has the suffix of {other_suffixes[path.suffix]} files; this export "
+            f"writes {suffix} (give -o {path.with_suffix(suffix)}, or the matching --format)"
+        )
+    final = path.with_name(path.name + suffix)
+    return final, f"writing {final}: added the {suffix} suffix to {path}"
+
+
 def artifact_size(path: Path) -> int:
     """Bytes of a file, or of every file in a package directory (.mlpackage)."""
     if path.is_dir():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .exporters.formats import FORMATS
 from .machine import machine_stamp, stamp_line
-from .registry import get_spec, list_models
+from .registry import list_models
 from .reparam import reparameterize
 
 
@@ -42,22 +43,47 @@ def count_macs(model: torch.nn.Module, image_size: tuple[int, int]) -> int:
     return counter.get_total_flops() // 2
 
 
-def model_info(name: str, image_size: int | tuple[int, int] | str | None = None) -> dict:
-    from .api import check_image_size
+def model_info(
+    name: str,
+    image_size: int | tuple[int, int] | str | None = None,
+    *,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    labels: Path | None = None,
+    features: bool | tuple[int, ...] | None = None,
+) -> dict:
+    """What the model is; with `weights`, the user's model as their checkpoint sizes it."""
+    from .api import load_model
+    from .exporters.metadata import describe_outputs
 
-    spec = get_spec(name)
-    size = check_image_size(spec, image_size)
-    train = spec.build().eval()
+    train = load_model(
+        name,
+        weights,
+        image_size=image_size,
+        num_classes=num_classes,
+        labels=labels,
+        features=features,
+        progress=False,
+    )
+    spec = train.mvd_spec
+    size = spec.input_hw
     deploy = reparameterize(train, fold_affine=False, image_size=size)
     fused = reparameterize(train, image_size=size)
+    provenance = train.mvd_provenance
     return {
         "name": spec.name,
         "family": spec.family,
-        "task": spec.task,
+        "task": spec.output_kind,
         "description": spec.description,
         "input_size": list(size),
         "num_classes": spec.num_classes,
         "labels": spec.labels,
+        "class_names": list(spec.class_names) if spec.class_names else None,
+        "outputs": describe_outputs(spec, fused),
+        "configured_by": list(spec.configured_by),
+        "adaptations": list(spec.adaptations),
+        "weights_file": provenance.source if provenance else None,
+        "weights_form": provenance.form if provenance else None,
         "params": {
             "train": count_params(train),
             "deploy": count_params(deploy),

@@ -42,18 +42,42 @@ REDUCED_PRECISION = {
 
 
 def judge(metrics: dict, precision: str, max_rel: float) -> tuple[bool, str]:
-    """Pass/fail of one pair, and its bound in words for the report."""
+    """Pass/fail of one pair, and its bound in words for the report. Features have no
+    decision to agree on: PSNR alone judges their reduced precisions."""
     rule = REDUCED_PRECISION.get(precision)
     if rule is None:
         return metrics["max_rel"] <= max_rel, f"{max_rel:.0e}"
-    agreement = metrics.get("decisive_agreement", metrics.get("top1", 0.0))
+    if "decisive_agreement" not in metrics:
+        return metrics["psnr_db"] >= rule["min_psnr_db"], f">={rule['min_psnr_db']:g}dB"
+    agreement = metrics["decisive_agreement"]
     passed = metrics["psnr_db"] >= rule["min_psnr_db"] and agreement >= rule["min_agreement"]
     if not rule["min_agreement"]:
         return passed, f">={rule['min_psnr_db']:g}dB"
     return passed, f">={rule['min_psnr_db']:g}dB, agree>={rule['min_agreement']:g}"
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, task: str = "classification") -> dict:
+Outputs = np.ndarray | tuple[np.ndarray, ...]
+
+
+def compare(reference: Outputs, candidate: Outputs, task: str = "classification") -> dict:
+    """Metrics of one candidate. Several outputs (feature maps) are compared each
+    against its own scale; the pair is as good as its worst output, and `outputs`
+    keeps every output's own metrics."""
+    if isinstance(reference, tuple):
+        if not isinstance(candidate, tuple) or len(candidate) != len(reference):
+            raise ValueError("the candidate's outputs differ in number from the reference's")
+        each = [_compare_one(r, c, task) for r, c in zip(reference, candidate, strict=True)]
+        worst = {
+            "max_abs": max(m["max_abs"] for m in each),
+            "max_rel": max(m["max_rel"] for m in each),
+            "cosine": min(m["cosine"] for m in each),
+            "psnr_db": min(m["psnr_db"] for m in each),
+        }
+        return {**worst, "outputs": each}
+    return _compare_one(reference, candidate, task)
+
+
+def _compare_one(reference: np.ndarray, candidate: np.ndarray, task: str) -> dict:
     ref = np.asarray(reference, dtype=np.float64)
     out = np.asarray(candidate, dtype=np.float64)
     if ref.shape != out.shape:
@@ -70,6 +94,8 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str = "classific
         "cosine": float(cosine.min()),
         "psnr_db": math.inf if rmse == 0 else 20 * math.log10(scale / rmse),
     }
+    if task == "features":  # maps or embeddings: no decision to agree on
+        return result
     agrees = ref.argmax(1) == out.argmax(1)
     if ref.shape[1] > 1:
         top2 = -np.partition(-ref, 1, axis=1)[:, :2]

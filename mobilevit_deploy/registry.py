@@ -56,15 +56,49 @@ class ModelSpec:
     # Per-precision bounds that tighten the defaults in verify.py.
     tolerances: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    # The state-dict key (this project's names, after remapping) whose first dimension
+    # is the number of classes: how a checkpoint tells its head size. A checkpoint
+    # without it is headless (timm's num_classes=0) where `headless_ok`.
+    head_key: str | None = None
+    headless_ok: bool = True
+    # Models whose weights' shapes depend on the input size (LeViT's attention-bias
+    # tables): the builder takes `image_size`, `checkpoint_size` reads the size a state
+    # dict was trained at, and `resize_state` resamples a state dict to another size.
+    sized_by_input: bool = False
+    checkpoint_size: Callable[[dict, tuple[int, int] | None], tuple[int, int]] | None = None
+    resize_state: Callable[[dict, tuple[int, int], tuple[int, int]], dict] | None = None
+    # What a user's checkpoint or flags decided (models.configure): class names, and
+    # the stages exported as feature maps instead of the head.
+    class_names: tuple[str, ...] | None = None
+    features: tuple[int, ...] | None = None
+    # Notes on how this model differs from the checkpoint's own function (a resized
+    # bias table); they go into every artifact's metadata.
+    adaptations: tuple[str, ...] = ()
+    # Where each of those choices came from, in words (`mvd info --weights` shows it).
+    configured_by: tuple[str, ...] = ()
 
     @property
     def input_hw(self) -> tuple[int, int]:
         size = self.input_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
+    @property
+    def output_kind(self) -> str:
+        """What the exported graph returns: the task's output, or feature maps or
+        pooled features (a headless model)."""
+        if self.features is not None or self.num_classes == 0:
+            return "features"
+        return self.task
+
     def build(self) -> nn.Module:
-        """A fresh train-time module with this spec's default configuration."""
-        return self.builder()
+        """A fresh train-time module of this spec's configuration."""
+        kwargs: dict = {"num_classes": self.num_classes}
+        if self.sized_by_input:
+            kwargs["image_size"] = self.input_hw
+        model = self.builder(**kwargs)
+        if self.features is not None:
+            model.select_features(self.features)
+        return model
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

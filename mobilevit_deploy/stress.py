@@ -79,12 +79,15 @@ def apply_stress_weights(model: nn.Module, calibration: torch.Tensor, seed: int 
     return model.eval()
 
 
-def check_sane_outputs(outputs: np.ndarray) -> list[str]:
+def check_sane_outputs(outputs: np.ndarray | tuple[np.ndarray, ...]) -> list[str]:
     """Problems that would make an equivalence check meaningless; empty when fine.
+    Several outputs (feature maps) are checked each, their problems named by index.
 
     Outputs must be finite, of sane magnitude, and clearly depend on the input: the
     spread across inputs must be a visible fraction of the output scale.
     """
+    if isinstance(outputs, tuple):
+        return [f"output {i}: {p}" for i, o in enumerate(outputs) for p in check_sane_outputs(o)]
     problems = []
     if not np.all(np.isfinite(outputs)):
         return ["outputs contain NaN or Inf"]

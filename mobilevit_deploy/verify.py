@@ -25,18 +25,20 @@ import numpy as np
 import torch
 
 from . import api
+from .configure import Features
 from .errors import BadInput
 from .exporters.formats import FORMATS, check_format
+from .exporters.metadata import output_names
 from .images import natural_images, random_normal_inputs, to_model_input
 from .metrics import (
     DEFAULT_TOLERANCES,
     NEAR_TIE_FACTOR,
     NOISE_FLOOR_FACTOR,
     REDUCED_PRECISION,
+    Outputs,
     compare,
     judge,
 )
-from .registry import get_spec
 from .reparam import reparameterize, training_leftovers
 from .runtimes.coreml import check_package
 from .runtimes.coreml import runs_here as coreml_runs_here
@@ -65,6 +67,10 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     reference: str = "torch unfused (fp64)"
+    # What is compared: classification, segmentation or features (maps or embeddings),
+    # and the graph's output names (every one of them is compared).
+    task: str = "classification"
+    outputs: list[str] = field(default_factory=lambda: ["output"])
     # How far the unfused model's own fp32 run is from the reference (max rel).
     fp32_noise_floor: float = 0.0
 
@@ -90,10 +96,13 @@ def _precisions_of(fmt: str, precisions: Sequence[str] | None) -> Sequence[str]:
     return precisions or (FORMATS[fmt].default_precision,)
 
 
-def _run(runner: Callable[[np.ndarray], np.ndarray], x: np.ndarray, per_sample: bool) -> np.ndarray:
+def _run(runner: Callable[[np.ndarray], Outputs], x: np.ndarray, per_sample: bool) -> Outputs:
     if not per_sample:
         return runner(x)
-    return np.concatenate([runner(x[i : i + 1]) for i in range(len(x))])
+    runs = [runner(x[i : i + 1]) for i in range(len(x))]
+    if isinstance(runs[0], tuple):  # several outputs: join each across the samples
+        return tuple(np.concatenate(column) for column in zip(*runs, strict=True))
+    return np.concatenate(runs)
 
 
 def verify(
@@ -108,16 +117,30 @@ def verify(
     seed: int = 0,
     work_dir: Path | None = None,
     images_dir: Path | None = None,
+    num_classes: int | None = None,
+    labels: Path | Sequence[str] | None = None,
+    features: Features = None,
     progress: Callable[[str], None] = lambda _msg: None,
     warn: Callable[[str], None] = lambda _msg: None,
 ) -> VerifyReport:
-    """`images_dir`: the user's images (the model's preprocessing) instead of made ones."""
-    spec = get_spec(name)
-    size = api.check_image_size(spec, image_size)
+    """`images_dir`: the user's images (the model's preprocessing) instead of made ones.
+    `num_classes`, `labels`, `features`: the model as `api.load_model` configures it;
+    every output of a feature model is compared."""
     check_formats(formats, precisions)
     if num_images < 1:
         raise BadInput(f"--num-images must be at least 1, got {num_images}")
-    model = api.load_model(name, weights, pretrained=pretrained)
+    model = api.load_model(
+        name,
+        weights,
+        pretrained=pretrained,
+        image_size=image_size,
+        num_classes=num_classes,
+        labels=labels,
+        features=features,
+    )
+    spec = model.mvd_spec
+    size = spec.input_hw
+    task = spec.output_kind
     provenance = model.mvd_provenance
     if images_dir is not None:
         pictures = load_images(Path(images_dir), spec, size, num_images, warn)
@@ -137,11 +160,14 @@ def verify(
         size,
         provenance.source if provenance else "stress weights (no weights given)",
         f"{described} + {len(normals)} random normals",
+        task=task,
+        outputs=output_names(spec),
     )
+    report.notes += list(spec.adaptations)
     tolerances = {**DEFAULT_TOLERANCES, **spec.tolerances}
 
     def add(candidate: str, precision: str, output: np.ndarray, against=None) -> None:
-        metrics = compare(reference if against is None else against, output, spec.task)
+        metrics = compare(reference if against is None else against, output, task)
         if precision in REDUCED_PRECISION:  # judged by PSNR; the bound recorded is its floor
             tol = REDUCED_PRECISION[precision]["min_psnr_db"]
         else:
@@ -152,7 +178,7 @@ def verify(
         report.pairs.append(PairResult(candidate, precision, tol, metrics, passed, bound))
         raw = metrics.get("top1", metrics.get("pixel_agreement", 1.0))
         judged = REDUCED_PRECISION.get(precision, {}).get("min_agreement")
-        if judged and raw < metrics["decisive_agreement"]:
+        if judged and "decisive_agreement" in metrics and raw < metrics["decisive_agreement"]:
             report.notes.append(
                 f"{candidate}: agreement judged on decisive "
                 + ("inputs" if "top1" in metrics else "pixels")
@@ -164,7 +190,7 @@ def verify(
     progress("running the unfused reference in float64")
     reference = TorchRunner(model, torch.float64)(x)
     report.problems += [f"reference: {p}" for p in check_sane_outputs(reference)]
-    report.fp32_noise_floor = compare(reference, TorchRunner(model)(x), spec.task)["max_rel"]
+    report.fp32_noise_floor = compare(reference, TorchRunner(model)(x), task)["max_rel"]
     progress("fusing a float64 copy (the fuse math alone)")
     fused64 = reparameterize(copy.deepcopy(model).double(), image_size=size)
     add("torch fused (fp64)", "fp64", TorchRunner(fused64, torch.float64)(x))
@@ -175,7 +201,7 @@ def verify(
     add("torch fused (fp32)", "fp32", TorchRunner(fused, torch.float32)(x))
     bilinear = _bilinear_reference(model, formats, x)
     if bilinear is not None:
-        metrics = compare(reference, bilinear, spec.task)
+        metrics = compare(reference, bilinear, task)
         report.pairs.append(
             PairResult("torch bilinear upsample", "fp64", 0.0, metrics, True, "informational")
         )
@@ -204,7 +230,7 @@ def verify(
                     label = f"coreml fused ({precision}, estimated)"
                 else:
                     output = _run(_runner(artifact), x, per_sample=True)
-                    if fmt == "coreml" and spec.task == "classification":  # probabilities
+                    if fmt == "coreml" and task == "classification":  # probabilities
                         against = _softmax(reference if against is None else against)
                 add(label, precision, output, against)
     return report
@@ -233,8 +259,14 @@ def _coreml_static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -
     if "upsample" in artifact.metadata:  # the package's resize mode, not the model's
         fused = copy.deepcopy(fused)
         fused.set_upsample(artifact.metadata["upsample"])
-    estimate = TorchRunner(fused, dtype)(x).astype(np.float32)
-    checked = check_package(artifact.path, (1, *estimate.shape[1:]))
+    estimate = TorchRunner(fused, dtype)(x)
+    if isinstance(estimate, tuple):
+        estimate = tuple(e.astype(np.float32) for e in estimate)
+        shapes = [(1, *e.shape[1:]) for e in estimate]
+    else:
+        estimate = estimate.astype(np.float32)
+        shapes = [(1, *estimate.shape[1:])]
+    checked = check_package(artifact.path, shapes)
     report.problems += [f"coreml package: {p}" for p in checked["problems"]]
     checks = (
         f"the package loads, its input and outputs have the expected names, types and "

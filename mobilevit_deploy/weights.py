@@ -11,6 +11,7 @@ A checkpoint may hold any of three forms of a model, told apart by its keys:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import pickle
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .configure import Carried, configure
 from .errors import BadInput, CheckpointMismatch
 from .registry import ModelSpec
 from .reparam import reparameterize
@@ -128,6 +130,28 @@ def unwrap(obj: object, origin: str) -> tuple[dict[str, torch.Tensor], str | Non
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """Read a checkpoint file safely; returns (state dict, wrapper key or None)."""
+    state, wrapper, _ = read_checkpoint_file(path)
+    return state, wrapper
+
+
+def carried_class_names(raw: object) -> tuple[str, ...] | None:
+    """Class names an mmseg checkpoint keeps beside its weights: `meta.CLASSES`
+    (mmseg 0.x, SeaFormer's) or `meta.dataset_meta.classes` (mmseg 1.x)."""
+    meta = raw.get("meta") if isinstance(raw, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    names = meta.get("CLASSES")
+    if names is None and isinstance(meta.get("dataset_meta"), dict):
+        names = meta["dataset_meta"].get("classes")
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return None
+
+
+def read_checkpoint_file(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], str | None, tuple[str, ...] | None]:
+    """read_checkpoint, plus the class names the file carries (or None)."""
     path = Path(path)
     if path.is_dir():
         raise BadInput(f"{path} is a directory; --weights takes a checkpoint file or URL")
@@ -140,7 +164,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str | No
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not _finite(v)]
     if nonfinite:
         raise BadInput(f"{path}: NaN or Inf values in {_names(nonfinite)}")
-    return state, wrapper
+    return state, wrapper, carried_class_names(raw)
 
 
 def _finite(tensor: torch.Tensor) -> bool:
@@ -201,12 +225,28 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
     model.load_state_dict(state, strict=True)
 
 
-def load_into_spec(spec: ModelSpec, path: Path, source: str | None = None) -> nn.Module:
-    """Read `path`, remap a foreign layout, pick the form, load strictly."""
-    state, wrapper = read_checkpoint(path)
+def load_into_spec(
+    spec: ModelSpec,
+    path: Path,
+    source: str | None = None,
+    *,
+    carried: Carried | None = None,
+    **config,
+) -> nn.Module:
+    """Read `path`, remap a foreign layout, size the model by it (configure.py), pick
+    the form, load strictly. `config`: configure's num_classes, image_size, labels,
+    features; `carried`: what a hub folder's config says."""
+    state, wrapper, names = read_checkpoint_file(path)
     if spec.remap_state_dict is not None:
         state = spec.remap_state_dict(state)
+    carried = carried or Carried()
+    if names is not None and carried.class_names is None:
+        carried = dataclasses.replace(
+            carried, class_names=names, class_names_from=f"{path.name}'s meta"
+        )
+    spec, state = configure(spec, state, carried=carried, **config)
     form, model = detect_form(spec, state)
     load_state(model, state, str(path))
     model.mvd_provenance = Provenance(source or str(path), file_sha256(path), form, wrapper)
+    model.mvd_spec = spec
     return model.eval()

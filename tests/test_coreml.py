@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BadInput
-from mobilevit_deploy.exporters.coreml import first_conv, fold_input_std, read_labels
+from mobilevit_deploy.exporters.coreml import first_conv, fold_input_std
 from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.coreml import (
@@ -41,7 +41,7 @@ def t8_package(tmp_path_factory):
 
 
 def test_package_spec_is_what_an_app_binds(t8_package):
-    checked = check_package(t8_package.path, (1, 1000))
+    checked = check_package(t8_package.path, [(1, 1000)])
     assert checked["problems"] == []
     assert checked["inputs"] == [{"name": "input", "type": "tensor", "shape": [1, 3, 64, 64]}]
     assert [o["name"] for o in checked["outputs"]] == ["classLabel", "classLabel_probs"]
@@ -69,7 +69,7 @@ def test_overwriting_a_package_replaces_it_and_leaves_nothing_else(t8_package, t
     api.export("fastvit_t8", "coreml", output=out, image_size=64)
     assert {p.name for p in out.rglob("*")} == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mlpackage", "m.mlpackage.json"]
-    assert check_package(out, (1, 1000))["problems"] == []
+    assert check_package(out, [(1, 1000)])["problems"] == []
 
 
 def test_a_directory_that_is_not_a_package_is_refused(tmp_path):
@@ -110,7 +110,7 @@ def test_image_input_package(tmp_path):
     spec = _load_spec(out)
     image = spec.description.input[0].type.imageType
     assert (image.width, image.height) == (64, 64)
-    assert check_package(out, (1, 1000))["inputs"][0]["type"] == "image"
+    assert check_package(out, [(1, 1000)])["inputs"][0]["type"] == "image"
     assert (
         "RGB pixels in [0, 255]"
         in json.loads((tmp_path / "img.mlpackage.json").read_text())["input_range"]
@@ -135,16 +135,15 @@ def test_image_input_needs_a_conv_first():
 def test_labels_file(tmp_path):
     good = tmp_path / "labels.txt"
     good.write_text("".join(f"class {i}\n" for i in range(1000)))
-    assert read_labels(good, 1000)[:2] == ["class 0", "class 1"]
-    assert read_labels(None, 3) == [0, 1, 2]
     short = tmp_path / "short.txt"
     short.write_text("cat\ndog\n")
-    with pytest.raises(BadInput, match="2 labels, but the model has 1000 classes"):
-        read_labels(short, 1000)
+    with pytest.raises(BadInput, match="--labels names 2 classes, but the model's head has 1000"):
+        api.export("fastvit_t8", "coreml", output=tmp_path / "x.mlpackage", labels=short)
     out = tmp_path / "named.mlpackage"
     artifact = api.export("fastvit_t8", "coreml", output=out, image_size=64, labels=good)
     assert artifact.metadata["class_labels"][999] == "class 999"
-    assert check_package(out, (1, 1000))["problems"] == []
+    assert check_package(out, [(1, 1000)])["problems"] == []
+    assert not (tmp_path / "x.mlpackage").exists()
 
 
 @pytest.mark.slow
@@ -162,7 +161,7 @@ def test_weight_compression_shrinks_the_package(t8_package, tmp_path, compress):
         "constexpr_lut_to_dense",
         "constexpr_blockwise_shift_scale",
     }
-    assert check_package(out, (1, 1000))["problems"] == []
+    assert check_package(out, [(1, 1000)])["problems"] == []
 
 
 def test_ops_newer_than_the_target_are_named():
@@ -181,7 +180,7 @@ def test_cli_export_coreml(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "fp16" in result.stdout and "t8.mlpackage.json" in result.stdout
-    assert check_package(out, (1, 1000))["problems"] == []
+    assert check_package(out, [(1, 1000)])["problems"] == []
 
 
 @pytest.mark.parametrize(
@@ -208,6 +207,6 @@ def test_segmenter_package_outputs_the_class_map(tmp_path):
     out = tmp_path / "seg.mlpackage"
     artifact = api.export("efficientvit_seg_b0_cityscapes", "coreml", output=out, image_size=128)
     assert artifact.metadata["upsample"] == "bilinear"  # CoreML has no bicubic resize
-    checked = check_package(out, (1, 19, 16, 16))
+    checked = check_package(out, [(1, 19, 16, 16)])
     assert checked["problems"] == []
     assert checked["outputs"] == [{"name": "output", "type": "tensor", "shape": [1, 19, 16, 16]}]

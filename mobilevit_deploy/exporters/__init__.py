@@ -12,6 +12,9 @@ class Artifact:
     format: str
     precision: str
     metadata: dict
+    # What the user should hear: a suffix added to the output name, a LeViT table
+    # resized, a resize mode swapped for the format.
+    notes: tuple[str, ...] = ()
 
     @property
     def sidecar(self) -> Path:

@@ -29,6 +29,7 @@ from ..errors import BadInput
 from ..files import atomic_dir, write_json_atomic
 from ..registry import ModelSpec
 from ..runtimes.coreml import import_coremltools
+from .metadata import output_names
 
 # coremltools stamps the conversion date; the record of DESIGN.md holds no timestamp.
 _DATED_KEY = "com.github.apple.coremltools.conversion_date"
@@ -79,17 +80,12 @@ class _WithSoftmax(nn.Module):
         return self.model(x).softmax(dim=-1)
 
 
-def read_labels(path: Path | None, num_classes: int) -> list:
-    """One label per line; without a file, the class indices (no names ship offline)."""
-    if path is None:
-        return list(range(num_classes))
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such labels file")
-    labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if len(labels) != num_classes:
-        raise BadInput(f"{path}: {len(labels)} labels, but the model has {num_classes} classes")
-    return labels
+def class_labels(spec: ModelSpec) -> list:
+    """The classifier's labels: the names the model carries (a checkpoint's, a hub
+    config's, --labels), or the class indices (no names ship offline)."""
+    if spec.class_names is not None:
+        return list(spec.class_names)
+    return list(range(spec.num_classes))
 
 
 def _convert(model, example, spec: ModelSpec, precision, min_target, image_input, labels):
@@ -110,7 +106,7 @@ def _convert(model, example, spec: ModelSpec, precision, min_target, image_input
     else:
         inputs = [ct.TensorType(name="input", shape=x.shape, dtype=np.float32)]
     classifier = None
-    if spec.task == "classification":
+    if labels is not None:
         model = _WithSoftmax(model)
         classifier = ct.ClassifierConfig(labels)
     with torch.no_grad():
@@ -118,7 +114,7 @@ def _convert(model, example, spec: ModelSpec, precision, min_target, image_input
     return ct.convert(
         program,
         inputs=inputs,
-        outputs=None if classifier else [ct.TensorType(name="output")],
+        outputs=None if classifier else [ct.TensorType(name=n) for n in output_names(spec)],
         classifier_config=classifier,
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
@@ -147,10 +143,12 @@ def export_coreml(
     min_target: str = "iOS16",
     image_input: bool = False,
     compress: str | None = None,
-    labels: Path | None = None,
 ) -> Path:
-    """Write `model` to the `.mlpackage` directory `output` (+ `output`.json)."""
-    label_list = read_labels(labels, spec.num_classes) if spec.task == "classification" else None
+    """Write `model` to the `.mlpackage` directory `output` (+ `output`.json).
+
+    A classifier is packaged with a ClassifierConfig of its labels and a softmax;
+    feature maps and pooled features are plain named tensor outputs."""
+    label_list = class_labels(spec) if spec.output_kind == "classification" else None
     metadata.update(  # in place: the caller's Artifact carries the full record
         min_target=min_target,
         compress=compress,
@@ -159,9 +157,11 @@ def export_coreml(
     if image_input:
         metadata["input_range"] = "RGB pixels in [0, 255]; preprocessing is inside the model"
     if label_list is not None:
-        metadata["outputs"] = ["classLabel", "classLabel_probs (softmax)"]
-        if labels is not None:
-            metadata["class_labels"] = label_list
+        metadata["output_names"] = ["classLabel", "classLabel_probs"]
+        metadata["outputs"] = [
+            {"name": "classLabel", "meaning": "the top class's label"},
+            {"name": "classLabel_probs", "meaning": "softmax probability of every label"},
+        ]
     # coremltools draws progress bars and warns about the untested torch on stderr;
     # the CLI shows its own status, and verify proves the result.
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
@@ -178,7 +178,7 @@ def export_coreml(
     mlmodel.author = "mobilevit_deploy"
     form = "fused" if metadata["reparameterized"] else "unfused"
     mlmodel.short_description = (
-        f"{spec.name} ({spec.family}, {spec.task}), {form}, {precision}; "
+        f"{spec.name} ({spec.family}, {spec.output_kind}), {form}, {precision}; "
         f"weights: {metadata['weights']}"
     )
     mlmodel.version = metadata["tool_versions"].get("mobilevit_deploy") or "unknown"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from importlib import metadata as importlib_metadata
 
+from torch import nn
+
 from ..registry import ModelSpec
 from ..weights import Provenance
 
@@ -25,9 +27,35 @@ def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
     return out
 
 
+# A module the caller built and passed in: its weights' origin is theirs to know.
+CALLER_MODULE = Provenance("the caller's module (weights not recorded)", None, "unknown")
+
+
+def output_names(spec: ModelSpec) -> list[str]:
+    """The graph's output names: one `output`, or `stage<i>` per feature map."""
+    if spec.features is None:
+        return ["output"]
+    return [f"stage{i}" for i in spec.features]
+
+
+def describe_outputs(spec: ModelSpec, model: nn.Module | None) -> list[dict]:
+    """Each output's name and meaning; feature maps with their stride and channels."""
+    names = output_names(spec)
+    if spec.features is None:
+        kind = {"classification": "logits", "segmentation": "logits map at stride 8"}
+        meaning = "pooled features" if spec.num_classes == 0 else kind.get(spec.task, "")
+        return [{"name": names[0], "meaning": meaning}]
+    info = model.stage_info()
+    return [
+        {"name": name, "stage": i, "stride": info[i][0], "channels": info[i][1]}
+        for name, i in zip(names, spec.features, strict=True)
+    ]
+
+
 def artifact_metadata(
     spec: ModelSpec,
     *,
+    model: nn.Module | None = None,
     provenance: Provenance | None,
     image_size: tuple[int, int],
     batch: int | str,
@@ -37,10 +65,10 @@ def artifact_metadata(
     extra_tools: tuple[str, ...] = (),
 ) -> dict:
     pre = spec.preprocessing
-    return {
+    meta = {
         "model": spec.name,
         "family": spec.family,
-        "task": spec.task,
+        "task": spec.output_kind,
         "format": fmt,
         "precision": precision,
         "reparameterized": reparameterized,
@@ -54,8 +82,15 @@ def artifact_metadata(
         "interpolation": pre.interpolation,
         "num_classes": spec.num_classes,
         "labels": spec.labels,
+        "output_names": output_names(spec),
+        "outputs": describe_outputs(spec, model),
         "weights": provenance.source if provenance else "random initialisation (no weights)",
         "weights_sha256": provenance.sha256 if provenance else None,
         "weights_form": provenance.form if provenance else None,
         "tool_versions": tool_versions(extra_tools),
     }
+    if spec.class_names is not None:
+        meta["class_labels"] = list(spec.class_names)
+    if spec.adaptations:
+        meta["adaptations"] = list(spec.adaptations)
+    return meta

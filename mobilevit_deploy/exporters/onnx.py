@@ -27,8 +27,15 @@ DEFAULT_OPSET = 17
 SIMPLIFY_TOLERANCE = 1e-5
 
 
-def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic: bool):
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None
+def _torch_export(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int,
+    dynamic: bool,
+    outputs: list[str],
+):
+    axes = {name: {0: "batch"} for name in ("input", *outputs)} if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -38,14 +45,16 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, opset: in
             dynamo=False,
             opset_version=opset,
             input_names=["input"],
-            output_names=["output"],
+            output_names=outputs,
             dynamic_axes=axes,
             do_constant_folding=True,
         )
 
 
-def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+def _max_rel(a: np.ndarray | tuple, b: np.ndarray | tuple) -> float:
+    """Worst error of any output, relative to that output's scale."""
+    pairs = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
+    return max(float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-12)) for x, y in pairs)
 
 
 def _simplify(raw_path: Path, graph: onnx.ModelProto, example: np.ndarray) -> onnx.ModelProto:
@@ -100,7 +109,8 @@ def export_onnx(
     """
     model = model.eval()
     with atomic_path(output) as tmp:
-        _torch_export(model, torch.from_numpy(example), tmp, opset, dynamic_batch)
+        outputs = metadata["output_names"]
+        _torch_export(model, torch.from_numpy(example), tmp, opset, dynamic_batch, outputs)
         graph = onnx.load(str(tmp))
         onnx.checker.check_model(graph, full_check=True)
         if simplify:

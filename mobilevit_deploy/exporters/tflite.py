@@ -39,14 +39,16 @@ class ConversionFailed(MvdError):
 
 
 def _channels_last(model: nn.Module, example: np.ndarray) -> tuple[nn.Module, bool]:
-    """NHWC in, and NHWC out where the output is image-shaped (a segmenter's map): the
-    layout mobile apps feed and read. A classifier's (N, classes) stays as it is."""
+    """NHWC in, and NHWC out where an output is image-shaped (a segmenter's map, feature
+    maps): the layout mobile apps feed and read. A classifier's (N, classes) stays."""
     import litert_torch
 
     with torch.no_grad():
-        image_out = model(torch.from_numpy(example)).dim() == 4
-    wrapped = litert_torch.to_channel_last_io(model, args=[0], outputs=[0] if image_out else [])
-    return wrapped, image_out
+        out = model(torch.from_numpy(example))
+    outs = out if isinstance(out, tuple) else (out,)
+    maps = [i for i, o in enumerate(outs) if o.dim() == 4]
+    wrapped = litert_torch.to_channel_last_io(model, args=[0], outputs=maps)
+    return wrapped, bool(maps)
 
 
 def _convert_fp32(model: nn.Module, example: np.ndarray, path: Path) -> None:

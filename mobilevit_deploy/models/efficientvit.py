@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..registry import ModelSpec, Preprocessing, register
 from ..reparam import fuse
+from .layers import FeatureStages
 
 
 class TanhGELU(nn.GELU):
@@ -393,24 +394,35 @@ class EfficientViTLargeBackbone(nn.Module):
 
 
 class ClsHead(OpSequential):
+    """With no classes (timm's num_classes=0) only the last Linear goes, as in timm:
+    the pooled, normalised `head_widths[1]` features come out."""
+
     def __init__(self, cin: int, widths: tuple[int, int], act: str, n_classes: int) -> None:
-        super().__init__(
-            [
-                ConvLayer(cin, widths[0], 1, act=act),
-                nn.AdaptiveAvgPool2d(1),
-                LinearLayer(widths[0], widths[1], False, layer_norm=True, act=act),
-                LinearLayer(widths[1], n_classes, True),
-            ]
-        )
+        ops = [
+            ConvLayer(cin, widths[0], 1, act=act),
+            nn.AdaptiveAvgPool2d(1),
+            LinearLayer(widths[0], widths[1], False, layer_norm=True, act=act),
+        ]
+        super().__init__(ops + ([LinearLayer(widths[1], n_classes, True)] if n_classes else []))
 
 
-class EfficientViTCls(nn.Module):
-    def __init__(self, backbone: nn.Module, head: ClsHead) -> None:
+class EfficientViTCls(FeatureStages, nn.Module):
+    def __init__(self, backbone: nn.Module, head: ClsHead, widths: list[int]) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.widths = tuple(widths)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def stage_info(self) -> list[tuple[int, int]]:
+        """timm's feature_info: stages 1-4 at strides 4, 8, 16, 32 (the stem is not one)."""
+        return [(2 ** (i + 2), w) for i, w in enumerate(self.widths[1:])]
+
+    def forward_stages(self, x: Tensor, last: int) -> list[Tensor]:
+        return self.backbone.forward_stages(x)[1 : last + 2]
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if self.features is not None:
+            return self.feature_outputs(x)
         return self.head(self.backbone(x))
 
 
@@ -438,10 +450,10 @@ def build_efficientvit(variant: str, num_classes: int = 1000) -> EfficientViTCls
     series, widths, depths, dim, head = CONFIGS[variant]
     if series == "b":
         backbone: nn.Module = EfficientViTBackbone(widths, depths, dim)
-        model = EfficientViTCls(backbone, ClsHead(widths[-1], head, "hswish", num_classes))
+        model = EfficientViTCls(backbone, ClsHead(widths[-1], head, "hswish", num_classes), widths)
     else:
         backbone = EfficientViTLargeBackbone(widths, depths, dim)
-        model = EfficientViTCls(backbone, ClsHead(widths[-1], head, "gelu", num_classes))
+        model = EfficientViTCls(backbone, ClsHead(widths[-1], head, "gelu", num_classes), widths)
         set_norm_eps(model, L_SERIES_EPS)
     return model
 
@@ -521,6 +533,7 @@ for _variant in CONFIGS:
             input_size=224,
             preprocessing=Preprocessing(crop_pct=1.0, interpolation="bicubic"),  # timm cfg
             remap_state_dict=remap_timm,
+            head_key="head.op_list.3.linear.weight",
             description=(
                 f"EfficientViT-{_variant.upper()} (MIT Han Lab, ICCV 2023), ImageNet-1k; "
                 f"official checkpoints (mit-han-lab README; load with --weights) at "

@@ -128,8 +128,9 @@ _DATASETS = {"cityscapes": (19, (1024, 2048)), "ade20k": (150, (512, 512))}
 
 
 def build_efficientvit_seg(
-    variant: str, dataset: str, upsample: str = "bicubic"
+    variant: str, dataset: str, upsample: str = "bicubic", num_classes: int | None = None
 ) -> EfficientViTSeg:
+    """The official segmenter; `num_classes` other than the dataset's for fine-tunes."""
     series, widths, depths, dim, _ = CONFIGS[variant]
     width, depth, expand, middle_op, final_expand = _HEADS[variant][dataset]
     if series == "b":
@@ -146,7 +147,7 @@ def build_efficientvit_seg(
         expand,
         middle_op,
         final_expand,
-        _DATASETS[dataset][0],
+        num_classes or _DATASETS[dataset][0],
         act,
         upsample,
     )
@@ -169,6 +170,11 @@ for _variant, _heads in _HEADS.items():
                 num_classes=_classes,
                 labels=_dataset,
                 preprocessing=Preprocessing(crop_pct=1.0, interpolation="bilinear"),
+                # The classifier conv closes the head's last OpSequential (index 1 after
+                # an expanding ConvLayer).
+                head_key=f"head.output_ops.0.op_list.{int(_heads[_dataset][4] is not None)}"
+                ".conv.weight",
+                headless_ok=False,
                 description=(
                     f"EfficientViT-{_variant.upper()} segmentation (MIT Han Lab), "
                     f"{_dataset}, {_size[0]}x{_size[1]}; class map at stride 8"

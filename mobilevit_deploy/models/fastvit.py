@@ -18,6 +18,7 @@ from ..registry import ModelSpec, Preprocessing, WeightSource, register
 from ..reparam import fuse
 from .layers import (
     ClassifierHead,
+    FeatureStages,
     LayerScale2d,
     MobileOneBlock,
     ReparamLargeKernelConv,
@@ -185,7 +186,7 @@ class FastVitStage(nn.Module):
         return self.blocks(self.pos_emb(self.downsample(x)))
 
 
-class FastVit(nn.Module):
+class FastVit(FeatureStages, nn.Module):
     def __init__(
         self,
         layers: tuple[int, ...],
@@ -223,8 +224,22 @@ class FastVit(nn.Module):
             embed_dims[-1], final, 3, groups=embed_dims[-1], use_se=True
         )
         self.head = ClassifierHead(final, num_classes)
+        self.embed_dims = tuple(embed_dims)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def stage_info(self) -> list[tuple[int, int]]:
+        """timm's feature_info: the four stages at strides 4, 8, 16, 32."""
+        return [(4 * 2**i, dim) for i, dim in enumerate(self.embed_dims)]
+
+    def forward_stages(self, x: Tensor, last: int) -> list[Tensor]:
+        outs, x = [], self.stem(x)
+        for stage in self.stages[: last + 1]:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if self.features is not None:
+            return self.feature_outputs(x)
         return self.head(self.final_conv(self.stages(self.stem(x))))
 
 
@@ -338,5 +353,6 @@ for _variant in _CONFIGS:
             weight_sources=_sources(_variant),
             remap_state_dict=remap_apple,
             description=f"FastViT-{_variant.upper()} (Apple, ICCV 2023), ImageNet-1k",
+            head_key="head.fc.weight",
         )
     )

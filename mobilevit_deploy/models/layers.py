@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from ..errors import BadInput
 from ..reparam import fuse
 
 
@@ -209,11 +210,46 @@ class RepConditionalPosEnc(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool + Linear, named like timm's ClassifierHead (`head.fc`)."""
+    """Global average pool + Linear, named like timm's ClassifierHead (`head.fc`).
+
+    With no classes (timm's num_classes=0, a backbone) the pooled features come out."""
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(x.mean((2, 3)))
+
+
+class FeatureStages:
+    """A classifier that can return its stages' feature maps instead of its head, as
+    timm's `features_only` does: the inputs of a detection or segmentation neck.
+
+    A family implements `stage_info()` (stride and channels of every stage, in order)
+    and `forward_stages(x, last)` (NCHW maps of stages 0..last); its forward returns
+    `feature_outputs(x)` once `select_features` has been called. The weights and their
+    names do not change, so a classifier's checkpoint loads as it is.
+    """
+
+    features: tuple[int, ...] | None = None
+
+    def stage_info(self) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def forward_stages(self, x: Tensor, last: int) -> list[Tensor]:
+        raise NotImplementedError
+
+    def select_features(self, indices: tuple[int, ...]) -> None:
+        stages = len(self.stage_info())
+        if not indices or any(not 0 <= i < stages for i in indices):
+            raise BadInput(
+                f"feature stages {list(indices)} do not exist; this model has stages "
+                f"0-{stages - 1} (strides {', '.join(str(s) for s, _ in self.stage_info())})"
+            )
+        self.features = tuple(sorted(set(indices)))
+
+    def feature_outputs(self, x: Tensor) -> tuple[Tensor, ...]:
+        assert self.features is not None
+        stages = self.forward_stages(x, self.features[-1])
+        return tuple(stages[i] for i in self.features)

@@ -18,23 +18,29 @@ forward and never caches it on `train(False)`: a cache taken at `.eval()` goes s
 when weights are loaded afterwards, which is what loading a deploy checkpoint does
 (weights.py builds the deploy form, in eval mode, then loads into it).
 
-Input size. The bias tables are sized by the token grid (14x14 at 224), so trained
-weights only fit the resolution they were trained at; the model is built for 224 and
-any other input size is rejected with BadInput rather than silently resampled.
+Input size. The bias tables are sized by the token grid (14x14 at 224, H/16 x W/16 in
+general, square or not), so a model is built for one input size and its forward
+refuses any other. `checkpoint_size` reads the grid a state dict was trained at (a
+checkpoint fine-tuned at 256 builds a 256 model); `resize_bias_tables` resamples the
+tables to another grid by bicubic interpolation, as timm does for relative-position
+tables: that model is no longer the checkpoint's own function, and says so.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..errors import BadInput
 from ..registry import ModelSpec, Preprocessing, WeightSource, register
 from ..reparam import fuse
+from .layers import FeatureStages
 
 
 class ConvNorm(nn.Module):
@@ -347,8 +353,21 @@ def _stem16(out_chs: int) -> nn.Sequential:
     return nn.Sequential(layers)
 
 
-class Levit(nn.Module):
-    """LeViT with its distillation head; inference averages the two heads (as timm)."""
+def stage_grids(image_size: tuple[int, int], stages: int) -> list[tuple[int, int]]:
+    """Token grid of each stage: H/16 x W/16, then halved (rounding up) per stage."""
+    grid = (image_size[0] // Levit.stem_stride, image_size[1] // Levit.stem_stride)
+    grids = [grid]
+    for _ in range(stages - 1):
+        grid = ((grid[0] - 1) // 2 + 1, (grid[1] - 1) // 2 + 1)
+        grids.append(grid)
+    return grids
+
+
+class Levit(FeatureStages, nn.Module):
+    """LeViT with its distillation head; inference averages the two heads (as timm).
+
+    With no classes (timm's num_classes=0) both heads are gone, BatchNorm included, and
+    the pooled tokens come out."""
 
     stem_stride = 16
 
@@ -358,33 +377,51 @@ class Levit(nn.Module):
         key_dim: int,
         num_heads: tuple[int, ...],
         depth: tuple[int, ...],
-        img_size: int = 224,
+        image_size: tuple[int, int] = (224, 224),
         num_classes: int = 1000,
     ) -> None:
         super().__init__()
-        self.img_size = (img_size, img_size)
+        self.img_size = tuple(image_size)
+        self.embed_dim = tuple(embed_dim)
         self.stem = _stem16(embed_dim[0])
-        resolution = (img_size // self.stem_stride,) * 2
+        self.grids = stage_grids(self.img_size, len(embed_dim))
         stages, in_dim = [], embed_dim[0]
         for i, dim in enumerate(embed_dim):
+            resolution = self.grids[max(i - 1, 0)]  # a downsampling stage sees the grid before
             stages.append(
                 LevitStage(in_dim, dim, key_dim, depth[i], num_heads[i], resolution, i > 0)
             )
-            if i > 0:
-                resolution = tuple((r - 1) // 2 + 1 for r in resolution)
             in_dim = dim
         self.stages = nn.Sequential(*stages)
-        self.head = NormLinear(embed_dim[-1], num_classes)
-        self.head_dist: NormLinear | None = NormLinear(embed_dim[-1], num_classes)
+        self.head: nn.Module = (
+            NormLinear(embed_dim[-1], num_classes) if num_classes else nn.Identity()
+        )
+        self.head_dist: NormLinear | None = (
+            NormLinear(embed_dim[-1], num_classes) if num_classes else None
+        )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def stage_info(self) -> list[tuple[int, int]]:
+        """timm's feature_info: the three stages at strides 16, 32, 64."""
+        return [(self.stem_stride * 2**i, dim) for i, dim in enumerate(self.embed_dim)]
+
+    def forward_stages(self, x: Tensor, last: int) -> list[Tensor]:
+        """Each stage's tokens as an NCHW map of its grid (timm's NCHW feature format)."""
+        outs, x = [], self.stem(x).flatten(2).transpose(1, 2)
+        for stage, (h, w) in zip(self.stages[: last + 1], self.grids, strict=False):
+            x = stage(x)
+            outs.append(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w))
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if tuple(x.shape[-2:]) != self.img_size:
             h, w = self.img_size
             raise BadInput(
-                f"LeViT takes {h}x{w} inputs only, got {x.shape[-2]}x{x.shape[-1]}: its "
-                f"attention-bias tables are sized by the token grid its weights were trained "
-                f"on. Omit the image size or pass {h}."
+                f"this LeViT takes {h}x{w} inputs only, got {x.shape[-2]}x{x.shape[-1]}: its "
+                f"attention-bias tables are sized by the token grid it was built for. Build "
+                f"it for that size (--image-size), which resizes the tables of a checkpoint."
             )
+        if self.features is not None:
+            return self.feature_outputs(x)
         x = self.stem(x).flatten(2).transpose(1, 2)
         x = self.stages(x).mean(dim=1)
         if self.head_dist is None:
@@ -410,8 +447,68 @@ _CONFIGS = {
 }
 
 
-def build_levit(variant: str, num_classes: int = 1000, img_size: int = 224) -> Levit:
-    return Levit(num_classes=num_classes, img_size=img_size, **_CONFIGS[variant])
+def build_levit(
+    variant: str, num_classes: int = 1000, image_size: tuple[int, int] = (224, 224)
+) -> Levit:
+    return Levit(num_classes=num_classes, image_size=image_size, **_CONFIGS[variant])
+
+
+# --- Token grid of a checkpoint, and resizing its bias tables ----------------------
+_FIRST_TABLE = "stages.0.blocks.0.attn.attention_biases"
+_FIRST_DENSE = "stages.0.blocks.0.attn.attention_bias_dense"
+_TABLE = re.compile(r"stages\.(\d+)\.(blocks\.\d+\.attn|downsample\.attn_downsample)\.")
+
+
+def checkpoint_size(state: dict, hint: tuple[int, int] | None) -> tuple[int, int]:
+    """The input size a LeViT state dict was trained at, from its first bias table.
+
+    A table holds H/16 x W/16 entries, which fixes a square size. For a non-square one
+    only the product is known, so `hint` (the size asked for, or a hub config's) is
+    taken when it has that many tokens.
+    """
+    table = state.get(_FIRST_TABLE)
+    tokens = table.shape[-1] if table is not None else None
+    if tokens is None and _FIRST_DENSE in state:
+        tokens = state[_FIRST_DENSE].shape[-1]
+    if tokens is None:
+        raise BadInput(f"no LeViT attention-bias table in the checkpoint ({_FIRST_TABLE})")
+    stride = Levit.stem_stride
+    if hint is not None and (hint[0] // stride) * (hint[1] // stride) == tokens:
+        return hint
+    side = math.isqrt(tokens)
+    if side * side == tokens:
+        return (side * stride, side * stride)
+    raise BadInput(
+        f"the checkpoint's bias tables have a {tokens}-token grid, not a square one: pass the "
+        f"size it was trained at, --image-size HxW with (H/16) x (W/16) = {tokens}"
+    )
+
+
+def _resize_table(table: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    """(heads, h*w) -> (heads, h'*w'): the table is an image of offsets (|dy|, |dx|)."""
+    grid = table.detach().to(torch.float64).reshape(1, -1, *src)
+    resized = F.interpolate(grid, size=dst, mode="bicubic", align_corners=False)
+    return resized.reshape(table.shape[0], dst[0] * dst[1]).to(table.dtype)
+
+
+def resize_bias_tables(state: dict, src: tuple[int, int], dst: tuple[int, int]) -> dict:
+    """A state dict trained at input size `src` with its bias tables resampled for `dst`."""
+    if any(k.endswith("attention_bias_dense") for k in state):
+        raise BadInput(
+            "this LeViT file is fused (its bias tables are gathered for one grid); "
+            "resize from the train-time checkpoint instead, then fuse"
+        )
+    depth = 1 + max(int(m.group(1)) for k in state if (m := _TABLE.match(k)))
+    src_grids, dst_grids = stage_grids(src, depth), stage_grids(dst, depth)
+    out = dict(state)
+    for key, value in state.items():
+        m = _TABLE.match(key)
+        if m is None or not key.endswith("attention_biases"):
+            continue
+        stage = int(m.group(1))
+        grid = stage if m.group(2).startswith("blocks") else stage - 1  # keys of the stage before
+        out[key] = _resize_table(value, src_grids[grid], dst_grids[grid])
+    return out
 
 
 # --- Official facebookresearch/LeViT layout -> timm names ---------------------------
@@ -466,13 +563,15 @@ def _layer_tail(tail: str) -> str:
 
 
 def _check_official_index(key: str, index: Tensor) -> None:
-    """The official index buffer must agree with ours (it is dropped, not loaded)."""
+    """The official index buffer must agree with ours (it is dropped, not loaded), on
+    some grid of its size: square at the official 224, any H x W when fine-tuned."""
     nq, nk = index.shape
-    r = round(nk**0.5)
     stride = 1 if nq == nk else 2
-    ours = relative_position_index((r, r), stride)
-    if ours.shape != index.shape or not torch.equal(ours, index.to(ours.dtype)):
-        raise BadInput(f"{key}: the official bias index disagrees with this model's layout")
+    for h in (d for d in range(1, nk + 1) if nk % d == 0):
+        ours = relative_position_index((h, nk // h), stride)
+        if ours.shape == index.shape and torch.equal(ours, index.to(ours.dtype)):
+            return
+    raise BadInput(f"{key}: the official bias index disagrees with this model's layout")
 
 
 def remap_official(state_dict: dict) -> dict:
@@ -529,8 +628,12 @@ for _variant, _url in _OFFICIAL_URLS.items():
             weight_sources=(WeightSource("dist_in1k", _url),),
             remap_state_dict=remap_official,
             # The stem's total stride; the subsampling stages round up, so any multiple
-            # of 16 runs, but the bias tables fix the size to 224 (the forward checks).
+            # of 16 runs. The bias tables tie the weights to a size (module docstring).
             size_multiple=16,
+            head_key="head.linear.weight",
+            sized_by_input=True,
+            checkpoint_size=checkpoint_size,
+            resize_state=resize_bias_tables,
             description=f"LeViT-{_variant.upper()} (Meta, ICCV 2021), ImageNet-1k, distilled",
         )
     )

@@ -36,6 +36,7 @@ module imports so that one import registers the whole family.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -45,6 +46,7 @@ from torch.nn import functional as F
 from ..errors import BadInput
 from ..registry import ModelSpec, register
 from ..reparam import fuse
+from .layers import FeatureStages
 
 
 def _make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
@@ -381,10 +383,11 @@ class BasicLayer(nn.Module):
             block.attn.set_resolution(h, w)
 
 
-class SeaFormer(nn.Module):
+class SeaFormer(FeatureStages, nn.Module):
     """The official `SeaFormer`: MobileNetV2 stages `smb1..smb5`, the last ones each
     followed by a transformer stage `trans1..`; a classifier (`avgpool`, `linear`) unless
-    `num_classes` is None, which gives the segmentation backbone.
+    `num_classes` is None, which gives the segmentation backbone. With 0 classes
+    (a headless backbone) the pooled features come out.
     """
 
     def __init__(
@@ -421,9 +424,28 @@ class SeaFormer(nn.Module):
             setattr(self, f"trans{i + 1}", layer)
         self.num_classes = num_classes
         if num_classes is not None:
-            self.linear = nn.Linear(channels[-1], num_classes)
+            self.linear = nn.Linear(channels[-1], num_classes) if num_classes else nn.Identity()
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        strides, stride = [], 1
+        for i, cfg in enumerate(cfgs):
+            stride *= (2 if i == 0 else 1) * math.prod(c[3] for c in cfg)
+            strides.append(stride)
+        self.stages = list(zip(strides, channels[1:], strict=True))
         self.set_export_resolution(*export_size)
+
+    def stage_info(self) -> list[tuple[int, int]]:
+        """Each MobileNetV2 stage with the transformer stage that follows it, if any
+        (strides 4 to 64; SeaFormer is not in timm, so this is the natural split)."""
+        return self.stages
+
+    def forward_stages(self, x: Tensor, last: int) -> list[Tensor]:
+        outs = []
+        for i in range(last + 1):
+            x = getattr(self, f"smb{i + 1}")(x)
+            trans = self._trans_after(i)
+            outs.append(x if trans is None else trans(x))
+            x = outs[-1]
+        return outs
 
     def _trans_after(self, i: int) -> BasicLayer | None:
         """The transformer stage that follows MobileNetV2 stage i (0-based), if any."""
@@ -444,7 +466,9 @@ class SeaFormer(nn.Module):
                 outputs.append(x)
         return outputs
 
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+    def forward(self, x: Tensor) -> Tensor | list[Tensor] | tuple[Tensor, ...]:
+        if self.features is not None:
+            return self.feature_outputs(x)
         features = self.forward_features(x)
         if self.num_classes is None:
             return features
@@ -576,6 +600,7 @@ for _variant in _CONFIGS:
             # Five stride-2 stages plus the stem make 64, but the convs pad, so any size
             # works; 32 keeps the official 224 (7 x 32) acceptable.
             size_multiple=32,
+            head_key="linear.weight",
             description=f"SeaFormer-{_NAMES[_variant]} (ICLR 2023), ImageNet-1k",
         )
     )

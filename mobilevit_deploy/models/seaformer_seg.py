@@ -141,6 +141,8 @@ for _variant in _CONFIGS:
             preprocessing=Preprocessing(crop_pct=1.0, interpolation="bilinear"),
             remap_state_dict=remap_official,
             size_multiple=32,
+            head_key="decode_head.conv_seg.weight",
+            headless_ok=False,
             description=(
                 f"SeaFormer-{_NAMES[_variant]} + LightHead (ICLR 2023), ADE20K, "
                 "logits at 1/8 of the input"

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..errors import BadInput
 from ..registry import ModelSpec, Preprocessing, register
 from ..reparam import fuse
+from .layers import FeatureStages
 
 DESIGN_SIZE = 224
 # Total stride of the network; window grids at 224 divide every multiple of it.
@@ -235,8 +236,9 @@ def window_grid(feature_size: int, window: int) -> tuple[int, int] | None:
     return (per_side, per_side) if per_side > 1 else None
 
 
-class SepViT(nn.Module):
-    """Four stages: patch embed, blocks (PEG after the first), then norm, mean, head."""
+class SepViT(FeatureStages, nn.Module):
+    """Four stages: patch embed, blocks (PEG after the first), then norm, mean, head
+    (an identity without classes, as in the official code: pooled features)."""
 
     def __init__(
         self,
@@ -274,18 +276,34 @@ class SepViT(nn.Module):
                 )
             )
         self.norm = norm_layer(embed_dims[-1])
-        self.head = nn.Linear(embed_dims[-1], num_classes)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes else nn.Identity()
+        self.embed_dims = tuple(embed_dims)
         self.apply(_init_weights)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x, hw = self.patch_embeds[0](x)
+    def stage_info(self) -> list[tuple[int, int]]:
+        """The four stages at strides 4, 8, 16, 32 (the official patch embeds)."""
+        return [(4 * 2**i, dim) for i, dim in enumerate(self.embed_dims)]
+
+    def _stage_tokens(self, x: Tensor, last: int) -> list[tuple[Tensor, tuple[int, int]]]:
+        outs = []
         for i, (pos, blocks) in enumerate(zip(self.pos_block, self.blocks, strict=True)):
-            if i > 0:
-                x, hw = self.patch_embeds[i](tokens_to_map(x, hw))
+            if i > last:
+                break
+            x, hw = self.patch_embeds[i](x if i == 0 else tokens_to_map(*outs[-1]))
             for j, block in enumerate(blocks):
                 x = block(x, hw)
                 if j == 0:
                     x = pos(x, hw)
+            outs.append((x, hw))
+        return outs
+
+    def forward_stages(self, x: Tensor, last: int) -> list[Tensor]:
+        return [tokens_to_map(tokens, hw) for tokens, hw in self._stage_tokens(x, last)]
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        if self.features is not None:
+            return self.feature_outputs(x)
+        x, _ = self._stage_tokens(x, len(self.blocks) - 1)[-1]
         return self.head(self.norm(x).mean(dim=1))
 
 
@@ -349,6 +367,7 @@ for _variant in CONFIGS:
             input_size=DESIGN_SIZE,
             preprocessing=Preprocessing(crop_pct=0.875, interpolation="bicubic"),
             size_multiple=SIZE_MULTIPLE,
+            head_key="head.weight",
             description=(
                 f"SepViT-{_variant.capitalize()} (Li et al., 2022), ImageNet-1k; the authors "
                 "published no weights: random init or your own (--weights)"

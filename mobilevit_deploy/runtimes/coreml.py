@@ -76,8 +76,9 @@ def unsupported_ops(op_types: set[str], min_target: str) -> list[str]:
     )
 
 
-def check_package(path: Path, expected_output_shape: tuple[int, ...]) -> dict:
-    """A report of the static checks; `problems` lists every failed one in words."""
+def check_package(path: Path, expected_output_shapes: list[tuple[int, ...]]) -> dict:
+    """A report of the static checks; `problems` lists every failed one in words.
+    `expected_output_shapes`: one per tensor output, in order (unused for classifiers)."""
     path = Path(path)
     meta = json.loads(path.with_name(path.name + ".json").read_text())
     spec = _load_spec(path)
@@ -95,8 +96,13 @@ def check_package(path: Path, expected_output_shape: tuple[int, ...]) -> dict:
             "classLabel"
         ):
             problems.append(f"classifier outputs are {names}, expected classLabel(_probs)")
-    elif outputs != [{"name": "output", "type": "tensor", "shape": list(expected_output_shape)}]:
-        problems.append(f"outputs are {outputs}, expected 'output' {list(expected_output_shape)}")
+    else:
+        expected = [
+            {"name": name, "type": "tensor", "shape": list(shape)}
+            for name, shape in zip(meta["output_names"], expected_output_shapes, strict=True)
+        ]
+        if outputs != expected:
+            problems.append(f"outputs are {outputs}, expected {expected}")
     missing = unsupported_ops(ops, meta["min_target"])
     if missing:
         problems.append(f"ops not in {meta['min_target']}'s op set: {', '.join(missing)}")
@@ -122,14 +128,16 @@ class CoreMLRunner:
         self.model = ct.models.MLModel(str(path))
         self.meta = json.loads(Path(str(path) + ".json").read_text())
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         rows = []
         for sample in x:
             result = self.model.predict({"input": sample[None]})
             if "classLabel_probs" in result:
                 probs = result["classLabel_probs"]
                 order = self.meta.get("class_labels") or sorted(probs)
-                rows.append(np.array([probs[k] for k in order], dtype=np.float32))
+                rows.append((np.array([probs[k] for k in order], dtype=np.float32),))
             else:
-                rows.append(np.asarray(result["output"], dtype=np.float32)[0])
-        return np.stack(rows)
+                names = self.meta["output_names"]
+                rows.append(tuple(np.asarray(result[n], dtype=np.float32)[0] for n in names))
+        outs = tuple(np.stack(column) for column in zip(*rows, strict=True))
+        return outs[0] if len(outs) == 1 else outs

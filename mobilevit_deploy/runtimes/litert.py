@@ -28,10 +28,20 @@ class LiteRTRunner:
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
+        self.outputs = self._output_order()
         self.nhwc = meta.get("input_layout") == "NHWC" or (
             meta.get("input_layout") is None and self.input["shape"][-1] == 3
         )
         self.options = {"num_threads": threads or 0, "delegate": "XNNPACK (default CPU)"}
+
+    def _output_order(self) -> list[int]:
+        """Output tensor indices in the model's return order: the signature numbers them
+        output_0, output_1, ...; the plain output list need not keep that order."""
+        signatures = self.interpreter._get_full_signature_list()
+        if len(signatures) != 1:
+            return [d["index"] for d in self.interpreter.get_output_details()]
+        outputs = next(iter(signatures.values()))["outputs"]
+        return [outputs[k] for k in sorted(outputs, key=lambda k: int(k.rsplit("_", 1)[-1]))]
 
     def _feed(self, x: np.ndarray) -> None:
         if self.nhwc:
@@ -49,10 +59,15 @@ class LiteRTRunner:
             self.input["index"], np.ascontiguousarray(x, self.input["dtype"])
         )
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The output, or a tuple of them in the model's order (feature maps)."""
         self._feed(x)
         self.interpreter.invoke()
-        detail = self.interpreter.get_output_details()[0]
+        details = {d["index"]: d for d in self.interpreter.get_output_details()}
+        outs = tuple(self._read(details[index]) for index in self.outputs)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _read(self, detail: dict) -> np.ndarray:
         out = self.interpreter.get_tensor(detail["index"])
         if detail["dtype"] != np.float32:
             scale, zero = detail["quantization"]

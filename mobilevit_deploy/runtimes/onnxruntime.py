@@ -43,5 +43,7 @@ class OrtRunner:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The output, or a tuple of them in graph order (feature maps)."""
+        outputs = self.session.run(None, {self.input_name: x})
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)

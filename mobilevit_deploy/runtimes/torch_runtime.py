@@ -28,6 +28,12 @@ class TorchRunner:
         self.module = copy.deepcopy(module).to(dtype).eval()
 
     @torch.inference_mode()
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The output, or a tuple of them (a model returning feature maps)."""
         out = self.module(torch.from_numpy(x).to(self.dtype))
+        if isinstance(out, (tuple, list)):
+            return tuple(self._numpy(o) for o in out)
+        return self._numpy(out)
+
+    def _numpy(self, out: torch.Tensor) -> np.ndarray:
         return out.double().numpy() if self.dtype == torch.float64 else out.numpy()
