@@ -65,8 +65,9 @@ def resolve_artifact_path(
         return Path(f"{stem}{suffix}"), None
     text = str(output)
     path = Path(text)
-    is_package = suffix == ".mlpackage" and (path / "Manifest.json").is_file()
-    if text.endswith(("/", os.sep)) or (path.is_dir() and not is_package):
+    # A directory named like the artifact (x.mlpackage) is the artifact's place, not a
+    # folder to write into: check_output_file replaces a package there, or refuses.
+    if text.endswith(("/", os.sep)) or (path.is_dir() and path.suffix != suffix):
         return path / f"{stem}{suffix}", None
     if path.suffix == suffix:
         return path, None

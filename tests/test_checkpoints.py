@@ -150,7 +150,7 @@ def test_a_mismatch_names_missing_unexpected_and_misshaped_keys(source, tmp_path
     state = dict(source[0].state_dict())
     del state["head.fc.bias"]
     state["head.extra"] = torch.zeros(3)
-    state["head.fc.weight"] = torch.zeros(10, 768)
+    state["head.fc.weight"] = torch.zeros(1000, 700)
     path = tmp_path / "bad.pt"
     torch.save(state, path)
     with pytest.raises(CheckpointMismatch) as caught:
@@ -158,7 +158,7 @@ def test_a_mismatch_names_missing_unexpected_and_misshaped_keys(source, tmp_path
     message = str(caught.value)
     assert "missing keys: head.fc.bias" in message
     assert "unexpected keys: head.extra" in message
-    assert "head.fc.weight (10, 768) vs model (1000, 768)" in message
+    assert "head.fc.weight (1000, 700) vs model (1000, 768)" in message
 
 
 def test_another_variant_does_not_fit(tmp_path):

@@ -631,7 +631,7 @@ def test_zero_images():
         ("verify", "fastvit_t8", "--formats", "onnx,tensorrt"),
         ("verify", "fastvit_t8", "--json", "{dir}"),
         ("bench", "fastvit_t8", "--markdown", "{dir}"),
-        ("export", "fastvit_t8", "-o", "{dir}"),
+        ("export", "fastvit_t8", "-o", "{dir}/model.tflite"),
     ],
 )
 def test_bad_requests_fail_before_any_work(tmp_path, monkeypatch, args):

@@ -25,6 +25,7 @@ from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 
 NAME, SIZE = "efficientvit_b0", 128
+GAIN_NAME = "efficientvit_b1"
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,22 @@ def test_node_scope_is_the_prefix_torch_onnx_gives_the_module(source, tmp_path):
         assert sum(n.startswith(_node_scope(model, path)) for n in names) > 10, path
 
 
-def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source, tmp_path, monkeypatch, caplog):
-    model, x, reference = source
+@pytest.fixture(scope="module")
+def source_b1():
+    """B1, where the README's measurement is: with the stress weights that calibrate only
+    the norms (3e6608d), B0 at 128 gains 1.7 dB (16.3 against 14.5), B1 2.9 dB."""
+    model = stressed(GAIN_NAME, SIZE)
+    x = test_inputs(GAIN_NAME, SIZE, count=4, seed=5)
+    return model, x, TorchRunner(model, torch.float64)(x)
+
+
+def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(
+    source_b1, tmp_path, monkeypatch, caplog
+):
+    model, x, reference = source_b1
     handlers = list(logging.getLogger().handlers)
     art = api.export(
-        NAME, model=model, output=tmp_path / "q.onnx", image_size=SIZE, precision="int8"
+        GAIN_NAME, model=model, output=tmp_path / "q.onnx", image_size=SIZE, precision="int8"
     )
     # onnxruntime's quantizer warned on the root logger about the head's LayerNorm
     # ("Axis 1 is out-of-range"), which landed in the CLI's output.
@@ -61,7 +73,7 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source, tmp_path, monk
     assert logging.getLogger().handlers == handlers
     paths = art.metadata["int8_float_modules"]
     assert paths == [p for p, m in model.named_modules() if isinstance(m, LiteMLA)]
-    assert len(paths) == 4
+    assert len(paths) == 7  # B1: 3 + 4 attention blocks
     graph = onnx.load(str(art.path)).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
     scopes = tuple(_node_scope(model, p) for p in paths)
@@ -76,11 +88,11 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source, tmp_path, monk
 
     monkeypatch.setattr(LiteMLA, "int8_keeps_float", False)
     plain = api.export(
-        NAME, model=model, output=tmp_path / "all.onnx", image_size=SIZE, precision="int8"
+        GAIN_NAME, model=model, output=tmp_path / "all.onnx", image_size=SIZE, precision="int8"
     )
     assert plain.metadata["int8_float_modules"] == []
     all_int8 = _psnr(OrtRunner(plain.path), x, reference)
-    assert islands > all_int8 + 2, (islands, all_int8)  # measured 27.6 against 24.4 dB
+    assert islands > all_int8 + 2, (islands, all_int8)  # measured 19.9 against 17.0 dB
 
 
 def _tflite_ops(path) -> Counter:

@@ -334,14 +334,16 @@ def test_fused_checkpoint_round_trips(tmp_path):
 
 
 # --- Input size, ONNX, verify --------------------------------------------------------
-def test_only_224_is_accepted(tmp_path):
+def test_a_levit_runs_only_the_size_it_was_built_for(tmp_path):
     spec = get_spec("levit_128s")
     assert spec.input_hw == (224, 224) and spec.size_multiple == 16
-    with pytest.raises(BadInput, match="224x224 inputs only"):
-        api.export("levit_128s", output=tmp_path / "a.onnx", image_size=256)
+    with pytest.raises(BadInput, match="takes 224x224 inputs only"):
+        spec.build()(torch.zeros(1, 3, 256, 256))
     with pytest.raises(BadInput, match="multiples of 16"):
         api.export("levit_128s", output=tmp_path / "b.onnx", image_size=200)
     assert list(tmp_path.iterdir()) == []
+    at256 = api.export("levit_128s", output=tmp_path / "a.onnx", image_size=256)
+    assert at256.metadata["input_shape"] == [1, 3, 256, 256]
 
 
 def test_onnx_export_matches_and_has_no_bias_gather_or_batchnorm(tmp_path):

@@ -393,10 +393,12 @@ def test_official_mmseg_checkpoint_with_syncbn_keys(tmp_path):
     official = to_official_layout(model.state_dict(), seg=True)
     assert any(k.endswith(".bn.num_batches_tracked") for k in official)  # SyncBN keys
     path = tmp_path / "iter_160000.pth"
-    meta = {"mmseg_version": "0.x", "CLASSES": ("wall", "building"), "iter": 160000}
+    classes = ("wall", "building", *(f"class {i}" for i in range(2, 150)))
+    meta = {"mmseg_version": "0.x", "CLASSES": classes, "iter": 160000}
     torch.save({"meta": meta, "state_dict": official, "optimizer": {"state": {}}}, path)
     loaded = api.load_model(name, path)
     assert loaded.mvd_provenance.wrapper_key == "state_dict"
+    assert loaded.mvd_spec.class_names == classes
     x = test_inputs(name)
     assert torch.equal(run64(loaded, x), run64(model, x))
 

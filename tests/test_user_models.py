@@ -80,7 +80,7 @@ def _size(name: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize(("name", "layout"), FINE_TUNES)
 def test_head_size_is_read_from_the_checkpoint(tmp_path, name, layout):
-    spec, model = fine_tuned(name, 10, _size(name))
+    _, model = fine_tuned(name, 10, _size(name))
     path = tmp_path / "ft.pth"
     torch.save(LAYOUTS[layout](name, model), path)
     loaded = api.load_model(name, path)
@@ -97,7 +97,7 @@ def test_num_classes_builds_a_fresh_head_and_a_fused_file_keeps_it(tmp_path):
 
     fresh = api.load_model("fastvit_t8", num_classes=12)
     assert fresh.head.fc.out_features == 12
-    spec, model = fine_tuned("fastvit_t8", 5)
+    _, model = fine_tuned("fastvit_t8", 5)
     torch.save(model.state_dict(), tmp_path / "ft.pth")
     reparam_to_file("fastvit_t8", tmp_path / "fused.safetensors", weights=str(tmp_path / "ft.pth"))
     loaded = api.load_model("fastvit_t8", tmp_path / "fused.safetensors")
@@ -106,7 +106,7 @@ def test_num_classes_builds_a_fresh_head_and_a_fused_file_keeps_it(tmp_path):
 
 @pytest.mark.parametrize(("name", "classes"), [("efficientvit_b0", 1280), ("levit_128s", 384)])
 def test_a_headless_checkpoint_exports_pooled_features(tmp_path, name, classes):
-    spec, model = fine_tuned(name, 0, _size(name))
+    _, model = fine_tuned(name, 0, _size(name))
     torch.save(model.state_dict(), tmp_path / "backbone.pth")
     weights, out = tmp_path / "backbone.pth", tmp_path / "b.onnx"
     artifact = api.export(name, weights=weights, output=out, image_size=_size(name))
@@ -145,7 +145,7 @@ def test_mmseg_class_names_reach_every_format_and_must_match(tmp_path):
 
     assert read_metadata(artifact.path)["class_labels"] == names
     torch.save({"state_dict": model.state_dict(), "meta": {"CLASSES": names[:3]}}, path)
-    with pytest.raises(BadInput, match="mmseg.pth's meta names 3 classes, but the model's head"):
+    with pytest.raises(BadInput, match=r"mmseg\.pth's meta names 3 classes, but the model's head"):
         api.load_model("seaformer_seg_tiny_ade20k", path)
     mmseg1 = {"state_dict": model.state_dict(), "meta": {"dataset_meta": {"classes": names}}}
     torch.save(mmseg1, path)
