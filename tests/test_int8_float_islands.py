@@ -59,9 +59,7 @@ def source_b1():
     return model, x, TorchRunner(model, torch.float64)(x)
 
 
-def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(
-    source_b1, tmp_path, monkeypatch, caplog
-):
+def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source_b1, tmp_path, monkeypatch, caplog):
     model, x, reference = source_b1
     handlers = list(logging.getLogger().handlers)
     art = api.export(

@@ -64,6 +64,23 @@ def package_ops(spec) -> tuple[str, set[str]]:
     return main.opset, {op.type for op in block.operations}
 
 
+def classifier_labels(spec) -> list[str] | None:
+    """The labels an ML Program classifier carries (its `classify` op's classes), as
+    strings; None for a package that is not a classifier."""
+    main = spec.mlProgram.functions["main"]
+    block = main.block_specializations[main.opset]
+    ops = [op for op in block.operations if op.type == "classify"]
+    if not ops:
+        return None
+    classes = ops[0].inputs["classes"].arguments[0].value.immediateValue.list.values
+    out = []
+    for value in classes:
+        tensor = value.immediateValue.tensor
+        kind = tensor.WhichOneof("value")
+        out += [str(v) for v in getattr(tensor, kind).values]
+    return out
+
+
 def unsupported_ops(op_types: set[str], min_target: str) -> list[str]:
     """Op types that the target's op set lacks (or that are not core ops at all)."""
     ct = import_coremltools()
@@ -96,6 +113,9 @@ def check_package(path: Path, expected_output_shapes: list[tuple[int, ...]]) -> 
             "classLabel"
         ):
             problems.append(f"classifier outputs are {names}, expected classLabel(_probs)")
+        want = [str(label) for label in meta.get("class_labels", range(meta["num_classes"]))]
+        if classifier_labels(spec) != want:
+            problems.append(f"the classifier's labels are not the model's {len(want)} labels")
     else:
         expected = [
             {"name": name, "type": "tensor", "shape": list(shape)}
