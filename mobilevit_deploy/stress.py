@@ -1,7 +1,7 @@
 """Stress weights: make every branch of a freshly built model contribute.
 
 A fresh model hides fusion bugs: layer scales start at 1e-5 and BatchNorm statistics
-at 0/1, so a wrong fold still matches. Order matters (DESIGN.md):
+at 0/1, so a wrong fold still matches. Order matters (docs/architecture.md):
 1. draw every BN affine and layer scale near 1 in magnitude, every bias non-zero,
    every attention-bias table and learned window token;
 2. only then calibrate BN running statistics with train-mode forwards over inputs

@@ -1,7 +1,7 @@
 """`mvd verify`: prove that every deployable form computes the original's function.
 
 The reference is the unfused model in float64, so fp32 noise of the reference itself
-(2e-3 on a stressed LeViT, DESIGN.md) never masks or fakes a fold error. Pairs:
+(2e-3 on a stressed LeViT, docs/architecture.md) never masks or fakes a fold error. Pairs:
   torch fused (fp64)  a float64 copy fused and run in float64 vs the reference: the
                       fuse math alone, held to 1e-9 (exact folds land near 1e-14);
   torch fused (fp32)  vs reference: what fp32 execution adds;

@@ -17,7 +17,7 @@ from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 
-PARAMS = {  # DESIGN.md, from the official code
+PARAMS = {  # docs/architecture.md and the official code
     "efficientvit_b0": 3_410_008,
     "efficientvit_b1": 9_102_024,
     "efficientvit_b2": 24_330_712,

@@ -16,7 +16,7 @@ from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.verify import verify
 
-PARAMS = {  # DESIGN.md, from the official code
+PARAMS = {  # docs/architecture.md and the official code
     "efficientvit_seg_b0_cityscapes": 706_691,
     "efficientvit_seg_b1_ade20k": 4_791_414,
     "efficientvit_seg_l2_cityscapes": 52_607_923,

@@ -12,7 +12,7 @@ from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
 from mobilevit_deploy.stress import check_sane_outputs
 
-# DESIGN.md, from the official code: train-time / official deploy form.
+# docs/architecture.md and the official code: train-time / official deploy form.
 PARAMS = {
     "fastvit_t8": (4_026_232, 3_996_040),
     "fastvit_t12": (7_553_704, 7_508_840),

@@ -33,7 +33,7 @@ from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.stress import check_sane_outputs
 from mobilevit_deploy.weights import load_into_spec
 
-# DESIGN.md, from the official code (distillation head included): train / official deploy.
+# docs/architecture.md and the official code (distillation head included): train / official deploy.
 PARAMS = {
     "levit_128s": (7_777_058, 7_756_466),
     "levit_128": (9_213_936, 9_188_864),

@@ -26,7 +26,7 @@ from mobilevit_deploy.stress import check_sane_outputs
 VARIANTS = ("tiny", "small", "base", "large")
 CLS = [f"seaformer_{v}" for v in VARIANTS]
 SEG = [f"seaformer_seg_{v}_ade20k" for v in VARIANTS]
-# DESIGN.md, from the official code.
+# docs/architecture.md and the official code.
 PARAMS = dict(
     zip(
         CLS + SEG,
@@ -34,7 +34,7 @@ PARAMS = dict(
         strict=True,
     )
 )
-BOUND = 1e-5  # of the output scale (DESIGN.md)
+BOUND = 1e-5  # of the output scale (docs/architecture.md)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -22,9 +22,9 @@ from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.stress import check_sane_outputs
 
 NAMES = ["sepvit_lite", "sepvit_tiny", "sepvit_small", "sepvit_base"]
-# DESIGN.md, from the official code.
+# docs/architecture.md and the official code.
 PARAMS = dict(zip(NAMES, [3_661_128, 31_182_856, 46_570_504, 82_377_064], strict=True))
-BOUND = 1e-5  # of the output scale (DESIGN.md)
+BOUND = 1e-5  # of the output scale (docs/architecture.md)
 
 
 @pytest.fixture(autouse=True, scope="module")

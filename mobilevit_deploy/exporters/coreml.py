@@ -31,7 +31,8 @@ from ..registry import ModelSpec
 from ..runtimes.coreml import import_coremltools
 from .metadata import output_names
 
-# coremltools stamps the conversion date; the record of DESIGN.md holds no timestamp.
+# coremltools stamps the conversion date; the metadata record holds no timestamp
+# (docs/architecture.md).
 _DATED_KEY = "com.github.apple.coremltools.conversion_date"
 
 

@@ -177,7 +177,7 @@ def export_tflite(
     """Write `model` to `output` (+ `output`.json); returns the path.
 
     TFLite has no metadata field this stack can write without the TensorFlow metadata
-    tools, so the record of DESIGN.md goes to the sidecar only.
+    tools, so the metadata record (docs/architecture.md) goes to the sidecar only.
     """
     with quiet():  # importing litert-torch and torchao prints banners and warnings
         import ai_edge_litert.interpreter  # noqa: F401

@@ -3,7 +3,7 @@
 Every function computes in float64 and returns float64 tensors; `conv_like` and
 `linear_like` cast back to the module's dtype once, at the end. Folding in float32
 alone costs ~4e-4 of the output scale on a stressed LeViT-128S, float64 ~4e-12
-(DESIGN.md), and a fold is done once per export, so the cost is irrelevant.
+(docs/architecture.md), and a fold is done once per export, so the cost is irrelevant.
 
 Conventions: a kernel is (out, in/groups, kh, kw); an "affine" is a per-channel
 (scale, shift) pair meaning y = x * scale + shift.

@@ -1,0 +1,35 @@
+"""metrics.compare on what user models give: small heads, several outputs, features."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mobilevit_deploy.metrics import compare, judge
+
+
+def test_top5_of_a_head_with_fewer_than_five_classes_is_all_of_them():
+    """A 4-class head scored 0.8 top-5 agreement against itself (overlap divided by 5)."""
+    logits = np.random.default_rng(0).normal(size=(6, 4))
+    assert compare(logits, logits)["top5"] == 1.0
+    assert compare(logits, logits)["top1"] == 1.0
+
+
+def test_several_outputs_are_each_compared_and_the_worst_one_counts():
+    rng = np.random.default_rng(1)
+    maps = (rng.normal(size=(2, 8, 4, 4)), 100 * rng.normal(size=(2, 16, 2, 2)))
+    noisy = (maps[0] + 1e-3, maps[1] + 1e-3)  # the same absolute error, not relative
+    metrics = compare(maps, noisy, "features")
+    each = metrics["outputs"]
+    assert each[0]["max_rel"] > 50 * each[1]["max_rel"]
+    assert metrics["max_rel"] == each[0]["max_rel"]
+    assert metrics["psnr_db"] == min(m["psnr_db"] for m in each)
+    assert "top1" not in metrics and "decisive_agreement" not in each[0]
+
+
+def test_features_are_judged_by_psnr_alone():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(4, 32))
+    close = compare(ref, ref + 1e-4 * rng.normal(size=ref.shape), "features")
+    far = compare(ref, ref + 0.1 * rng.normal(size=ref.shape), "features")
+    assert judge(close, "fp16", 0.0) == (True, ">=40dB")
+    assert judge(far, "fp16", 0.0)[0] is False
