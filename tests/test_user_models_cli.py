@@ -114,6 +114,23 @@ def test_export_features_names_every_output(tmp_path):
     ]
     assert shapes == [(1, 32, 8, 8), (1, 64, 4, 4), (1, 128, 2, 2)]
     assert_user_error(mvd("export", "efficientvit_b0", "--stages", "1,x"), "--stages")
+    lite = tmp_path / "backbone.tflite"
+    ok(
+        "export",
+        "efficientvit_b0",
+        "--features",
+        "--stages",
+        "1,2,3",
+        *SMALL,
+        "-f",
+        "tflite",
+        "-o",
+        lite,
+    )
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature = Interpreter(model_path=str(lite)).get_signature_list()["serving_default"]
+    assert sorted(signature["outputs"]) == ["stage1", "stage2", "stage3"]
 
 
 def test_verify_of_features_compares_every_output(tmp_path):

@@ -109,7 +109,7 @@ def export_onnx(
     """
     model = model.eval()
     with atomic_path(output) as tmp:
-        outputs = metadata["output_names"]
+        outputs = metadata.get("output_names", ["output"])
         _torch_export(model, torch.from_numpy(example), tmp, opset, dynamic_batch, outputs)
         graph = onnx.load(str(tmp))
         onnx.checker.check_model(graph, full_check=True)

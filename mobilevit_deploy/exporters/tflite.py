@@ -51,6 +51,20 @@ def _channels_last(model: nn.Module, example: np.ndarray) -> tuple[nn.Module, bo
     return wrapped, bool(maps)
 
 
+class _NamedOutputs(nn.Module):
+    """Returns a dict, which litert-torch turns into the signature's output names: the
+    file's outputs are `output` or `stage<i>`, as in ONNX and CoreML."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(x)
+        outs = out if isinstance(out, tuple) else (out,)
+        return dict(zip(self.names, outs, strict=True))
+
+
 def _convert_fp32(model: nn.Module, example: np.ndarray, path: Path) -> None:
     import litert_torch
 
@@ -188,6 +202,7 @@ def export_tflite(
         example = np.ascontiguousarray(example.transpose(0, 2, 3, 1))
         metadata.update(input_layout="NHWC", input_shape=[int(d) for d in example.shape])
         metadata["output_layout"] = "NHWC" if image_out else "NC"
+    model = _NamedOutputs(model, metadata.get("output_names", ["output"]))
     if precision == "int8":
         metadata["int8_mode"] = int8_mode
         if calibration is not None and nhwc:

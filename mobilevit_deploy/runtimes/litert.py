@@ -28,20 +28,21 @@ class LiteRTRunner:
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
-        self.outputs = self._output_order()
+        self.outputs = self._output_order(meta.get("output_names"))
         self.nhwc = meta.get("input_layout") == "NHWC" or (
             meta.get("input_layout") is None and self.input["shape"][-1] == 3
         )
         self.options = {"num_threads": threads or 0, "delegate": "XNNPACK (default CPU)"}
 
-    def _output_order(self) -> list[int]:
-        """Output tensor indices in the model's return order: the signature numbers them
-        output_0, output_1, ...; the plain output list need not keep that order."""
+    def _output_order(self, names: list[str] | None) -> list[int]:
+        """Output tensor indices in the model's order: the signature's outputs are named
+        as the sidecar lists them (`output`, `stage<i>`); the plain output list need not
+        keep that order. Without a sidecar, the file's own order."""
         signatures = self.interpreter._get_full_signature_list()
-        if len(signatures) != 1:
-            return [d["index"] for d in self.interpreter.get_output_details()]
-        outputs = next(iter(signatures.values()))["outputs"]
-        return [outputs[k] for k in sorted(outputs, key=lambda k: int(k.rsplit("_", 1)[-1]))]
+        outputs = next(iter(signatures.values()))["outputs"] if len(signatures) == 1 else {}
+        if names and set(names) <= set(outputs):
+            return [outputs[name] for name in names]
+        return [d["index"] for d in self.interpreter.get_output_details()]
 
     def _feed(self, x: np.ndarray) -> None:
         if self.nhwc:
