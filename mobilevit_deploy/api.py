@@ -9,6 +9,7 @@ benchmark("fastvit_sa12")                           # BenchReport
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .configure import Features, configure
+from .configure import Features, configure, with_labels
 from .errors import BadInput
 from .exporters import Artifact
 from .exporters.formats import FORMATS, ONNX_OPSETS, check_format, float_modules
@@ -99,9 +100,14 @@ def load_model(
 
 
 def spec_of(model: nn.Module, name: str) -> ModelSpec:
-    """The spec a loaded model was built from; the zoo's for a caller's own module."""
+    """The spec a loaded model was built from; for a caller's own module, the zoo's
+    sized by the module's own tensors, as a checkpoint's would size it (its head, a
+    LeViT's grid)."""
     spec = getattr(model, "mvd_spec", None)
-    return spec if spec is not None else get_spec(name)
+    if spec is not None:
+        return spec
+    derived, _ = configure(get_spec(name), model.state_dict())
+    return dataclasses.replace(derived, features=getattr(model, "features", None))
 
 
 ImageSize = int | tuple[int, int] | str | None
@@ -215,13 +221,15 @@ def export(
     are the format's own: onnx: opset, dynamic_batch, simplify; coreml: image_input,
     min_target, compress; tflite: nhwc, int8_mode ("static" full-integer or "dynamic").
     """
-    configured = num_classes is not None or labels is not None or features not in (None, False)
+    configured = num_classes is not None or features not in (None, False)
     if model is not None and configured:
         raise BadInput(
-            "num_classes, labels and features configure a model being loaded; "
+            "num_classes and features configure a model being loaded; "
             "pass them to load_model, not with model="
         )
     spec = spec_of(model, name) if model is not None else get_spec(name)
+    if model is not None and labels is not None:
+        spec = with_labels(spec, labels)
     if image_size is not None:
         check_image_size(spec, image_size)
     fmt = check_format(format, precision)

@@ -346,8 +346,8 @@ def export(
 def _artifact_outputs(meta: dict) -> str:
     """'10 classes', '150-class map', 'pooled features', '4 feature maps'."""
     if meta["task"] == "features":
-        n = len(meta["output_names"])
-        return "pooled features" if n == 1 else f"{n} feature maps"
+        maps = sum("stride" in o for o in meta["outputs"])
+        return f"{maps} feature map{'s' * (maps > 1)}" if maps else "pooled features"
     if meta["task"] == "segmentation":
         return f"{meta['num_classes']}-class map"
     return f"{meta['num_classes']} classes"

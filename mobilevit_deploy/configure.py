@@ -111,7 +111,7 @@ def configure(
     size = image_size or carried.image_size or spec.input_hw
     adaptations: list[str] = []
     if spec.sized_by_input and state is not None and spec.checkpoint_size is not None:
-        trained = spec.checkpoint_size(state, image_size or carried.image_size)
+        trained = spec.checkpoint_size(state, carried.image_size, image_size)
         if image_size is None or tuple(image_size) == trained:
             size = trained
         else:
@@ -130,11 +130,8 @@ def configure(
                 + ("(--features)" if stages is not None else "(a headless checkpoint)")
             )
         names = None
-    if names is not None and len(names) != classes:
-        raise BadInput(
-            f"{names_from} names {len(names)} classes, but the model's head has {classes} "
-            f"({classes_from})"
-        )
+    if names is not None:
+        check_class_names(names, names_from, classes, classes_from)
     head = f"{classes} classes" if classes else "none (headless: pooled features)"
     said = [f"head: {head} ({classes_from})"]
     if spec.sized_by_input and state is not None:
@@ -160,6 +157,28 @@ def configure(
         preprocessing=carried.preprocessing or spec.preprocessing,
     )
     return derived, state
+
+
+def check_class_names(names: Sequence[str], where: str, classes: int, classes_from: str) -> None:
+    """One name per class of the head, no name twice (a classifier's probabilities
+    are keyed by name: a repeated one would hide a class)."""
+    if len(names) != classes:
+        raise BadInput(
+            f"{where} names {len(names)} classes, but the model's head has {classes} "
+            f"({classes_from})"
+        )
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise BadInput(f"{where} names a class more than once: {', '.join(repeated[:5])}")
+
+
+def with_labels(spec: ModelSpec, labels: Path | Sequence[str]) -> ModelSpec:
+    """A loaded model's spec with class names given at export time."""
+    names, where = _class_names(labels, Carried())
+    if spec.output_kind not in ("classification", "segmentation"):
+        raise BadInput("--labels names a head's classes, but this model exports no head")
+    check_class_names(names, where, spec.num_classes, "the model's")
+    return dataclasses.replace(spec, class_names=names, labels="custom")
 
 
 def _class_names(

@@ -65,12 +65,13 @@ def resolve_artifact_path(
         return Path(f"{stem}{suffix}"), None
     text = str(output)
     path = Path(text)
-    # A directory named like the artifact (x.mlpackage) is the artifact's place, not a
-    # folder to write into: check_output_file replaces a package there, or refuses.
-    if text.endswith(("/", os.sep)) or (path.is_dir() and path.suffix != suffix):
-        return path / f"{stem}{suffix}", None
+    # A name with the artifact's suffix (x.mlpackage, x.mlpackage/ as a shell completes
+    # it) is the artifact's place, not a folder to write into: check_output_file
+    # replaces a package there, or refuses anything else.
     if path.suffix == suffix:
         return path, None
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return path / f"{stem}{suffix}", None
     if path.suffix in other_suffixes:
         raise BadInput(
             f"{path} has the suffix of {other_suffixes[path.suffix]} files; this export "

@@ -35,7 +35,7 @@ def _lookup(config: dict, *keys: str) -> object:
 
 def _label_names(value: object, where: Path) -> tuple[str, ...] | None:
     """A list of names, or timm's {index: name} mapping."""
-    if value is None:
+    if value is None or value == [] or value == {}:
         return None
     if isinstance(value, dict):
         try:

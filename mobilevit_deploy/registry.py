@@ -65,9 +65,12 @@ class ModelSpec:
     # tables): the builder takes `image_size`, `checkpoint_size` reads the size a state
     # dict was trained at, and `resize_state` resamples a state dict to another size.
     sized_by_input: bool = False
-    checkpoint_size: Callable[[dict, tuple[int, int] | None], tuple[int, int]] | None = None
+    # checkpoint_size(state, size a hub config declares, size asked for) -> trained size
+    checkpoint_size: (
+        Callable[[dict, tuple[int, int] | None, tuple[int, int] | None], tuple[int, int]] | None
+    ) = None
     resize_state: Callable[[dict, tuple[int, int], tuple[int, int]], dict] | None = None
-    # What a user's checkpoint or flags decided (models.configure): class names, and
+    # What a user's checkpoint or flags decided (configure.py): class names, and
     # the stages exported as feature maps instead of the head.
     class_names: tuple[str, ...] | None = None
     features: tuple[int, ...] | None = None

@@ -18,7 +18,6 @@ from .errors import BadInput, VerificationFailed
 from .files import atomic_path, check_output_file
 from .info import count_params
 from .metrics import DEFAULT_TOLERANCES, compare
-from .registry import get_spec
 from .reparam import reparameterize, training_leftovers
 from .runtimes.torch_runtime import TorchRunner
 
@@ -34,13 +33,15 @@ def reparam_to_file(
 ) -> dict:
     if output.suffix not in (".pt", ".pth", ".safetensors"):
         raise BadInput(f"{output}: choose a .pt, .pth or .safetensors file name")
-    spec = get_spec(name)
     check_output_file(output)
     model = load_model(name, weights, pretrained=pretrained)
-    fused = reparameterize(model)
+    spec = model.mvd_spec  # the checkpoint's model: its head, a LeViT's grid
+    fused = reparameterize(model, image_size=spec.input_hw)
     leftovers = training_leftovers(fused)
     x = example_input(spec, spec.input_hw, CHECK_INPUTS)
-    metrics = compare(TorchRunner(model, torch.float64)(x), TorchRunner(fused, torch.float64)(x))
+    metrics = compare(
+        TorchRunner(model, torch.float64)(x), TorchRunner(fused, torch.float64)(x), spec.output_kind
+    )
     if leftovers or metrics["max_rel"] > DEFAULT_TOLERANCES["fp32"]:
         raise VerificationFailed(
             f"fusing {spec.name} changed its output by {metrics['max_rel']:.2e} of the scale"

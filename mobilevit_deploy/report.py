@@ -44,7 +44,7 @@ def write_verify_junit(path: Path, report) -> Path:
         ET.SubElement(sanity, "failure", message="; ".join(report.problems))
     for name, ok, pair in cases:
         case = ET.SubElement(suite, "testcase", classname=report.model, name=name)
-        summary = ", ".join(f"{k}={v:.3g}" for k, v in pair.metrics.items())
+        summary = _metrics_summary(pair.metrics, report.outputs)
         if not ok:
             ET.SubElement(
                 case,
@@ -56,6 +56,14 @@ def write_verify_junit(path: Path, report) -> Path:
     with atomic_path(path) as tmp:
         ET.ElementTree(suite).write(tmp, encoding="utf-8", xml_declaration=True)
     return path
+
+
+def _metrics_summary(metrics: dict, outputs: list[str]) -> str:
+    """'max_abs=1e-06, ...'; a model with several outputs adds each one's line."""
+    line = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if k != "outputs")
+    for name, each in zip(outputs, metrics.get("outputs", []), strict=False):
+        line += f"\n{name}: " + ", ".join(f"{k}={v:.3g}" for k, v in each.items())
+    return line
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:

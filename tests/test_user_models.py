@@ -104,7 +104,16 @@ def test_num_classes_builds_a_fresh_head_and_a_fused_file_keeps_it(tmp_path):
     assert loaded.mvd_spec.num_classes == 5 and loaded.mvd_provenance.form == "fused"
 
 
-@pytest.mark.parametrize(("name", "classes"), [("efficientvit_b0", 1280), ("levit_128s", 384)])
+@pytest.mark.parametrize(
+    ("name", "classes"),
+    [
+        ("efficientvit_b0", 1280),
+        ("levit_128s", 384),
+        ("fastvit_t8", 768),
+        ("seaformer_tiny", 160),
+        ("sepvit_lite", 256),
+    ],
+)
 def test_a_headless_checkpoint_exports_pooled_features(tmp_path, name, classes):
     _, model = fine_tuned(name, 0, _size(name))
     torch.save(model.state_dict(), tmp_path / "backbone.pth")
@@ -117,7 +126,8 @@ def test_a_headless_checkpoint_exports_pooled_features(tmp_path, name, classes):
     out = OrtRunner(artifact.path)(x)
     assert out.shape == (1, classes)
     with torch.no_grad():
-        np.testing.assert_allclose(out, model.eval()(torch.from_numpy(x)).numpy(), atol=1e-4)
+        reference = model.eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(out - reference).max() < 1e-5 * np.abs(reference).max()
 
 
 def test_segmenter_heads_of_any_class_count(tmp_path):
@@ -222,6 +232,84 @@ def test_levit_fine_tuned_at_256_loads_at_256_and_resizes_on_request(tmp_path):
     artifact = api.export("levit_128s", weights=path, image_size="224x288", output=tmp_path / "r")
     assert "not the checkpoint's own function" in artifact.metadata["adaptations"][0]
     assert any("resized" in note for note in artifact.notes)
+
+
+def test_reparam_and_bench_run_a_levit_at_its_checkpoints_size(tmp_path):
+    """Both used the zoo's 224 for their inputs, which a 256 LeViT refuses."""
+    from mobilevit_deploy.bench import benchmark
+    from mobilevit_deploy.reparam_file import reparam_to_file
+
+    _, model = fine_tuned("levit_128s", 3, (256, 256))
+    torch.save(model.state_dict(), tmp_path / "ft.pth")
+    fused = reparam_to_file("levit_128s", tmp_path / "f.pt", weights=str(tmp_path / "ft.pth"))
+    assert fused["max_rel"] < 1e-5
+    assert api.load_model("levit_128s", tmp_path / "f.pt").mvd_spec.input_hw == (256, 256)
+    timed = benchmark(
+        "levit_128s",
+        weights=tmp_path / "ft.pth",
+        min_time_s=0.01,
+        min_runs=2,
+        runtimes=("onnxruntime",),
+    )
+    assert timed["image_size"] == [256, 256] and len(timed["results"]) == 2
+
+
+def test_levit_same_token_count_at_another_shape_is_a_resize_not_a_misreading(tmp_path):
+    """128x512 has the 256 tokens of 256x256: taken as the trained grid, the tables
+    loaded unchanged into the wrong geometry, with no note."""
+    _, model = fine_tuned("levit_128s", 3, (256, 256))
+    torch.save(model.state_dict(), tmp_path / "ft.pth")
+    wide = api.load_model("levit_128s", tmp_path / "ft.pth", image_size="128x512")
+    assert "from the checkpoint's 256x256 to 128x512" in wide.mvd_spec.adaptations[0]
+
+
+def test_reparam_of_a_segmenter_and_of_a_size_from_a_hub_config(tmp_path):
+    """reparam compared a segmenter's map as if logits (a traceback), and fused at the
+    zoo's size what it then checked at the model's."""
+    from mobilevit_deploy.reparam_file import reparam_to_file
+
+    _, model = fine_tuned("seaformer_seg_tiny_ade20k", 4, (512, 512))
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "seg.pth")
+    done = reparam_to_file(
+        "seaformer_seg_tiny_ade20k", tmp_path / "f.pt", weights=str(tmp_path / "seg.pth")
+    )
+    assert done["max_rel"] < 1e-5
+    from safetensors.torch import save_file
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    _, model = fine_tuned("seaformer_tiny", 5, (256, 256))
+    save_file(model.state_dict(), str(hub / "model.safetensors"))
+    (hub / "config.json").write_text('{"pretrained_cfg": {"input_size": [3, 256, 256]}}')
+    done = reparam_to_file("seaformer_tiny", tmp_path / "h.pt", weights=str(hub))
+    assert done["max_rel"] < 1e-5
+
+
+def test_hub_label_names_as_a_mapping_empty_or_repeated(tmp_path):
+    from safetensors.torch import save_file
+
+    _, model = fine_tuned("fastvit_t8", 3)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    config = tmp_path / "config.json"
+    config.write_text('{"label_names": {"1": "dog", "0": "cat", "2": "cow"}}')
+    assert api.load_model("fastvit_t8", tmp_path).mvd_spec.class_names == ("cat", "dog", "cow")
+    config.write_text('{"label_names": []}')
+    assert api.load_model("fastvit_t8", tmp_path).mvd_spec.class_names is None
+    config.write_text('{"label_names": ["cat", "dog", "cat"]}')
+    with pytest.raises(BadInput, match="names a class more than once: cat"):
+        api.load_model("fastvit_t8", tmp_path)
+
+
+def test_labels_with_a_loaded_model(tmp_path):
+    """export(model=..., labels=...) worked when labels were a CoreML option."""
+    _, model = fine_tuned("fastvit_t8", 2)
+    out = tmp_path / "m.onnx"
+    artifact = api.export(
+        "fastvit_t8", model=model, labels=["no", "yes"], output=out, image_size=64
+    )
+    assert artifact.metadata["class_labels"] == ["no", "yes"]
+    with pytest.raises(BadInput, match="names 3 classes, but the model's head has 1000"):
+        api.export("fastvit_t8", model=api.load_model("fastvit_t8"), labels=["a", "b", "c"])
 
 
 def test_levit_non_square_checkpoint_needs_its_size_and_then_loads(tmp_path):

@@ -48,6 +48,10 @@ def test_a_name_without_the_suffix_gets_it_and_is_told(tmp_path):
     assert "added the .mlpackage suffix" in result.stderr
     ok("export", "fastvit_t8", *SMALL, "-f", "coreml", "-o", tmp_path)  # DIR/<model>.mlpackage
     assert (tmp_path / "fastvit_t8.mlpackage" / "Manifest.json").is_file()
+    # A package named with the slash a shell's completion adds is replaced, not filled.
+    ok("export", "fastvit_t8", *SMALL, "-f", "coreml", "-o", f"{tmp_path}/model.mlpackage/")
+    assert not (tmp_path / "model.mlpackage" / "fastvit_t8.mlpackage").exists()
+    assert (tmp_path / "model.mlpackage" / "Manifest.json").is_file()
 
 
 def test_another_formats_suffix_is_refused(tmp_path):
@@ -114,6 +118,8 @@ def test_export_features_names_every_output(tmp_path):
     ]
     assert shapes == [(1, 32, 8, 8), (1, 64, 4, 4), (1, 128, 2, 2)]
     assert_user_error(mvd("export", "efficientvit_b0", "--stages", "1,x"), "--stages")
+    one = ok("export", "efficientvit_b0", "--stages", "3", *SMALL, "-o", tmp_path / "one.onnx")
+    assert "1 feature map)" in one.stdout
     lite = tmp_path / "backbone.tflite"
     ok(
         "export",
@@ -134,8 +140,9 @@ def test_export_features_names_every_output(tmp_path):
 
 
 def test_verify_of_features_compares_every_output(tmp_path):
-    report = tmp_path / "v.json"
-    result = ok("verify", "fastvit_t8", "--features", *SMALL, "--json", report)
+    report, junit = tmp_path / "v.json", tmp_path / "v.xml"
+    result = ok("verify", "fastvit_t8", "--features", *SMALL, "--json", report, "--junit", junit)
+    assert "stage3: max_abs=" in junit.read_text()
     assert "outputs compared: stage0, stage1, stage2, stage3" in result.stdout
     assert "top-1" not in result.stdout
     data = json.loads(report.read_text())

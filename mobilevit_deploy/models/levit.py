@@ -459,12 +459,15 @@ _FIRST_DENSE = "stages.0.blocks.0.attn.attention_bias_dense"
 _TABLE = re.compile(r"stages\.(\d+)\.(blocks\.\d+\.attn|downsample\.attn_downsample)\.")
 
 
-def checkpoint_size(state: dict, hint: tuple[int, int] | None) -> tuple[int, int]:
+def checkpoint_size(
+    state: dict, declared: tuple[int, int] | None, asked: tuple[int, int] | None
+) -> tuple[int, int]:
     """The input size a LeViT state dict was trained at, from its first bias table.
 
-    A table holds H/16 x W/16 entries, which fixes a square size. For a non-square one
-    only the product is known, so `hint` (the size asked for, or a hub config's) is
-    taken when it has that many tokens.
+    A table holds H/16 x W/16 entries. In order: the size a hub config declares, if
+    it has that many tokens; the square size, if the count is a square (so a 256
+    checkpoint asked for at 128x512, the same 256 tokens, is resized, not misread);
+    for a non-square count, the size asked for, if it has that many tokens.
     """
     table = state.get(_FIRST_TABLE)
     tokens = table.shape[-1] if table is not None else None
@@ -473,11 +476,17 @@ def checkpoint_size(state: dict, hint: tuple[int, int] | None) -> tuple[int, int
     if tokens is None:
         raise BadInput(f"no LeViT attention-bias table in the checkpoint ({_FIRST_TABLE})")
     stride = Levit.stem_stride
-    if hint is not None and (hint[0] // stride) * (hint[1] // stride) == tokens:
-        return hint
+
+    def fits(size: tuple[int, int] | None) -> bool:
+        return size is not None and (size[0] // stride) * (size[1] // stride) == tokens
+
+    if fits(declared):
+        return tuple(declared)
     side = math.isqrt(tokens)
     if side * side == tokens:
         return (side * stride, side * stride)
+    if fits(asked):
+        return tuple(asked)
     raise BadInput(
         f"the checkpoint's bias tables have a {tokens}-token grid, not a square one: pass the "
         f"size it was trained at, --image-size HxW with (H/16) x (W/16) = {tokens}"
