@@ -213,7 +213,14 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    if missing or unexpected or shapes:
+    # A float checkpoint of another precision (fp16, bf16) is cast on load; integer or
+    # boolean values where the model has float weights are no weights at all.
+    kinds = [
+        f"{k} ({str(state[k].dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
+    ]
+    if missing or unexpected or shapes or kinds:
         parts = []
         if missing:
             parts.append(f"missing keys: {_names(missing)}")
@@ -221,6 +228,8 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
             parts.append(f"unexpected keys: {_names(unexpected)}")
         if shapes:
             parts.append(f"shape mismatches: {_names(shapes)}")
+        if kinds:
+            parts.append(f"not float values: {_names(kinds)}")
         raise CheckpointMismatch(f"{origin} does not fit the model; " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from mobilevit_deploy.errors import MvdError
+from mobilevit_deploy.errors import CheckpointMismatch, MvdError
 from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.weights import load_into_spec, read_checkpoint
 
@@ -78,16 +78,28 @@ def test_wrong_containers(tmp_path, top):
     _load(path)
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bool, torch.uint8])
-def test_wrong_dtypes_are_a_clear_error_or_a_cast(tmp_path, dtype):
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_integer_or_boolean_weights_are_refused_by_name(tmp_path, dtype):
+    """The old test accepted "an error or a cast" and could not fail: load_state_dict
+    copies any dtype into float32, so garbage loaded silently."""
     state = {k: v.to(dtype) for k, v in get_spec("fastvit_t8").build().state_dict().items()}
     path = tmp_path / "dtype.pt"
     torch.save(state, path)
-    try:
-        model = load_into_spec(get_spec("fastvit_t8"), path)
-    except MvdError:
-        return
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointMismatch, match=rf"not float values: stem\.0\.\S+ \({name}\)"):
+        load_into_spec(get_spec("fastvit_t8"), path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_load_as_float32(tmp_path, dtype):
+    source = get_spec("fastvit_t8").build().state_dict()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in source.items()}
+    path = tmp_path / "half.pt"
+    torch.save(state, path)
+    model = load_into_spec(get_spec("fastvit_t8"), path)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in state.items())
 
 
 def test_a_header_declaring_a_huge_tensor_is_refused_without_allocating_it(tmp_path):

@@ -24,24 +24,26 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _THIRD_PARTY_HOOKS = ("fuse", "switch_to_deploy")
 
 
-def _bottom_up(model: nn.Module) -> list[nn.Module]:
-    """Children before parents, so a parent sees its children already fused."""
-    order: list[nn.Module] = []
+def _call_protocol(module: nn.Module, method: str) -> nn.Module:
+    """Call `method` on every module, children before parents (a parent sees its
+    children fused); returns `module`, or what replaces it.
 
-    def visit(m: nn.Module) -> None:
-        for child in m.children():
-            visit(child)
-        order.append(m)
-
-    visit(model)
-    return order
-
-
-def _call_protocol(model: nn.Module, method: str) -> None:
-    for module in _bottom_up(model):
-        hook = getattr(module, method, None)
-        if callable(hook):
-            hook()
+    A hook may return its replacement: timm's `fuse()` builds a new layer and returns
+    it (its LeViT and RepViT-style ConvNorm/LinearNorm), which then takes the module's
+    place in its parent. An in-place hook returns None (or the module itself). A
+    submodule that happens to be named like a hook is not one.
+    """
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            replaced = _call_protocol(child, method)
+            if replaced is not child:
+                module._modules[name] = replaced
+    hook = getattr(module, method, None)
+    if callable(hook) and not isinstance(hook, nn.Module):
+        result = hook()
+        if isinstance(result, nn.Module) and result is not module:
+            return result
+    return module
 
 
 def _fold_pair(first: nn.Module, second: nn.Module) -> nn.Module | None:
@@ -99,11 +101,11 @@ def reparameterize(
     set_resolution = getattr(deployed, "set_export_resolution", None)
     if image_size is not None and callable(set_resolution):
         set_resolution(*image_size)
-    _call_protocol(deployed, "reparameterize")
+    deployed = _call_protocol(deployed, "reparameterize")
     for hook in _THIRD_PARTY_HOOKS:
-        _call_protocol(deployed, hook)
+        deployed = _call_protocol(deployed, hook)
     if fold_affine:
-        _call_protocol(deployed, "fold_affine")
+        deployed = _call_protocol(deployed, "fold_affine")
         fold_sequential_pairs(deployed)
     for p in deployed.parameters():
         p.requires_grad_(False)
