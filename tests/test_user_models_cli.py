@@ -99,6 +99,11 @@ def test_labels_go_into_the_coreml_classifier(tmp_path, ten_classes):
 
     assert classifier_labels(_load_spec(out)) == [f"product {i}" for i in range(10)]
     assert check_package(out, [(1, 10)])["problems"] == []
+    lite = tmp_path / "ft.tflite"
+    ok("export", "fastvit_t8", "-f", "tflite", *args, "-o", lite)
+    from mobilevit_deploy.runtimes.litert import read_metadata
+
+    assert read_metadata(lite)["class_labels"][9] == "product 9"
     labels.write_text("one\ntwo\n")
     assert_user_error(
         mvd("export", "fastvit_t8", "-f", "tflite", *args, "-o", tmp_path / "x"),
@@ -137,6 +142,12 @@ def test_export_features_names_every_output(tmp_path):
 
     signature = Interpreter(model_path=str(lite)).get_signature_list()["serving_default"]
     assert sorted(signature["outputs"]) == ["stage1", "stage2", "stage3"]
+    from mobilevit_deploy.runtimes import litert
+
+    assert litert.read_metadata(lite)["outputs"] == meta["outputs"]  # embedded, not only sidecar
+    lite.with_name(lite.name + ".json").unlink()
+    x = api.example_input(get_spec("efficientvit_b0"), (64, 64))
+    assert [o.shape for o in litert.LiteRTRunner(lite)(x)] == shapes
 
 
 def test_verify_of_features_compares_every_output(tmp_path):

@@ -12,11 +12,13 @@ for the fp32 one: the app's pre- and post-processing do not change with the prec
 
 After writing, the flatbuffer is inspected: its op set is recorded in the metadata, and
 what mobile GPU/NNAPI delegates lack (tensors above rank 4, gathers, bicubic resize,
-custom and Flex ops) is reported by name.
+custom and Flex ops) is reported by name. The metadata record is embedded as the
+model's metadata entry `mvd` (JSON), as well as in the sidecar.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections import defaultdict
@@ -29,6 +31,7 @@ from torch import nn
 from ..errors import MvdError
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
+from ..runtimes.litert import METADATA_NAME
 from .formats import float_modules
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
@@ -177,6 +180,25 @@ def inspect_tflite(path: Path) -> dict:
     }
 
 
+def embed_metadata(path: Path, metadata: dict) -> None:
+    """Add the record as a named metadata buffer of the flatbuffer. This is how TFLite's
+    own metadata writer (tflite_support) and ai-edge-quantizer write files: unpack the
+    model object, append, pack it again; the interpreter ignores entries it does not
+    know, so the file runs as before."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
+    record = json.dumps(metadata, sort_keys=True).encode()
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(record, dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    path.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+
+
 def export_tflite(
     model: nn.Module,
     output: Path,
@@ -188,11 +210,8 @@ def export_tflite(
     nhwc: bool = False,
     int8_mode: str = "static",
 ) -> Path:
-    """Write `model` to `output` (+ `output`.json); returns the path.
-
-    TFLite has no metadata field this stack can write without the TensorFlow metadata
-    tools, so the metadata record (docs/architecture.md) goes to the sidecar only.
-    """
+    """Write `model` to `output` (+ `output`.json); returns the path. The metadata record
+    (docs/architecture.md) is embedded (runtimes.litert.read_metadata) and in the sidecar."""
     with quiet():  # importing litert-torch and torchao prints banners and warnings
         import ai_edge_litert.interpreter  # noqa: F401
         import litert_torch  # noqa: F401
@@ -220,5 +239,6 @@ def export_tflite(
             finally:
                 fp32.unlink(missing_ok=True)
         metadata.update(inspect_tflite(tmp))
+        embed_metadata(tmp, metadata)
     write_json_atomic(output.with_name(output.name + ".json"), metadata)
     return output

@@ -1,7 +1,7 @@
 """Run a .tflite file with the LiteRT interpreter (XNNPACK on CPU): NCHW numpy in and out.
 
 The caller always speaks NCHW, like every other runner: a channels-last file (export
---nhwc, recorded in its sidecar) gets its input transposed here and image-shaped
+--nhwc, recorded in its metadata) gets its input transposed here and image-shaped
 outputs transposed back. int8 inputs or outputs, if a file has them, are quantized
 and dequantized with the file's own scale and zero point.
 """
@@ -15,6 +15,21 @@ import numpy as np
 
 from ..quiet import quiet
 
+# The name of the metadata entry the exporter embeds the record under.
+METADATA_NAME = "mvd"
+
+
+def read_metadata(path: Path) -> dict:
+    """The metadata record embedded in an exported .tflite file ({} without one)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAsModel(bytearray(Path(path).read_bytes()), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == METADATA_NAME.encode():
+            return json.loads(bytes(model.Buffers(entry.Buffer()).DataAsNumpy()))
+    return {}
+
 
 class LiteRTRunner:
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
@@ -23,7 +38,7 @@ class LiteRTRunner:
 
         path = Path(path)
         sidecar = path.with_name(path.name + ".json")
-        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else read_metadata(path)
         with quiet():  # the XNNPACK banner is printed from C++ when tensors are allocated
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
