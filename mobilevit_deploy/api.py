@@ -19,8 +19,8 @@ from torch import nn
 
 from .configure import Features, configure, with_labels
 from .errors import BadInput
-from .exporters import Artifact
-from .exporters.formats import FORMATS, ONNX_OPSETS, check_format, float_modules
+from .exporters import Artifact, ExportJob, float_modules
+from .exporters.formats import FORMATS, check_format, check_options
 from .exporters.metadata import CALLER_MODULE, artifact_metadata
 from .files import check_output_file, resolve_artifact_path
 from .hub import is_hub_folder, read_hub_folder
@@ -148,47 +148,6 @@ def example_input(
     return to_model_input(natural_images(batch, image_size, seed), spec)
 
 
-MIN_TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15")
-COMPRESSIONS = ("palettize8", "int8")
-INT8_MODES = ("static", "dynamic")
-FORMAT_OPTIONS = {
-    "onnx": {"opset", "dynamic_batch", "simplify"},
-    "coreml": {"image_input", "min_target", "compress"},
-    "tflite": {"nhwc", "int8_mode"},
-}
-OPTION_DEFAULTS = {
-    "opset": 17,
-    "dynamic_batch": False,
-    "simplify": True,
-    "image_input": False,
-    "min_target": "iOS16",
-    "compress": None,
-    "nhwc": False,
-    "int8_mode": "static",
-}
-
-
-def _check_options(format: str, options: dict) -> None:
-    """An option of another format is a mistake the user should hear about."""
-    for key, value in options.items():
-        if key not in OPTION_DEFAULTS:
-            raise TypeError(f"export() got an unexpected keyword argument {key!r}")
-        if value != OPTION_DEFAULTS[key] and key not in FORMAT_OPTIONS[format]:
-            owner = next(f for f, keys in FORMAT_OPTIONS.items() if key in keys)
-            flag = "--" + key.replace("_", "-")
-            raise BadInput(f"{flag} applies to --format {owner}, not {format}")
-    choices = {"min_target": MIN_TARGETS, "compress": COMPRESSIONS, "int8_mode": INT8_MODES}
-    for key, allowed in choices.items():
-        if options.get(key) is not None and options[key] not in allowed:
-            flag = "--" + key.replace("_", "-")
-            raise BadInput(f"{flag} {options[key]!r}: choose from {', '.join(allowed)}")
-    if format == "onnx" and options.get("opset", 17) not in ONNX_OPSETS:
-        raise BadInput(
-            f"ONNX opset {options['opset']} is not supported; "
-            f"choose {ONNX_OPSETS[0]} to {ONNX_OPSETS[-1]}"
-        )
-
-
 def export(
     name: str,
     format: str = "onnx",
@@ -218,8 +177,9 @@ def export(
     `features` configure the model as in `load_model` (not with `model`, which is
     configured already). `output` may be a directory (`DIR/<model><suffix>`) or a
     name without the suffix (which is added; the artifact's notes say so). `options`
-    are the format's own: onnx: opset, dynamic_batch, simplify; coreml: image_input,
-    min_target, compress; tflite: nhwc, int8_mode ("static" full-integer or "dynamic").
+    are the format's own, the fields of its options dataclass in exporters/formats.py
+    (onnx: opset, dynamic_batch, simplify; coreml: image_input, min_target, compress;
+    tflite: nhwc, int8_mode); another format's option is refused.
     """
     configured = num_classes is not None or features not in (None, False)
     if model is not None and configured:
@@ -234,17 +194,14 @@ def export(
         check_image_size(spec, image_size)
     fmt = check_format(format, precision)
     precision = precision or fmt.default_precision
-    _check_options(format, options)
-    options = {
-        k: options.get(k, v) for k, v in OPTION_DEFAULTS.items() if k in FORMAT_OPTIONS[format]
-    }
+    typed_options = check_options(fmt, options)
     if batch < 1:
         raise BadInput(f"batch must be at least 1, got {batch}")
     if precision == "int8" and calibration_images < 1:
         raise BadInput(f"int8 needs calibration images, got {calibration_images}")
     others = {f.suffix: f.name for f in FORMATS.values() if f.name != format}
     out, path_note = resolve_artifact_path(output, spec.name, fmt.suffix, others)
-    check_output_file(out, package=format == "coreml")
+    check_output_file(out, package=fmt.package)
     if upsample is not None and upsample not in ("bicubic", "bilinear"):
         raise BadInput(f"--upsample takes bicubic or bilinear, not {upsample!r}")
     if upsample == "bicubic" and not fmt.has_bicubic:
@@ -273,7 +230,7 @@ def export(
         model=deployable,
         provenance=provenance,
         image_size=size,
-        batch="batch" if options.get("dynamic_batch") else batch,
+        batch="batch" if getattr(typed_options, "dynamic_batch", False) else batch,
         reparameterized=reparam,
         precision=precision,
         fmt=format,
@@ -287,32 +244,18 @@ def export(
             f"{format} has no bicubic resize, so this segmenter upsamples bilinear; "
             "`mvd verify` reports what that costs against the bicubic original"
         )
-        meta["upsample_note"] = notes[-1]
+        meta.upsample_note = notes[-1]
     if upsample is not None:
         deployable.set_upsample(upsample)  # a copy (reparameterize) or the eval model
-        meta["upsample"] = upsample
+        meta.upsample = upsample
     if precision == "int8":
-        meta["int8_float_modules"] = [path for path, _ in float_modules(deployable)]
+        meta.int8_float_modules = [path for path, _ in float_modules(deployable)]
     example = example_input(spec, size, batch)
     calibration = (
         example_input(spec, size, calibration_images, seed=CALIBRATION_SEED)
         if precision == "int8"
         else None
     )
-    if format == "onnx":
-        from .exporters.onnx import export_onnx
-
-        export_onnx(
-            deployable, out, example, meta, precision=precision, calibration=calibration, **options
-        )
-    elif format == "coreml":
-        from .exporters.coreml import export_coreml
-
-        export_coreml(deployable, out, example, meta, spec=spec, precision=precision, **options)
-    else:
-        from .exporters.tflite import export_tflite
-
-        export_tflite(
-            deployable, out, example, meta, precision=precision, calibration=calibration, **options
-        )
-    return Artifact(out, format, precision, meta, tuple(notes))
+    job = ExportJob(deployable, out, example, precision, typed_options, meta, spec, calibration)
+    record = fmt.load("exporter")(job)
+    return Artifact(out, format, precision, record, tuple(notes))

@@ -31,7 +31,8 @@ from .stress import apply_stress_weights
 from .timing import interleaved, time_callable
 
 BASELINE = "onnxruntime, unfused (plain export)"
-RUNTIMES = ("onnxruntime", "torch", "litert")
+# onnxruntime and torch eager, then each other format's runtime from the table.
+RUNTIMES = ("onnxruntime", "torch", *(f.runtime for f in FORMATS.values() if f.name != "onnx"))
 DEFAULT_RUNTIMES = ("onnxruntime", "torch")
 ORT_LEVEL = "all"
 
@@ -62,7 +63,8 @@ def benchmark(
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict:
     """`precisions` beyond fp32 add the fused file at fp16 / int8 as candidates, for
-    onnxruntime and (with "litert" among `runtimes`) for a TFLite file under LiteRT."""
+    onnxruntime and for each other format whose runtime is among `runtimes` (litert:
+    the TFLite file; executorch: the .pte), at the precisions that format has."""
     api.check_image_size(get_spec(name), image_size)
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown or not runtimes:
@@ -71,8 +73,11 @@ def benchmark(
     if not set(precisions) <= set(onnx_precisions):
         choices = ", ".join(onnx_precisions)
         raise BadInput(f"unknown precision in {', '.join(precisions)}; choose from {choices}")
-    if "litert" in runtimes:
-        check_format("tflite")
+    others = [f for f in FORMATS.values() if f.name != "onnx" and f.runtime in runtimes]
+    for fmt in others:
+        check_format(fmt.name)
+        if not fmt.runs_here():
+            raise BadInput(f"{fmt.runtime} runs {fmt.runs_only_on}: it cannot be timed here")
     threads = threads or os.cpu_count() or 1
     model = api.load_model(name, weights, image_size=image_size)
     # The model the checkpoint makes: a LeViT fine-tuned at 256 runs at 256.
@@ -116,10 +121,10 @@ def benchmark(
                 )
                 runner = OrtRunner(reduced.path, threads, ORT_LEVEL, spinning=False)
                 candidates[f"onnxruntime, fused {precision} (mvd)"] = partial(runner, x)
-        if "litert" in runtimes:
+        for fmt in others:
             candidates.update(
-                _litert_candidates(
-                    spec.name, model, size, batch, precisions, threads, x, Path(tmp), progress
+                _format_candidates(
+                    fmt, spec.name, model, size, batch, precisions, threads, x, Path(tmp), progress
                 )
             )
         if "torch" in runtimes:
@@ -162,25 +167,24 @@ def benchmark(
     }
 
 
-def _litert_candidates(name, model, size, batch, precisions, threads, x, tmp: Path, progress):
-    """The fused TFLite file at each precision, run by LiteRT (XNNPACK on CPU)."""
-    from .runtimes.litert import LiteRTRunner
-
+def _format_candidates(fmt, name, model, size, batch, precisions, threads, x, tmp: Path, progress):
+    """The fused file of one format at each of its precisions asked, run by its runtime."""
     out = {}
-    for precision in ("fp32", *(p for p in precisions if p != "fp32")):
-        progress(f"exporting fused TFLite at {precision}")
+    asked = ("fp32", *(p for p in precisions if p != "fp32"))
+    for precision in (p for p in asked if p in fmt.precisions):
+        progress(f"exporting fused {fmt.name} at {precision}")
         artifact = api.export(
             name,
-            "tflite",
+            fmt.name,
             model=model,
-            output=tmp / f"fused.{precision}.tflite",
+            output=tmp / f"fused.{precision}{fmt.suffix}",
             image_size=size,
             batch=batch,
             precision=precision,
         )
-        runner = LiteRTRunner(artifact.path, threads)
-        label = "litert, fused (mvd)" if precision == "fp32" else f"litert, fused {precision} (mvd)"
-        out[label] = partial(runner, x)
+        runner = fmt.open_runner(artifact.path, threads)
+        suffix = "" if precision == "fp32" else f" {precision}"
+        out[f"{fmt.runtime}, fused{suffix} (mvd)"] = partial(runner, x)
     return out
 
 

@@ -20,6 +20,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_options import (
+    FeaturesFlag,
+    Format,
+    Formats,
+    ImageSize,
+    JsonFlag,
+    JsonPath,
+    Labels,
+    MarkdownPath,
+    MinTime,
+    NumClasses,
+    NumImages,
+    Precisions,
+    Pretrained,
+    Runtimes,
+    Stages,
+    Threads,
+    Weights,
+    parse_features,
+    with_format_options,
+)
 from .errors import MvdError
 
 app = typer.Typer(
@@ -30,53 +51,6 @@ app = typer.Typer(
 # Piped output (CI logs, README snippets) gets a fixed width rather than rich's 80.
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
-
-Weights = Annotated[
-    str | None, typer.Option("--weights", "-w", help="Checkpoint path or http(s) URL.")
-]
-Pretrained = Annotated[
-    str | None,
-    typer.Option(
-        help="Download a published checkpoint by tag (see `mvd info`); 'default' = first."
-    ),
-]
-ImageSize = Annotated[
-    str | None, typer.Option(help="N or HxW (e.g. 224, 1024x2048); default: the model's.")
-]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-NumClasses = Annotated[
-    int | None,
-    typer.Option(
-        help="Head size: builds a fresh model of it, or checks a checkpoint against it "
-        "(default: read from the checkpoint's head; 0 = headless)."
-    ),
-]
-Labels = Annotated[
-    Path | None,
-    typer.Option(help="Class names, one per line (default: the checkpoint's, if it has any)."),
-]
-FeaturesFlag = Annotated[
-    bool,
-    typer.Option(
-        "--features", help="Export the backbone's multi-scale feature maps instead of the head."
-    ),
-]
-Stages = Annotated[
-    str | None,
-    typer.Option(help="With --features: the stage indices wanted, e.g. 1,2,3 (default: all)."),
-]
-
-
-def _features(features: bool, stages: str | None) -> bool | tuple[int, ...] | None:
-    """--features alone: every stage; --stages picks some (and implies --features)."""
-    if stages is None:
-        return True if features else None
-    try:
-        return tuple(int(part) for part in stages.split(",") if part.strip())
-    except ValueError:
-        from .errors import BadInput
-
-        raise BadInput(f"--stages takes comma-separated stage indices, not {stages!r}") from None
 
 
 def _pretrained(tag: str | None) -> bool | str:
@@ -171,7 +145,7 @@ def info(
             weights=weights,
             num_classes=num_classes,
             labels=labels,
-            features=_features(features, stages),
+            features=parse_features(features, stages),
         )
     if as_json:
         return _print_json(data)
@@ -243,9 +217,10 @@ def reparam(
 
 @app.command()
 @handle_errors
+@with_format_options
 def export(
     model: str,
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx, coreml or tflite.")] = "onnx",
+    format: Format = "onnx",
     output: Annotated[
         str | None,
         typer.Option(
@@ -258,8 +233,6 @@ def export(
     pretrained: Pretrained = None,
     image_size: ImageSize = None,
     batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
-    dynamic_batch: Annotated[bool, typer.Option(help="Leave the batch dimension free.")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     precision: Annotated[
         str | None,
         typer.Option(help="fp32, fp16 or int8; default fp16 for coreml (as on device), else fp32."),
@@ -272,25 +245,15 @@ def export(
         typer.Option(help="Segmenters: bicubic (official) or bilinear (runtimes without it)."),
     ] = None,
     no_reparam: Annotated[bool, typer.Option("--no-reparam", help="Export unfused.")] = False,
-    simplify: Annotated[bool, typer.Option(help="ONNX: run onnxslim, then re-verify.")] = True,
-    image_input: Annotated[
-        bool, typer.Option(help="CoreML: an image input, preprocessing inside the model.")
-    ] = False,
-    min_target: Annotated[str, typer.Option(help="CoreML: deployment target.")] = "iOS16",
-    compress: Annotated[
-        str | None, typer.Option(help="CoreML: weight compression, palettize8 or int8.")
-    ] = None,
     labels: Labels = None,
     num_classes: NumClasses = None,
     features: FeaturesFlag = False,
     stages: Stages = None,
-    nhwc: Annotated[bool, typer.Option(help="TFLite: channels-last input and output.")] = False,
-    int8_mode: Annotated[
-        str, typer.Option(help="TFLite int8: static (full integer) or dynamic (range).")
-    ] = "static",
     as_json: JsonFlag = False,
+    format_options: dict | None = None,
 ) -> None:
-    """Export to a deployable file with its metadata (embedded and a sidecar JSON)."""
+    """Export to a deployable file with its metadata (embedded and a sidecar JSON).
+    Each format's own options follow (prefixed with the format's name)."""
     from . import api
 
     with err.status(f"exporting {model} to {format}"):
@@ -308,17 +271,8 @@ def export(
             upsample=upsample,
             num_classes=num_classes,
             labels=labels,
-            features=_features(features, stages),
-            **_changed_options(
-                dynamic_batch=dynamic_batch,
-                opset=opset,
-                simplify=simplify,
-                image_input=image_input,
-                min_target=min_target,
-                compress=compress,
-                nhwc=nhwc,
-                int8_mode=int8_mode,
-            ),
+            features=parse_features(features, stages),
+            **format_options,
         )
     for note in artifact.notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
@@ -351,32 +305,6 @@ def _artifact_outputs(meta: dict) -> str:
     if meta["task"] == "segmentation":
         return f"{meta['num_classes']}-class map"
     return f"{meta['num_classes']} classes"
-
-
-def _changed_options(**options) -> dict:
-    """Only the format options a user set: api.export refuses another format's option."""
-    from .api import OPTION_DEFAULTS
-
-    return {k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]}
-
-
-JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")]
-MarkdownPath = Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown table.")]
-Formats = Annotated[str, typer.Option(help="Comma-separated formats to export and check.")]
-Precisions = Annotated[
-    str,
-    typer.Option(
-        help="Comma-separated precisions of each format: fp32, fp16, int8 "
-        "(default: the format's own, fp16 for coreml, else fp32)."
-    ),
-]
-NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
-Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
-MinTime = Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")]
-Runtimes = Annotated[
-    str,
-    typer.Option("--runtime", help="Comma-separated: onnxruntime, torch (eager), litert (TFLite)."),
-]
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -471,7 +399,7 @@ def verify(
         precisions,
         num_classes=num_classes,
         labels=labels,
-        features=_features(features, stages),
+        features=parse_features(features, stages),
     )
     if json_path == Path("-"):
         _print_json(report.to_dict())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import torch
@@ -109,13 +108,13 @@ def doctor_info() -> dict:
     formats = []
     for f in FORMATS.values():
         ready = f.available()
-        # coremltools runs a model on macOS only; elsewhere verify checks the package.
-        runs = ready and (f.name != "coreml" or platform.system() == "Darwin")
+        # Where a format does not run (CoreML off macOS), verify checks the file.
+        run = "yes" if f.runs_here() else (f"no ({f.runs_only_on})" if ready else "no")
         formats.append(
             {
                 "name": f.name,
                 "export": "yes" if ready else "no",
-                "run": "yes" if runs else ("no (macOS only)" if ready else "no"),
+                "run": run,
                 "install": f.install_hint() or None,
             }
         )

@@ -40,8 +40,6 @@ from .metrics import (
     judge,
 )
 from .reparam import reparameterize, training_leftovers
-from .runtimes.coreml import check_package
-from .runtimes.coreml import runs_here as coreml_runs_here
 from .runtimes.torch_runtime import TorchRunner
 from .stress import apply_stress_weights, check_sane_outputs
 from .user_images import load_images
@@ -49,12 +47,18 @@ from .user_images import load_images
 
 @dataclass
 class PairResult:
+    """One candidate against the reference. `candidate` is for display only; what the
+    row is lies in `format` (None for a torch row), `precision` and `estimated` (the
+    numbers come from torch at the file's precision: the format does not run here)."""
+
     candidate: str
     precision: str
     tolerance: float
     metrics: dict
     passed: bool
     bound: str = ""
+    format: str | None = None
+    estimated: bool = False
 
 
 @dataclass
@@ -166,7 +170,7 @@ def verify(
     report.notes += list(spec.adaptations)
     tolerances = {**DEFAULT_TOLERANCES, **spec.tolerances}
 
-    def add(candidate: str, precision: str, output: np.ndarray, against=None) -> None:
+    def add(candidate: str, precision: str, output: np.ndarray, against=None, **row) -> None:
         metrics = compare(reference if against is None else against, output, task)
         if precision in REDUCED_PRECISION:  # judged by PSNR; the bound recorded is its floor
             tol = REDUCED_PRECISION[precision]["min_psnr_db"]
@@ -175,7 +179,7 @@ def verify(
         if precision == "fp32":
             tol = max(tol, NOISE_FLOOR_FACTOR * report.fp32_noise_floor)
         passed, bound = judge(metrics, precision, tol)
-        report.pairs.append(PairResult(candidate, precision, tol, metrics, passed, bound))
+        report.pairs.append(PairResult(candidate, precision, tol, metrics, passed, bound, **row))
         raw = metrics.get("top1", metrics.get("pixel_agreement", 1.0))
         judged = REDUCED_PRECISION.get(precision, {}).get("min_agreement")
         if judged and "decisive_agreement" in metrics and raw < metrics["decisive_agreement"]:
@@ -225,14 +229,15 @@ def verify(
                     precision=precision,
                 )
                 label = f"{fmt} fused" + ("" if precision == "fp32" else f" ({precision})")
-                if fmt == "coreml" and not coreml_runs_here():
-                    output = _coreml_static_check(artifact, fused, x, report)
-                    label = f"coreml fused ({precision}, estimated)"
+                estimated = not FORMATS[fmt].runs_here()
+                if estimated:
+                    output = _static_check(artifact, fused, x, report)
+                    label = f"{fmt} fused ({precision}, estimated)"
                 else:
-                    output = _run(_runner(artifact), x, per_sample=True)
-                    if fmt == "coreml" and task == "classification":  # probabilities
+                    output = _run(FORMATS[fmt].open_runner(artifact.path), x, per_sample=True)
+                    if artifact.metadata.get("probabilities"):  # a classifier package
                         against = _softmax(reference if against is None else against)
-                add(label, precision, output, against)
+                add(label, precision, output, against, format=fmt, estimated=estimated)
     return report
 
 
@@ -251,12 +256,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _coreml_static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.ndarray:
-    """Where CoreML cannot run: check the package, and estimate its numbers with the
-    fused model in torch at the package's precision (fp16 on every op, as the ANE and
-    GPU compute; the CPU may use fp32 for some, so the estimate is the harsher one)."""
+def _static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.ndarray:
+    """Where a format cannot run here (CoreML off macOS): check the file statically, and
+    estimate its numbers with the fused model in torch at the file's precision (fp16 on
+    every op, as CoreML's ANE and GPU compute; a CPU may use fp32 for some, so the
+    estimate is the harsher one)."""
     dtype = torch.float16 if artifact.precision == "fp16" else torch.float32
-    if "upsample" in artifact.metadata:  # the package's resize mode, not the model's
+    if "upsample" in artifact.metadata:  # the file's resize mode, not the model's
         fused = copy.deepcopy(fused)
         fused.set_upsample(artifact.metadata["upsample"])
     estimate = TorchRunner(fused, dtype)(x)
@@ -266,32 +272,17 @@ def _coreml_static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -
     else:
         estimate = estimate.astype(np.float32)
         shapes = [(1, *estimate.shape[1:])]
-    checked = check_package(artifact.path, shapes)
-    report.problems += [f"coreml package: {p}" for p in checked["problems"]]
+    fmt = FORMATS[artifact.format]
+    checked = fmt.load("static_check")(artifact.path, shapes)
+    report.problems += [f"{fmt.name} file: {p}" for p in checked["problems"]]
     checks = (
-        f"the package loads, its input and outputs have the expected names, types and "
-        f"shapes, and its {len(checked['ops'])} op types are all in "
-        f"{artifact.metadata['min_target']}'s op set"
+        checked["summary"]
         if not checked["problems"]
-        else "the package failed its static checks (listed below)"
+        else "the file failed its static checks (listed below)"
     )
     report.notes.append(
-        f"coreml {artifact.precision}: device numerics were NOT run (coremltools predicts on "
-        f"macOS only); {checks}; the row's numbers are the fused model run in torch "
+        f"{fmt.name} {artifact.precision}: device numerics were NOT run ({fmt.name} runs "
+        f"{fmt.runs_only_on}); {checks}; the row's numbers are the fused model run in torch "
         f"{str(dtype).removeprefix('torch.')} on every op"
     )
     return estimate
-
-
-def _runner(artifact) -> Callable[[np.ndarray], np.ndarray]:
-    if artifact.format == "onnx":
-        from .runtimes.onnxruntime import OrtRunner
-
-        return OrtRunner(artifact.path)
-    if artifact.format == "tflite":
-        from .runtimes.litert import LiteRTRunner
-
-        return LiteRTRunner(artifact.path)
-    from .runtimes.coreml import CoreMLRunner
-
-    return CoreMLRunner(artifact.path)

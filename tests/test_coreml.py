@@ -20,17 +20,19 @@ from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BadInput
 from mobilevit_deploy.exporters.coreml import first_conv, fold_input_std
+from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.coreml import (
     _load_spec,
     check_package,
     package_ops,
-    runs_here,
     unsupported_ops,
 )
 
-pytestmark = pytest.mark.skipif(runs_here(), reason="the Linux checks; macOS runs the model")
+pytestmark = pytest.mark.skipif(
+    FORMATS["coreml"].runs_here(), reason="the Linux checks; macOS runs the model"
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from conftest import stressed, test_inputs
 
 from mobilevit_deploy import api
-from mobilevit_deploy.exporters.formats import float_modules
+from mobilevit_deploy.exporters import float_modules
 from mobilevit_deploy.exporters.onnx import _node_scope
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.models.efficientvit import LiteMLA

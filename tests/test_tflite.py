@@ -18,8 +18,12 @@ from typer.testing import CliRunner
 
 from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
+from mobilevit_deploy.exporters import ExportJob
+from mobilevit_deploy.exporters.formats import TFLiteOptions
+from mobilevit_deploy.exporters.metadata import artifact_metadata
 from mobilevit_deploy.exporters.tflite import ConversionFailed, export_tflite
 from mobilevit_deploy.metrics import compare
+from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.litert import LiteRTRunner
 
@@ -133,10 +137,25 @@ class _Rank5(nn.Module):
         return x.reshape(b, c, 2, h // 2, w).sum(dim=2)
 
 
+def _job(module: nn.Module, path, example: np.ndarray) -> ExportJob:
+    """A bare module's export job: the record of the zoo's FastViT-T8 stands in."""
+    spec = get_spec(NAME)
+    meta = artifact_metadata(
+        spec,
+        provenance=None,
+        image_size=example.shape[2:],
+        batch=1,
+        reparameterized=False,
+        precision="fp32",
+        fmt="tflite",
+    )
+    return ExportJob(module, path, example, "fp32", TFLiteOptions(), meta, spec)
+
+
 def test_rank5_tensors_are_reported_by_name(tmp_path):
-    meta = {"input_shape": [1, 3, 8, 8], "task": "classification"}
-    export_tflite(_Rank5(), tmp_path / "r5.tflite", np.zeros((1, 3, 8, 8), np.float32), meta)
-    assert any("RESHAPE" in w and "rank 5" in w for w in meta["delegate_warnings"])
+    job = _job(_Rank5(), tmp_path / "r5.tflite", np.zeros((1, 3, 8, 8), np.float32))
+    meta = export_tflite(job)
+    assert any("RESHAPE" in w and "rank 5" in w for w in meta.details["delegate_warnings"])
 
 
 def test_a_model_that_does_not_lower_is_one_error(tmp_path):
@@ -145,7 +164,7 @@ def test_a_model_that_does_not_lower_is_one_error(tmp_path):
             return torch.linalg.eigvalsh(x[0, 0] @ x[0, 0].T)
 
     with pytest.raises(ConversionFailed, match="litert-torch could not convert"):
-        export_tflite(Sorts(), tmp_path / "bad.tflite", np.ones((1, 3, 4, 4), np.float32), {})
+        export_tflite(_job(Sorts(), tmp_path / "bad.tflite", np.ones((1, 3, 4, 4), np.float32)))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,9 +1,35 @@
-"""Exporters: one module per format, and the table of formats in formats.py."""
+"""Exporters: one module per format, the table of formats in formats.py, and the one
+signature they share: an ExportJob in, the artifact's ArtifactMetadata out."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # `mvd --help` imports the format table, and must not import torch
+    import numpy as np
+    from torch import nn
+
+    from ..registry import ModelSpec
+    from .metadata import ArtifactMetadata
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What an exporter is given. `model` is the deployable module (fused unless asked
+    otherwise, its upsampling already chosen); `example` sets the static input shape;
+    `calibration` holds the int8 images (None at other precisions); `options` is the
+    format's own options dataclass (formats.py); `metadata` the record so far."""
+
+    model: nn.Module
+    output: Path
+    example: np.ndarray
+    precision: str
+    options: Any
+    metadata: ArtifactMetadata
+    spec: ModelSpec
+    calibration: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -11,11 +37,26 @@ class Artifact:
     path: Path
     format: str
     precision: str
-    metadata: dict
+    record: ArtifactMetadata
     # What the user should hear: a suffix added to the output name, a LeViT table
     # resized, a resize mode swapped for the format.
     notes: tuple[str, ...] = ()
 
     @property
+    def metadata(self) -> dict:
+        """The record as the sidecar holds it."""
+        return self.record.to_dict()
+
+    @property
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + ".json")
+
+
+def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each module that int8 exports leave in float: those whose class
+    says `int8_keeps_float` (a range uint8 cannot hold; the class's docstring says why)."""
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if getattr(module, "int8_keeps_float", False)
+    ]

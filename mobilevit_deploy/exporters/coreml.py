@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from ..errors import BadInput
 from ..files import atomic_dir, write_json_atomic
 from ..registry import ModelSpec
 from ..runtimes.coreml import import_coremltools
-from .metadata import output_names
+from . import ExportJob
+from .metadata import ArtifactMetadata, output_names
 
 # coremltools stamps the conversion date; the metadata record holds no timestamp
 # (docs/architecture.md).
@@ -133,57 +134,58 @@ def _compress(mlmodel, compress: str):
     return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=op))
 
 
-def export_coreml(
-    model: nn.Module,
-    output: Path,
-    example: np.ndarray,
-    metadata: dict,
-    *,
-    spec: ModelSpec,
-    precision: str = "fp16",
-    min_target: str = "iOS16",
-    image_input: bool = False,
-    compress: str | None = None,
-) -> Path:
-    """Write `model` to the `.mlpackage` directory `output` (+ `output`.json).
-
-    A classifier is packaged with a ClassifierConfig of its labels and a softmax;
-    feature maps and pooled features are plain named tensor outputs."""
+def export_coreml(job: ExportJob) -> ArtifactMetadata:
+    """Write the `.mlpackage` directory `job.output` (+ `.json`). A classifier is
+    packaged with a ClassifierConfig of its labels and a softmax (its outputs are then
+    probabilities); feature maps and pooled features are plain named tensor outputs."""
+    spec, precision, options = job.spec, job.precision, job.options
     label_list = class_labels(spec) if spec.output_kind == "classification" else None
-    metadata.update(  # in place: the caller's Artifact carries the full record
-        min_target=min_target,
-        compress=compress,
-        input_type="image, RGB" if image_input else "tensor",
-    )
-    if image_input:
-        metadata["input_range"] = "RGB pixels in [0, 255]; preprocessing is inside the model"
+    changes: dict = {}
+    if options.image_input:
+        changes["input_range"] = "RGB pixels in [0, 255]; preprocessing is inside the model"
     if label_list is not None:
-        metadata["output_names"] = ["classLabel", "classLabel_probs"]
-        metadata["outputs"] = [
+        changes["output_names"] = ["classLabel", "classLabel_probs"]
+        changes["outputs"] = [
             {"name": "classLabel", "meaning": "the top class's label"},
             {"name": "classLabel_probs", "meaning": "softmax probability of every label"},
         ]
+    details = {
+        "min_target": options.min_target,
+        "compress": options.compress,
+        "input_type": "image, RGB" if options.image_input else "tensor",
+        "probabilities": label_list is not None,
+    }
+    metadata = dataclasses.replace(
+        job.metadata, **changes, details={**job.metadata.details, **details}
+    )
     # coremltools draws progress bars and warns about the untested torch on stderr;
     # the CLI shows its own status, and verify proves the result.
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         mlmodel = _convert(
-            model.eval(), example, spec, precision, min_target, image_input, label_list
+            job.model.eval(),
+            job.example,
+            spec,
+            precision,
+            options.min_target,
+            options.image_input,
+            label_list,
         )
-        if compress is not None:
-            mlmodel = _compress(mlmodel, compress)
+        if options.compress is not None:
+            mlmodel = _compress(mlmodel, options.compress)
+    record = metadata.to_dict()
     mlmodel.user_defined_metadata.pop(_DATED_KEY, None)
-    for key, value in sorted(metadata.items()):
+    for key, value in sorted(record.items()):
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         mlmodel.user_defined_metadata[f"mvd.{key}"] = text
     mlmodel.author = "mobilevit_deploy"
-    form = "fused" if metadata["reparameterized"] else "unfused"
+    form = "fused" if metadata.reparameterized else "unfused"
     mlmodel.short_description = (
         f"{spec.name} ({spec.family}, {spec.output_kind}), {form}, {precision}; "
-        f"weights: {metadata['weights']}"
+        f"weights: {metadata.weights}"
     )
-    mlmodel.version = metadata["tool_versions"].get("mobilevit_deploy") or "unknown"
-    with atomic_dir(output) as tmp:
+    mlmodel.version = metadata.tool_versions.get("mobilevit_deploy") or "unknown"
+    with atomic_dir(job.output) as tmp:
         mlmodel.save(str(tmp))
-    write_json_atomic(output.with_name(output.name + ".json"), metadata)
-    return output
+    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+    return metadata

@@ -1,67 +1,207 @@
-"""The table of export formats and what each allows.
+"""The table of export formats: one row per format, and everything a format is.
 
-CoreML and TFLite need their extras (heavy, imported only when used); `mvd doctor`
-tells a user what to install. CoreML's default precision is fp16, as on device.
+A row owns the format's suffix, precisions and default precision, the extra that
+installs it, what it can do (bicubic resize, run on this machine), its options (a
+frozen dataclass validated once; the CLI makes one flag per field from its type,
+default, help and choices), and its exporter, runner and static check, named
+"module:attribute" and imported only when used, so a missing extra costs nothing
+until its format is asked for. api, verify, bench, info and the CLI find formats only
+here; an unknown name is an error, never a fallthrough. Adding a format is its
+exporter, its runner and one row (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
-from dataclasses import dataclass
-
-from torch import nn
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import BackendUnavailable, BadInput
 
 
+def option(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A format option: its default, its help line, and the values it takes."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
-class FormatInfo:
+class OnnxOptions:
+    # What torch's TorchScript-based ONNX exporter emits; below 13 the models' ops
+    # (LayerNorm, GELU, dynamic Slice) need decompositions it does not offer.
+    opset: int = option(17, "ONNX opset.", tuple(range(13, 21)))
+    dynamic_batch: bool = option(False, "Leave the batch dimension free.")
+    simplify: bool = option(True, "Run onnxslim, then re-verify.")
+
+
+@dataclass(frozen=True)
+class CoreMLOptions:
+    image_input: bool = option(False, "An image input, preprocessing inside the model.")
+    min_target: str = option(
+        "iOS16",
+        "Deployment target.",
+        ("iOS15", "iOS16", "iOS17", "iOS18", "macOS12", "macOS13", "macOS14", "macOS15"),
+    )
+    compress: str | None = option(None, "Weight compression.", ("palettize8", "int8"))
+
+
+@dataclass(frozen=True)
+class TFLiteOptions:
+    nhwc: bool = option(False, "Channels-last input and output.")
+    int8_mode: str = option(
+        "static", "int8: static (full integer) or dynamic (range).", ("static", "dynamic")
+    )
+
+
+@dataclass(frozen=True)
+class ExecuTorchOptions:
+    """No options yet: XNNPACK is the one delegate, and the precision picks the rest."""
+
+
+def _on_macos() -> bool:
+    return platform.system() == "Darwin"
+
+
+@dataclass(frozen=True)
+class Format:
     name: str
     suffix: str
     precisions: tuple[str, ...]
-    python_modules: tuple[str, ...]
-    extra: str | None
+    python_modules: tuple[str, ...]  # what must import for the format to export
+    extra: str | None  # the pip extra that installs them
+    options: type
+    exporter: str  # "module:function", taking an ExportJob, returning ArtifactMetadata
+    runner: str  # "module:Class", called as Class(path, threads) -> numpy in, numpy out
+    runtime: str  # the runtime's name in `mvd bench --runtime`
     default_precision: str = "fp32"
     dists: tuple[str, ...] = ()  # whose versions the metadata records
     has_bicubic: bool = False
+    package: bool = False  # the artifact is a directory
+    # Where the runner cannot run, verify checks the file statically ("module:function"
+    # taking (path, expected output shapes), returning {"problems", "summary"}) and
+    # estimates the numbers in torch at the file's precision.
+    runs_on: Callable[[], bool] = lambda: True
+    runs_only_on: str = ""
+    static_check: str | None = None
 
     def available(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in self.python_modules)
 
+    def runs_here(self) -> bool:
+        return self.available() and self.runs_on()
+
     def install_hint(self) -> str:
         return f"pip install 'mobilevit_deploy[{self.extra}]'" if self.extra else ""
 
+    def load(self, which: str) -> Callable:
+        """The exporter, runner or static check, imported now."""
+        module, _, attribute = getattr(self, which).partition(":")
+        return getattr(importlib.import_module(module, __package__), attribute)
 
-# What torch's TorchScript-based ONNX exporter emits; below 13 the models' ops
-# (LayerNorm, GELU, dynamic Slice) need decompositions it does not offer.
-ONNX_OPSETS = range(13, 21)
+    def open_runner(self, path, threads: int | None = None) -> Callable:
+        return self.load("runner")(path, threads)
 
-FORMATS: dict[str, FormatInfo] = {
-    "onnx": FormatInfo(
-        "onnx", ".onnx", ("fp32", "fp16", "int8"), ("onnx", "onnxruntime"), None, has_bicubic=True
+    def make_options(self, values: dict) -> Any:
+        """The typed options from the values given (the rest take their defaults),
+        with the error a user should see for a value outside an option's choices."""
+        for f in dataclasses.fields(self.options):
+            choices = f.metadata["choices"]
+            value = values.get(f.name, f.default)
+            if choices and value is not None and value not in choices:
+                raise BadInput(
+                    f"{flag(f.name)} {value!r} is not supported; choose {shown_choices(choices)}"
+                )
+        return self.options(**values)
+
+
+def shown_choices(choices: tuple) -> str:
+    """'from a, b, c', or a run of integers as '13 to 20'."""
+    if all(isinstance(c, int) for c in choices) and list(choices) == list(
+        range(choices[0], choices[-1] + 1)
+    ):
+        return f"{choices[0]} to {choices[-1]}"
+    return "from " + ", ".join(map(str, choices))
+
+
+def flag(option_name: str) -> str:
+    return "--" + option_name.replace("_", "-")
+
+
+FORMATS: dict[str, Format] = {
+    "onnx": Format(
+        "onnx",
+        ".onnx",
+        ("fp32", "fp16", "int8"),
+        ("onnx", "onnxruntime"),
+        None,
+        OnnxOptions,
+        ".onnx:export_onnx",
+        "..runtimes.onnxruntime:OrtRunner",
+        "onnxruntime",
+        has_bicubic=True,
     ),
-    "coreml": FormatInfo(
+    "coreml": Format(
         "coreml",
         ".mlpackage",
         ("fp16", "fp32"),
         ("coremltools",),
         "coreml",
-        "fp16",
-        ("coremltools",),
+        CoreMLOptions,
+        ".coreml:export_coreml",
+        "..runtimes.coreml:CoreMLRunner",
+        "coremltools",
+        default_precision="fp16",  # as on device
+        dists=("coremltools",),
+        package=True,
+        runs_on=_on_macos,  # coremltools predicts on macOS only
+        runs_only_on="macOS only",
+        static_check="..runtimes.coreml:check_package",
     ),
-    "tflite": FormatInfo(
+    "tflite": Format(
         "tflite",
         ".tflite",
         ("fp32", "fp16", "int8"),
         ("litert_torch", "ai_edge_litert"),
         "tflite",
+        TFLiteOptions,
+        ".tflite:export_tflite",
+        "..runtimes.litert:LiteRTRunner",
+        "litert",
         dists=("litert-torch", "ai-edge-litert", "ai-edge-quantizer"),
+    ),
+    "executorch": Format(
+        "executorch",
+        ".pte",
+        ("fp32", "fp16", "int8"),
+        ("executorch",),
+        "executorch",
+        ExecuTorchOptions,
+        ".executorch:export_executorch",
+        "..runtimes.executorch:ExecuTorchRunner",
+        "executorch",
+        dists=("executorch", "torchao"),
     ),
 }
 
 
-def check_format(name: str, precision: str | None = None) -> FormatInfo:
-    """The format's entry, or the error a user should see (before any slow work)."""
+def option_owner(option_name: str) -> Format | None:
+    """The format whose option this is."""
+    for fmt in FORMATS.values():
+        if option_name in {f.name for f in dataclasses.fields(fmt.options)}:
+            return fmt
+    return None
+
+
+def all_options() -> list[tuple[Format, dataclasses.Field]]:
+    """Every format's option fields, in table order (one CLI flag each)."""
+    return [(fmt, f) for fmt in FORMATS.values() for f in dataclasses.fields(fmt.options)]
+
+
+def check_format(name: str, precision: str | None = None) -> Format:
+    """The format's row, or the error a user should see (before any slow work)."""
     info = FORMATS.get(name)
     if info is None:
         raise BadInput(f"unknown format {name!r}; choose from {', '.join(FORMATS)}")
@@ -73,11 +213,15 @@ def check_format(name: str, precision: str | None = None) -> FormatInfo:
     return info
 
 
-def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of each module that int8 exports leave in float: those whose class
-    says `int8_keeps_float` (a range uint8 cannot hold; the class's docstring says why)."""
-    return [
-        (path, module)
-        for path, module in model.named_modules()
-        if getattr(module, "int8_keeps_float", False)
-    ]
+def check_options(fmt: Format, values: dict) -> Any:
+    """The format's typed options from keyword values; another format's option set to
+    something other than its default is a mistake the user should hear about."""
+    own = {f.name for f in dataclasses.fields(fmt.options)}
+    for key, value in values.items():
+        owner = option_owner(key)
+        if owner is None:
+            raise TypeError(f"export() got an unexpected keyword argument {key!r}")
+        default = next(f.default for f in dataclasses.fields(owner.options) if f.name == key)
+        if key not in own and value != default:
+            raise BadInput(f"{flag(key)} applies to --format {owner.name}, not {fmt.name}")
+    return fmt.make_options({k: v for k, v in values.items() if k in own})

@@ -7,6 +7,7 @@ export twice gives byte-identical files.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from importlib import metadata as importlib_metadata
 
 from torch import nn
@@ -52,6 +53,51 @@ def describe_outputs(spec: ModelSpec, model: nn.Module | None) -> list[dict]:
     ]
 
 
+@dataclass
+class ArtifactMetadata:
+    """The record (docs/architecture.md: contracts). The shared fields are typed; what one
+    format alone finds or chooses (its op list, a delegation report, a deployment
+    target) goes in `details`, flattened beside them when written."""
+
+    model: str
+    family: str
+    task: str
+    format: str
+    precision: str
+    reparameterized: bool
+    input_shape: list
+    mean: list
+    std: list
+    crop_pct: float
+    interpolation: str
+    num_classes: int
+    labels: str
+    output_names: list[str]
+    outputs: list[dict]
+    weights: str
+    weights_sha256: str | None
+    weights_form: str | None
+    tool_versions: dict[str, str | None]
+    input_name: str = "input"
+    input_layout: str = "NCHW"
+    input_range: str = "RGB in [0, 1], then (x - mean) / std"
+    class_labels: list[str] | None = None
+    adaptations: list[str] | None = None
+    upsample: str | None = None
+    upsample_note: str | None = None
+    int8_float_modules: list[str] | None = None
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The record as written: optional fields only when set, details beside."""
+        record = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "details" and (f.default is not None or getattr(self, f.name) is not None)
+        }
+        return {**record, **self.details}
+
+
 def artifact_metadata(
     spec: ModelSpec,
     *,
@@ -63,34 +109,28 @@ def artifact_metadata(
     precision: str,
     fmt: str,
     extra_tools: tuple[str, ...] = (),
-) -> dict:
+) -> ArtifactMetadata:
     pre = spec.preprocessing
-    meta = {
-        "model": spec.name,
-        "family": spec.family,
-        "task": spec.output_kind,
-        "format": fmt,
-        "precision": precision,
-        "reparameterized": reparameterized,
-        "input_name": "input",
-        "input_shape": [batch, 3, *image_size],
-        "input_layout": "NCHW",
-        "input_range": "RGB in [0, 1], then (x - mean) / std",
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "crop_pct": pre.crop_pct,
-        "interpolation": pre.interpolation,
-        "num_classes": spec.num_classes,
-        "labels": spec.labels,
-        "output_names": output_names(spec),
-        "outputs": describe_outputs(spec, model),
-        "weights": provenance.source if provenance else "random initialisation (no weights)",
-        "weights_sha256": provenance.sha256 if provenance else None,
-        "weights_form": provenance.form if provenance else None,
-        "tool_versions": tool_versions(extra_tools),
-    }
-    if spec.class_names is not None:
-        meta["class_labels"] = list(spec.class_names)
-    if spec.adaptations:
-        meta["adaptations"] = list(spec.adaptations)
-    return meta
+    return ArtifactMetadata(
+        model=spec.name,
+        family=spec.family,
+        task=spec.output_kind,
+        format=fmt,
+        precision=precision,
+        reparameterized=reparameterized,
+        input_shape=[batch, 3, *image_size],
+        mean=list(pre.mean),
+        std=list(pre.std),
+        crop_pct=pre.crop_pct,
+        interpolation=pre.interpolation,
+        num_classes=spec.num_classes,
+        labels=spec.labels,
+        output_names=output_names(spec),
+        outputs=describe_outputs(spec, model),
+        weights=provenance.source if provenance else "random initialisation (no weights)",
+        weights_sha256=provenance.sha256 if provenance else None,
+        weights_form=provenance.form if provenance else None,
+        tool_versions=tool_versions(extra_tools),
+        class_labels=list(spec.class_names) if spec.class_names is not None else None,
+        adaptations=list(spec.adaptations) if spec.adaptations else None,
+    )

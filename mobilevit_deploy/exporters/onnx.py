@@ -20,10 +20,10 @@ from torch import nn
 from ..errors import VerificationFailed
 from ..files import atomic_path, write_json_atomic
 from ..runtimes.onnxruntime import OrtRunner
-from .formats import float_modules
+from . import ExportJob, float_modules
+from .metadata import ArtifactMetadata
 from .onnx_precision import to_fp16, to_int8
 
-DEFAULT_OPSET = 17
 SIMPLIFY_TOLERANCE = 1e-5
 
 
@@ -90,45 +90,36 @@ def _node_scope(model: nn.Module, path: str) -> str:
     return "/" + "/".join(levels) + "/"
 
 
-def export_onnx(
-    model: nn.Module,
-    output: Path,
-    example: np.ndarray,
-    metadata: dict,
-    *,
-    opset: int = DEFAULT_OPSET,
-    dynamic_batch: bool = False,
-    simplify: bool = True,
-    precision: str = "fp32",
-    calibration: np.ndarray | None = None,
-) -> Path:
-    """Write `model` to `output` (+ `output`.json); returns the path.
-
-    fp16 and int8 are derived from the checked fp32 graph (onnx_precision.py); int8
-    needs `calibration` images and leaves the modules that ask for it in float.
-    """
-    model = model.eval()
-    with atomic_path(output) as tmp:
-        outputs = metadata.get("output_names", ["output"])
-        _torch_export(model, torch.from_numpy(example), tmp, opset, dynamic_batch, outputs)
+def export_onnx(job: ExportJob) -> ArtifactMetadata:
+    """Write the model to `job.output` (+ `.json`): fp16 and int8 are derived from the
+    checked fp32 graph (onnx_precision.py); int8 calibrates on `job.calibration` and
+    leaves the modules that ask for it in float."""
+    model, options, metadata = job.model.eval(), job.options, job.metadata
+    with atomic_path(job.output) as tmp:
+        outputs = metadata.output_names
+        example = job.example
+        _torch_export(
+            model, torch.from_numpy(example), tmp, options.opset, options.dynamic_batch, outputs
+        )
         graph = onnx.load(str(tmp))
         onnx.checker.check_model(graph, full_check=True)
-        if simplify:
+        if options.simplify:
             graph = _simplify(tmp, graph, example)
-        if precision == "fp16":
+        if job.precision == "fp16":
             graph = to_fp16(graph)
-        elif precision == "int8":
+        elif job.precision == "int8":
             scopes = [_node_scope(model, path) for path, _ in float_modules(model)]
-            graph = to_int8(graph, calibration if calibration is not None else example, scopes)
+            graph = to_int8(graph, job.calibration, scopes)
+        record = metadata.to_dict()
         del graph.metadata_props[:]
-        for key, value in sorted(metadata.items()):
+        for key, value in sorted(record.items()):
             entry = graph.metadata_props.add()
             entry.key = key
             entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         graph.producer_name = "mobilevit_deploy"
         onnx.save(graph, str(tmp))
-    write_json_atomic(output.with_name(output.name + ".json"), metadata)
-    return output
+    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+    return metadata
 
 
 def read_metadata(path: Path) -> dict:

@@ -18,6 +18,7 @@ model's metadata entry `mvd` (JSON), as well as in the sidecar.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -32,7 +33,8 @@ from ..errors import MvdError
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
-from .formats import float_modules
+from . import ExportJob, float_modules
+from .metadata import ArtifactMetadata
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
 
@@ -199,46 +201,49 @@ def embed_metadata(path: Path, metadata: dict) -> None:
     path.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
 
 
-def export_tflite(
-    model: nn.Module,
-    output: Path,
-    example: np.ndarray,
-    metadata: dict,
-    *,
-    precision: str = "fp32",
-    calibration: np.ndarray | None = None,
-    nhwc: bool = False,
-    int8_mode: str = "static",
-) -> Path:
-    """Write `model` to `output` (+ `output`.json); returns the path. The metadata record
-    (docs/architecture.md) is embedded (runtimes.litert.read_metadata) and in the sidecar."""
+def export_tflite(job: ExportJob) -> ArtifactMetadata:
+    """Write `job.output` (+ `.json`). The metadata record (docs/architecture.md) is
+    embedded (runtimes.litert.read_metadata) and in the sidecar."""
     with quiet():  # importing litert-torch and torchao prints banners and warnings
         import ai_edge_litert.interpreter  # noqa: F401
         import litert_torch  # noqa: F401
 
-    if nhwc:
+    model, example, calibration = job.model, job.example, job.calibration
+    precision, options, metadata = job.precision, job.options, job.metadata
+    details: dict = {}
+    if options.nhwc:
         model, image_out = _channels_last(model.eval(), example)
         example = np.ascontiguousarray(example.transpose(0, 2, 3, 1))
-        metadata.update(input_layout="NHWC", input_shape=[int(d) for d in example.shape])
-        metadata["output_layout"] = "NHWC" if image_out else "NC"
-    model = _NamedOutputs(model, metadata.get("output_names", ["output"]))
+        metadata = dataclasses.replace(
+            metadata, input_layout="NHWC", input_shape=[int(d) for d in example.shape]
+        )
+        details["output_layout"] = "NHWC" if image_out else "NC"
+    model = _NamedOutputs(model, metadata.output_names)
     if precision == "int8":
-        metadata["int8_mode"] = int8_mode
-        if calibration is not None and nhwc:
+        details["int8_mode"] = options.int8_mode
+        if options.nhwc:
             calibration = np.ascontiguousarray(calibration.transpose(0, 2, 3, 1))
-    with atomic_path(output) as tmp:
+    with atomic_path(job.output) as tmp:
         if precision == "fp32":
             _convert_fp32(model, example, tmp)
         else:
             fp32 = tmp.with_name(tmp.name + ".fp32")
             try:
                 _convert_fp32(model, example, fp32)
-                images = calibration if calibration is not None else example
                 keep_float = {type(module) for _, module in float_modules(model)}
-                _quantize(fp32, tmp, precision, int8_mode, images, sorted(keep_float, key=str))
+                _quantize(
+                    fp32,
+                    tmp,
+                    precision,
+                    options.int8_mode,
+                    calibration,
+                    sorted(keep_float, key=str),
+                )
             finally:
                 fp32.unlink(missing_ok=True)
-        metadata.update(inspect_tflite(tmp))
-        embed_metadata(tmp, metadata)
-    write_json_atomic(output.with_name(output.name + ".json"), metadata)
-    return output
+        details.update(inspect_tflite(tmp))
+        metadata = dataclasses.replace(metadata, details={**metadata.details, **details})
+        record = metadata.to_dict()
+        embed_metadata(tmp, record)
+    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+    return metadata

@@ -13,17 +13,12 @@ import contextlib
 import io
 import json
 import logging
-import platform
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 _FEATURE_TYPES = {"multiArrayType": "tensor", "imageType": "image", "stringType": "string"}
-
-
-def runs_here() -> bool:
-    return platform.system() == "Darwin"
 
 
 def import_coremltools():
@@ -126,7 +121,12 @@ def check_package(path: Path, expected_output_shapes: list[tuple[int, ...]]) -> 
     missing = unsupported_ops(ops, meta["min_target"])
     if missing:
         problems.append(f"ops not in {meta['min_target']}'s op set: {', '.join(missing)}")
+    summary = (
+        f"the package loads, its input and outputs have the expected names, types and "
+        f"shapes, and its {len(ops)} op types are all in {meta['min_target']}'s op set"
+    )
     return {
+        "summary": summary,
         "spec_version": spec.specificationVersion,
         "opset": opset,
         "ops": sorted(ops),
@@ -140,10 +140,11 @@ class CoreMLRunner:
     """Runs a tensor-input package (macOS only): NCHW float32 in, the output out.
 
     A classifier package answers with probabilities; they are returned as an
-    (N, classes) array in class order.
+    (N, classes) array in class order. CoreML schedules its own threads: `threads` is
+    taken for the runner signature (exporters/formats.py) and left to it.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, threads: int | None = None) -> None:
         ct = import_coremltools()
         self.model = ct.models.MLModel(str(path))
         self.meta = json.loads(Path(str(path) + ".json").read_text())

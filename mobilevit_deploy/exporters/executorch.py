@@ -1,0 +1,215 @@
+"""ExecuTorch export: torch -> `.pte` delegated to XNNPACK, with a delegation report.
+
+`torch.export` -> `to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])` ->
+`to_executorch()`. What XNNPACK does not take runs on ExecuTorch's portable kernels,
+which on a phone can be tens of times slower, so the file's record says which ops
+those are and how many nodes stayed out (`delegation`).
+
+Three rewrites run before partitioning, exact, and on this format's graph only (the
+other formats keep their graphs and numbers):
+- an `expand_copy` that does not change its input (what `matmul` of two equally
+  batched 4-D tensors decomposes into) is dropped: ExecuTorch's own pass for it;
+- a `mean` over any dims becomes XNNPACK's one supported form, a 4-D mean over the
+  two innermost dims with keepdim (global average pooling): the reduced dims are moved
+  last and viewed as (1, kept, reduced, 1). The same numbers are summed and divided;
+- a `split` (of qkv projections) becomes one slice per part, and a `select` (a class
+  token) a slice and a view, which XNNPACK has.
+Precisions: fp32; fp16 (weights and compute in half inside, float32 input and output
+like every other file); int8 through PT2E with XNNPACK's quantizer (symmetric,
+per-channel weights, int8 activations) calibrated on natural-looking images, with the
+modules that ask for float (`int8_keeps_float`) left out of quantization.
+The metadata record is embedded as the program's constant method `mvd_metadata`
+(a JSON string) and in the sidecar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import MvdError
+from ..files import atomic_path, write_json_atomic
+from ..quiet import quiet
+from . import ExportJob, float_modules
+from .metadata import ArtifactMetadata
+
+METADATA_METHOD = "mvd_metadata"
+
+
+class LoweringFailed(MvdError):
+    """torch.export or the XNNPACK lowering could not take the model."""
+
+
+class _Half(nn.Module):
+    """fp16 inside, float32 at the edges: the app's pre- and post-processing do not
+    change with the precision."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x: torch.Tensor):
+        out = self.model(x.half())
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
+def _delegate_friendly():
+    """The pass that rewrites every mean into a 4-D innermost-dims mean with keepdim, and
+    split and select into slices (XNNPACK has slice, not those)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.pass_base import ExportPass
+
+    aten = exir_ops.edge.aten
+
+    class DelegateFriendly(ExportPass):
+        def call_getitem(self, value, key, meta):
+            if isinstance(value, list):  # a split made slices: the getitem picks one
+                return value[key]
+            return super().call_getitem(value, key, meta)
+
+        def call_operator(self, op, args, kwargs, meta):
+            if op == aten.split_with_sizes_copy.default:
+                x, sizes = args[0], args[1]
+                dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+                slices, start = [], 0
+                for size in sizes:
+                    step = (x, dim, start, start + size)
+                    slices.append(super().call_operator(aten.slice_copy.Tensor, step, {}, meta))
+                    start += size
+                return slices
+            if op == aten.select_copy.int:  # x[:, i]: a slice, then the dim dropped
+                x, dim, index = args
+                shape = list(x.to_tensor().shape)
+                dim, index = dim % len(shape), index % shape[dim % len(shape)]
+                step = (x, dim, index, index + 1)
+                one = super().call_operator(aten.slice_copy.Tensor, step, {}, meta)
+                dropped = shape[:dim] + shape[dim + 1 :]
+                return super().call_operator(aten.view_copy.default, (one, dropped), {}, meta)
+            if op != aten.mean.dim or kwargs.get("dtype") is not None:
+                return super().call_operator(op, args, kwargs, meta)
+            x, dims = args[0], args[1]
+            keepdim = len(args) > 2 and bool(args[2])
+            shape = list(x.to_tensor().shape)
+            rank = len(shape)
+            reduced = sorted(d % rank for d in (dims if dims else range(rank)))
+            if rank == 4 and reduced == [2, 3] and keepdim:
+                return super().call_operator(op, args, kwargs, meta)  # already the one form
+            kept = [d for d in range(rank) if d not in reduced]
+            inner, outer = math.prod(shape[d] for d in reduced), math.prod(shape[d] for d in kept)
+            moved = x
+            if kept + reduced != list(range(rank)):
+                moved = super().call_operator(
+                    aten.permute_copy.default, (x, kept + reduced), {}, meta
+                )
+            pooled_in = super().call_operator(
+                aten.view_copy.default, (moved, [1, outer, inner, 1]), {}, meta
+            )
+            pooled = super().call_operator(op, (pooled_in, [2, 3], True), {}, meta)
+            out_shape = [
+                1 if d in reduced else n for d, n in enumerate(shape) if keepdim or d in kept
+            ]
+            return super().call_operator(aten.view_copy.default, (pooled, out_shape), {}, meta)
+
+    return DelegateFriendly()
+
+
+def _quantize(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor) -> nn.Module:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True)
+    )
+    for cls in {type(module) for _, module in float_modules(model)}:
+        quantizer.set_module_type(cls, None)  # None: left float (and out of the global)
+    graph = torch.export.export(model, (example,)).module()
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for i in range(len(calibration)):
+            prepared(calibration[i : i + 1])
+    return convert_pt2e(prepared)
+
+
+def delegation_report(graph_module) -> dict:
+    """How much of the graph XNNPACK runs, and each op left to portable kernels, by
+    name and count (the getitem nodes that unpack a delegate's outputs are not ops)."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    portable = {
+        re.sub(r"^aten_", "", op): row.non_delegated
+        for op, row in sorted(info.delegation_by_operator.items())
+        if row.non_delegated and op != "getitem"
+    }
+    delegated = info.num_delegated_nodes
+    total = delegated + sum(portable.values())
+    return {
+        "delegated_nodes": delegated,
+        "portable_nodes": sum(portable.values()),
+        "delegated_fraction": delegated / total if total else 1.0,
+        "delegate_subgraphs": info.num_delegated_subgraphs,
+        "portable_ops": portable,
+    }
+
+
+def _lower(model: nn.Module, example: torch.Tensor):
+    from executorch.backends.xnnpack._passes.remove_noop_expand_copy_pass import (
+        RemoveNoopExpandCopyPass,
+    )
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        program = torch.export.export(model, (example,))
+        return to_edge_transform_and_lower(
+            program,
+            transform_passes=[RemoveNoopExpandCopyPass(), _delegate_friendly()],
+            partitioner=[XnnpackPartitioner()],
+        )
+    except Exception as exc:  # many exception types; the first line is the news
+        text = str(exc).strip().splitlines()
+        raise LoweringFailed(
+            f"ExecuTorch could not lower the model: {text[0][:300] if text else type(exc).__name__}"
+        ) from exc
+
+
+def export_executorch(job: ExportJob) -> ArtifactMetadata:
+    """Write `job.output` (+ `.json`): the .pte and its record with the delegation report."""
+    with quiet():  # executorch and torchao print banners and warnings at import
+        import executorch.exir  # noqa: F401
+    from executorch.exir import EdgeProgramManager
+
+    model = job.model.eval()
+    example = torch.from_numpy(job.example)
+    with quiet(), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if job.precision == "fp16":
+            model = _Half(model)
+        elif job.precision == "int8":
+            model = _quantize(model, example, torch.from_numpy(job.calibration))
+        edge = _lower(model, example)
+        delegation = delegation_report(edge.exported_program().graph_module)
+        metadata = dataclasses.replace(
+            job.metadata, details={**job.metadata.details, "delegation": delegation}
+        )
+        record = metadata.to_dict()
+        # The record is a constant method of the program; it needs the report, so the
+        # lowered program is wrapped again with it (the lowering itself is not redone).
+        program = EdgeProgramManager(
+            edge.exported_program(),
+            {METADATA_METHOD: json.dumps(record, sort_keys=True)},
+            edge.compile_config,
+        ).to_executorch()
+    with atomic_path(job.output) as tmp:
+        tmp.write_bytes(program.buffer)
+    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+    return metadata
