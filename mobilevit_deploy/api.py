@@ -258,4 +258,5 @@ def export(
     )
     job = ExportJob(deployable, out, example, precision, typed_options, meta, spec, calibration)
     record = fmt.load("exporter")(job)
+    notes += record.delegate_report or []
     return Artifact(out, format, precision, record, tuple(notes))

@@ -238,6 +238,7 @@ def verify(
                     if artifact.metadata.get("probabilities"):  # a classifier package
                         against = _softmax(reference if against is None else against)
                 add(label, precision, output, against, format=fmt, estimated=estimated)
+                report.notes += [f"{label}: {n}" for n in artifact.record.delegate_report or []]
     return report
 
 

@@ -58,7 +58,7 @@ def test_fp32_is_the_fused_model(fp32):
     sidecar = json.loads(artifact.sidecar.read_text())
     assert sidecar["format"] == "tflite" and sidecar["precision"] == "fp32"
     assert {"CONV_2D", "FULLY_CONNECTED"} <= set(sidecar["tflite_ops"])
-    assert sidecar["delegate_warnings"] == []  # rank <= 4 everywhere, no gathers
+    assert sidecar["delegate_report"] == []  # rank <= 4 everywhere, no gathers
     assert sorted(p.name for p in artifact.path.parent.iterdir()) == [
         "m.fp32.tflite",
         "m.fp32.tflite.json",
@@ -155,7 +155,7 @@ def _job(module: nn.Module, path, example: np.ndarray) -> ExportJob:
 def test_rank5_tensors_are_reported_by_name(tmp_path):
     job = _job(_Rank5(), tmp_path / "r5.tflite", np.zeros((1, 3, 8, 8), np.float32))
     meta = export_tflite(job)
-    assert any("RESHAPE" in w and "rank 5" in w for w in meta.details["delegate_warnings"])
+    assert any("RESHAPE" in w and "rank 5" in w for w in meta.delegate_report)
 
 
 def test_a_model_that_does_not_lower_is_one_error(tmp_path):

@@ -3,7 +3,7 @@ backbones, mmseg class names, verified like the zoo.
 
 Checkpoints are built here in each family's official and timm layouts, from models
 under stress weights (so a wrong fold or a head mix-up cannot hide), with head sizes
-other than the zoo's; the slow tests verify them through ONNX, CoreML and TFLite.
+other than the zoo's; test_matrix.py verifies them through every format.
 """
 
 from __future__ import annotations
@@ -355,40 +355,15 @@ def test_feature_stages_that_do_not_exist_and_segmenters_are_refused():
         api.load_model("seaformer_seg_tiny_ade20k", features=True)
 
 
-# --- Everything verified like the zoo: ONNX, CoreML, TFLite ---------------------------
+# --- Verified like the zoo: feature maps in ONNX, CoreML, TFLite ------------------------
+# (the fine-tuned checkpoints of each family go through every format in test_matrix.py)
 
 
-def _verified(report) -> None:
-    rows = {p.candidate.split()[0] for p in report.pairs}
-    assert set(FORMATS3) <= rows, rows
+def verified(report, formats=FORMATS3) -> None:
+    rows = {p.format for p in report.pairs}
+    assert set(formats) <= rows, rows
     failed = [(p.candidate, p.metrics["max_rel"], p.metrics["psnr_db"]) for p in report.pairs]
     assert report.passed, (failed, report.problems)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "layout", "classes", "size"),
-    [
-        ("fastvit_t8", "official", 10, (64, 64)),
-        ("levit_128s", "official", 10, (256, 256)),
-        ("efficientvit_b0", "timm", 37, (64, 64)),
-        ("seaformer_tiny", "official", 12, (64, 64)),
-        ("sepvit_lite", "official", 3, (64, 64)),
-        ("efficientvit_seg_b0_cityscapes", "official", 4, (64, 64)),
-        ("seaformer_seg_tiny_ade20k", "official", 5, (64, 64)),
-        ("levit_128s", "timm", 6, (192, 256)),
-    ],
-)
-def test_fine_tuned_checkpoints_verify_in_three_formats(tmp_path, name, layout, classes, size):
-    _, model = fine_tuned(name, classes, size)
-    path = tmp_path / "ft.pth"
-    torch.save(LAYOUTS[layout](name, model), path)
-    # A square LeViT checkpoint tells its own size; the others are told theirs.
-    square_levit = name.startswith("levit") and size[0] == size[1]
-    hint = None if square_levit else "x".join(map(str, size))
-    report = verify(name, weights=path, formats=FORMATS3, image_size=hint, num_images=3)
-    _verified(report)
-    assert report.image_size == size
 
 
 @pytest.mark.slow
@@ -396,8 +371,10 @@ def test_fine_tuned_checkpoints_verify_in_three_formats(tmp_path, name, layout, 
     "name", ["fastvit_t8", "levit_128s", "efficientvit_b0", "seaformer_tiny", "sepvit_lite"]
 )
 def test_features_verify_in_three_formats(name):
-    report = verify(name, formats=FORMATS3, features=True, image_size=_size(name), num_images=3)
-    _verified(report)
+    """And FastViT's maps in ExecuTorch too (a .pte with several outputs)."""
+    formats = (*FORMATS3, "executorch") if name == "fastvit_t8" else FORMATS3
+    report = verify(name, formats=formats, features=True, image_size=_size(name), num_images=3)
+    verified(report, formats)
     assert report.task == "features" and len(report.outputs) >= 3
     onnx = next(p for p in report.pairs if p.candidate.startswith("onnx"))
     assert len(onnx.metrics["outputs"]) == len(report.outputs)

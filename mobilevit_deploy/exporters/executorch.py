@@ -161,6 +161,17 @@ def delegation_report(graph_module) -> dict:
     }
 
 
+def describe(delegation: dict) -> str:
+    """The delegation report in one line, for export and verify output."""
+    share = delegation["delegated_fraction"]
+    total = delegation["delegated_nodes"] + delegation["portable_nodes"]
+    line = f"XNNPACK runs {share:.1%} of {total} nodes"
+    if delegation["portable_ops"]:
+        ops = ", ".join(f"{op} x{n}" for op, n in delegation["portable_ops"].items())
+        line += f"; left to portable kernels (slow on device): {ops}"
+    return line
+
+
 def _lower(model: nn.Module, example: torch.Tensor):
     from executorch.backends.xnnpack._passes.remove_noop_expand_copy_pass import (
         RemoveNoopExpandCopyPass,
@@ -199,7 +210,9 @@ def export_executorch(job: ExportJob) -> ArtifactMetadata:
         edge = _lower(model, example)
         delegation = delegation_report(edge.exported_program().graph_module)
         metadata = dataclasses.replace(
-            job.metadata, details={**job.metadata.details, "delegation": delegation}
+            job.metadata,
+            delegate_report=[describe(delegation)],
+            details={**job.metadata.details, "delegation": delegation},
         )
         record = metadata.to_dict()
         # The record is a constant method of the program; it needs the report, so the

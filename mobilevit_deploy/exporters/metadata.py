@@ -86,6 +86,9 @@ class ArtifactMetadata:
     upsample: str | None = None
     upsample_note: str | None = None
     int8_float_modules: list[str] | None = None
+    # What the file's delegates leave to slower kernels, in words (TFLite: ops mobile
+    # GPU/NNAPI delegates lack; ExecuTorch: the share XNNPACK runs, the ops it does not).
+    delegate_report: list[str] | None = None
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

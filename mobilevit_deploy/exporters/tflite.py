@@ -177,7 +177,7 @@ def inspect_tflite(path: Path) -> dict:
     detail = interpreter.get_input_details()[0]
     return {
         "tflite_ops": ops,
-        "delegate_warnings": notes,
+        "delegate_report": notes,
         "input_details": {"shape": detail["shape"].tolist(), "dtype": detail["dtype"].__name__},
     }
 
@@ -241,8 +241,12 @@ def export_tflite(job: ExportJob) -> ArtifactMetadata:
                 )
             finally:
                 fp32.unlink(missing_ok=True)
-        details.update(inspect_tflite(tmp))
-        metadata = dataclasses.replace(metadata, details={**metadata.details, **details})
+        found = inspect_tflite(tmp)
+        report = found.pop("delegate_report")
+        details.update(found)
+        metadata = dataclasses.replace(
+            metadata, delegate_report=report, details={**metadata.details, **details}
+        )
         record = metadata.to_dict()
         embed_metadata(tmp, record)
     write_json_atomic(job.output.with_name(job.output.name + ".json"), record)

@@ -1,0 +1,151 @@
+"""ExecuTorch: the .pte runs in executorch.runtime and is the fused model, its record is
+embedded, the delegation report names what XNNPACK leaves out, the rewrites that keep
+ops in the delegate are exact, and a failed lowering leaves nothing. Every family and
+every precision through `verify` is in test_matrix.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import stressed, test_inputs
+from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+from executorch.exir import to_edge_transform_and_lower
+from torch import nn
+from typer.testing import CliRunner
+
+from mobilevit_deploy import api
+from mobilevit_deploy.cli import app
+from mobilevit_deploy.exporters import ExportJob
+from mobilevit_deploy.exporters import executorch as et
+from mobilevit_deploy.exporters.formats import ExecuTorchOptions
+from mobilevit_deploy.exporters.metadata import artifact_metadata
+from mobilevit_deploy.metrics import compare
+from mobilevit_deploy.registry import get_spec
+from mobilevit_deploy.reparam import reparameterize
+from mobilevit_deploy.runtimes.executorch import ExecuTorchRunner, read_metadata
+
+NAME, SIZE = "fastvit_t8", 64
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    model = stressed(NAME, SIZE)
+    out = tmp_path_factory.mktemp("et") / "t8.pte"
+    artifact = api.export(NAME, "executorch", model=model, output=out, image_size=SIZE)
+    return model, artifact
+
+
+def test_fp32_is_the_fused_model_and_carries_its_record(fp32):
+    model, artifact = fp32
+    x = test_inputs(NAME, SIZE, count=2)
+    with torch.no_grad():
+        want = reparameterize(model, image_size=(SIZE, SIZE))(torch.from_numpy(x)).double()
+    runner = ExecuTorchRunner(artifact.path)
+    got = np.concatenate([runner(x[i : i + 1]) for i in range(len(x))])
+    assert compare(want.numpy(), got)["max_rel"] < 1e-5
+    embedded = read_metadata(artifact.path)
+    assert embedded == json.loads(artifact.sidecar.read_text())
+    assert embedded["format"] == "executorch" and embedded["input_shape"] == [1, 3, SIZE, SIZE]
+    delegation = embedded["delegation"]
+    assert delegation["delegated_fraction"] == 1.0 and delegation["portable_ops"] == {}
+    assert artifact.notes[-1].startswith("XNNPACK runs 100.0% of ")
+
+
+class _Unfriendly(nn.Module):
+    """The forms our models are written in that XNNPACK does not take as they are: a
+    3-D token mean (LeViT's pool), a 4-D mean over one axis (SeaFormer's axial pool), a
+    split of a qkv projection, a select of one token, a 4-D matmul (its decomposition
+    expands both sides to their own shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)  # (1, 12, 8, 8)
+        rows = y.mean(-1, keepdim=True)  # (1, 12, 8, 1)
+        qkv = y.reshape(1, 12, 64).transpose(1, 2).reshape(1, 2, 64, 6)  # 2 heads
+        q, k, v = qkv.split([2, 2, 2], dim=3)  # (1, 2, 64, 2) each
+        att = (q @ k.transpose(-1, -2)).softmax(-1)  # 4-D matmuls
+        tokens = (att @ v).reshape(1, 128, 2)
+        first = tokens[:, 0]  # select
+        return tokens.mean(1) + first + rows.mean((1, 2, 3)).reshape(1, 1)
+
+
+def _job(module: nn.Module, path, example: np.ndarray) -> ExportJob:
+    """A bare module's job: the record of the zoo's FastViT-T8 stands in."""
+    spec = get_spec(NAME)
+    meta = artifact_metadata(
+        spec,
+        provenance=None,
+        image_size=example.shape[2:],
+        batch=1,
+        reparameterized=False,
+        precision="fp32",
+        fmt="executorch",
+    )
+    return ExportJob(module, path, example, "fp32", ExecuTorchOptions(), meta, spec)
+
+
+def test_the_rewrites_keep_every_op_in_the_delegate_and_change_no_number(tmp_path):
+    module = _Unfriendly().eval()
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    program = torch.export.export(module, (torch.from_numpy(x),))
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    plain = et.delegation_report(lowered.exported_program().graph_module)
+    # Without the rewrites these fall to portable kernels:
+    assert {
+        "mean_dim",
+        "split_with_sizes_copy_default",
+        "expand_copy_default",
+        "select_copy_int",
+    } <= set(plain["portable_ops"]), plain
+    meta = et.export_executorch(_job(module, tmp_path / "u.pte", x))
+    assert meta.details["delegation"]["portable_ops"] == {}, meta.details["delegation"]
+    with torch.no_grad():
+        want = module.double()(torch.from_numpy(x).double()).numpy()
+    got = ExecuTorchRunner(tmp_path / "u.pte")(x)
+    assert compare(want, got, "features")["max_rel"] < 1e-6
+
+
+def test_a_failed_lowering_is_one_error_and_leaves_nothing(tmp_path):
+    class Sorts(nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigvalsh(x[0, 0] @ x[0, 0].T)
+
+    with pytest.raises(et.LoweringFailed, match="ExecuTorch could not lower the model"):
+        et.export_executorch(_job(Sorts(), tmp_path / "bad.pte", np.ones((1, 3, 4, 4), "f4")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_while_lowering_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(et, "_lower", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        api.export(NAME, "executorch", output=tmp_path / "m.pte", image_size=SIZE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_reports_the_delegation_and_refuses_other_formats_options(tmp_path):
+    out = tmp_path / "t8.pte"
+    result = CliRunner().invoke(
+        app, ["export", NAME, "-f", "executorch", "--image-size", "64", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "XNNPACK runs 100.0% of" in result.stderr and out.is_file()
+    refused = CliRunner().invoke(app, ["export", NAME, "-f", "executorch", "--opset", "18"])
+    assert refused.exit_code == 2
+    assert "--opset applies to --format onnx, not executorch" in refused.stderr
+
+
+def test_doctor_lists_executorch():
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    rows = {f["name"]: f for f in json.loads(result.stdout)["formats"]}
+    assert rows["executorch"]["export"] == "yes" and rows["executorch"]["run"] == "yes"
+    assert rows["executorch"]["install"] == "pip install 'mobilevit_deploy[executorch]'"
