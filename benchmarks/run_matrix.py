@@ -3,6 +3,8 @@ pass/fail table with the measured metrics in benchmarks/MATRIX.md (+ matrix.json
 
     python benchmarks/run_matrix.py                       # the whole zoo (make matrix)
     python benchmarks/run_matrix.py --family levit --formats onnx --precisions fp32,int8
+    python benchmarks/run_matrix.py --shard 2/4 --resume   # one of four slices (CI jobs)
+    python benchmarks/run_matrix.py --merge shard-*/matrix.shard-*.json   # join them
 
 Each cell is one `mvd verify` run under stress weights: the fused artifact against the
 unfused model in float64, judged by the precision's rule (metrics.py). A format whose
@@ -54,10 +56,10 @@ def _verify_cells(name: str, fmt: str, precisions: list[str], args) -> list[dict
         detail = str(exc) if isinstance(exc, MvdError) else f"{type(exc).__name__}: {exc}"
         return [{**c, "status": "error", "detail": detail.splitlines()[0][:300]} for c in cells]
     seconds = (time.perf_counter() - start) / len(cells)
-    artifacts = [p for p in report.pairs if p.candidate.startswith(fmt)]
+    artifacts = [p for p in report.pairs if p.format == fmt]
     for cell, pair in zip(cells, artifacts, strict=True):
         problems = [*report.problems]
-        if "estimated" in pair.candidate:
+        if pair.estimated:
             problems.append("estimated, not run on device")
         cell.update(
             status="pass" if pair.passed and not report.problems else "FAIL",
@@ -82,7 +84,7 @@ def matrix_size(spec, seg_size: str) -> tuple[int, int]:
 
 def row(c: dict) -> list[str]:
     m = c.get("metrics") or {}
-    agreement = m.get("top1", m.get("pixel_agreement"))
+    agreement = m.get("agreement", m.get("top1", m.get("pixel_agreement")))  # older cells
     return [
         c["model"],
         c["format"],
@@ -109,10 +111,32 @@ def main() -> int:
         "--resume", action="store_true", help="keep the cells of matrix.json, run the rest"
     )
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default=None,
+        metavar="K/N",
+        help="run the K-th of N slices (every N-th model of the zoo) into "
+        "matrix.shard-K-of-N.json; --merge joins the slices",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="join shard files into matrix.json and MATRIX.md (later files win); runs nothing",
+    )
     args = parser.parse_args()
-    out_json = args.out / "matrix.json"
+    if args.merge:
+        counts = write(merge(args.out / "matrix.json", args.merge), args)
+        return 1 if counts["FAIL"] or counts["error"] else 0
+    out_json = args.out / json_name(args.shard)
     cells = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else []
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
+    if args.shard:
+        k, n = args.shard
+        specs = [s for i, s in enumerate(specs) if i % n == k - 1]
     formats = args.formats.split(",")
     # A selected model's format is done when all its cells passed or were skipped: FAIL
     # and error run again; cells of models outside this run's selection stay as they are.
@@ -154,6 +178,30 @@ def main() -> int:
     return 1 if counts["FAIL"] or counts["error"] else 0
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, e.g. 2/4, not {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: K must be 1 to N")
+    return k, n
+
+
+def json_name(shard: tuple[int, int] | None) -> str:
+    return "matrix.json" if shard is None else f"matrix.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def merge(base: Path, files: list[Path]) -> list[dict]:
+    """The cells of matrix.json (if any), then of each file: a later cell of the same
+    model, format and precision replaces an earlier one."""
+    cells: dict[tuple, dict] = {}
+    for path in [base, *files] if base.is_file() else files:
+        for cell in json.loads(path.read_text()):
+            cells[cell["model"], cell["format"], cell["precision"]] = cell
+    return list(cells.values())
+
+
 def zoo_order(cells: list[dict]) -> list[dict]:
     """The zoo's order, whatever order a resumed run measured the cells in."""
     models = {s.name: i for i, s in enumerate(list_models())}
@@ -169,6 +217,14 @@ def zoo_order(cells: list[dict]) -> list[dict]:
 
 
 def write(cells: list[dict], args) -> dict[str, int]:
+    """matrix.json and MATRIX.md; a shard writes its own JSON only (--merge makes the
+    table)."""
+    cells = zoo_order(cells)
+    counts = {s: sum(c["status"] == s for c in cells) for s in ("pass", "FAIL", "error", "skipped")}
+    out_json = args.out / json_name(args.shard)
+    out_json.write_text(json.dumps(cells, indent=2, sort_keys=True) + "\n")
+    if args.shard:
+        return counts
     headers = [
         "model",
         "format",
@@ -181,8 +237,6 @@ def write(cells: list[dict], args) -> dict[str, int]:
         "bound",
         "detail",
     ]
-    cells = zoo_order(cells)
-    counts = {s: sum(c["status"] == s for c in cells) for s in ("pass", "FAIL", "error", "skipped")}
     missing = [s.name for s in list_models() if s.name not in {c["model"] for c in cells}]
     text = (
         "# Format x precision matrix\n\n"
@@ -202,7 +256,6 @@ def write(cells: list[dict], args) -> dict[str, int]:
         + markdown_table(headers, [row(c) for c in cells])
     )
     (args.out / "MATRIX.md").write_text(text)
-    (args.out / "matrix.json").write_text(json.dumps(cells, indent=2, sort_keys=True) + "\n")
     return counts
 
 

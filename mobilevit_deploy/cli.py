@@ -417,7 +417,7 @@ def verify(
 
 def _render_verify(report) -> None:
     table = Table(title=f"{report.model} @ {_hw(report.image_size)}: vs {report.reference}")
-    segments = any("pixel_agreement" in p.metrics for p in report.pairs)
+    segments = report.task == "segmentation"
     agreement = ("argmax px",) if segments else ("top-1", "top-5")
     if report.task == "features":
         agreement = ()
@@ -436,7 +436,7 @@ def _render_verify(report) -> None:
             *(
                 []
                 if not agreement
-                else [f"{m['pixel_agreement']:.4f}"]
+                else [f"{m['agreement']:.4f}"]
                 if segments
                 else [f"{m['top1']:.3f}", f"{m['top5']:.3f}"]
             ),

@@ -102,6 +102,9 @@ def _compare_one(reference: np.ndarray, candidate: np.ndarray, task: str) -> dic
         decisive = top2[:, 0] - top2[:, 1] > NEAR_TIE_FACTOR * rmse
     else:  # one class: no runner-up to tie with
         decisive = np.ones_like(agrees)
+    # `agreement` is the decision's, whatever the task (top-1, or argmax per pixel);
+    # `top1` / `pixel_agreement` name the same number for readers of the JSON.
+    result["agreement"] = float(np.mean(agrees))
     result["near_ties"] = float(1 - np.mean(decisive))
     result["decisive_agreement"] = float(np.mean(agrees[decisive])) if decisive.any() else 1.0
     if task == "classification":

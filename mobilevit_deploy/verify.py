@@ -180,12 +180,12 @@ def verify(
             tol = max(tol, NOISE_FLOOR_FACTOR * report.fp32_noise_floor)
         passed, bound = judge(metrics, precision, tol)
         report.pairs.append(PairResult(candidate, precision, tol, metrics, passed, bound, **row))
-        raw = metrics.get("top1", metrics.get("pixel_agreement", 1.0))
+        raw = metrics.get("agreement", 1.0)
         judged = REDUCED_PRECISION.get(precision, {}).get("min_agreement")
         if judged and "decisive_agreement" in metrics and raw < metrics["decisive_agreement"]:
             report.notes.append(
                 f"{candidate}: agreement judged on decisive "
-                + ("inputs" if "top1" in metrics else "pixels")
+                + ("pixels" if task == "segmentation" else "inputs")
                 + f" ({metrics['decisive_agreement']:.3f}); {metrics['near_ties']:.1%} are "
                 f"near-ties (reference margin within {NEAR_TIE_FACTOR:g}x the RMS error), "
                 "where a flip is not a defect"

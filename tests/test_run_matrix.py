@@ -29,6 +29,8 @@ def run_matrix(monkeypatch, tmp_path):
         pairs = [
             SimpleNamespace(
                 candidate=f"{formats[0]} fused ({p})",
+                format=formats[0],
+                estimated=False,
                 passed=name != "fastvit_t8" or p != "fp16",
                 bound="b",
                 metrics={"max_rel": 1e-7, "psnr_db": 120.0, "top1": 1.0},
@@ -39,12 +41,12 @@ def run_matrix(monkeypatch, tmp_path):
 
     monkeypatch.setattr(module, "verify", fake_verify)
 
-    def run(*extra):
-        """(exit code, cells of matrix.json) of one run over `--formats onnx`."""
+    def run(*extra, out="matrix.json"):
+        """(exit code, cells of the JSON written) of one run over `--formats onnx`."""
         argv = ["run_matrix.py", "--formats", "onnx", "--out", str(tmp_path), *extra]
         monkeypatch.setattr(sys, "argv", argv)
         code = module.main()
-        return code, json.loads((tmp_path / "matrix.json").read_text())
+        return code, json.loads((tmp_path / out).read_text())
 
     return run, calls
 
@@ -78,3 +80,22 @@ def test_an_error_is_pinned_to_its_precision_and_resume_reruns_what_failed(run_m
     assert len(kept) == 9, "the failed cells of models outside the selection stay"
     order = [c["model"] for c in resumed]
     assert order == sorted(order, key=["fastvit_t8", "fastvit_t12", "fastvit_s12"].index)
+
+
+def test_shards_split_the_zoo_and_merge_into_one_table(run_matrix, tmp_path):
+    run, calls = run_matrix
+    models = ("fastvit_t12", "fastvit_s12", "fastvit_sa12", "fastvit_sa24", "fastvit_sa36")
+    shards = []
+    for k in (1, 2):
+        _, cells = run("--models", *models, "--shard", f"{k}/2", out=f"matrix.shard-{k}-of-2.json")
+        shards.append({c["model"] for c in cells})
+    assert shards[0] | shards[1] == set(models) and not shards[0] & shards[1]
+    assert not (tmp_path / "MATRIX.md").exists(), "a shard writes its JSON only"
+    calls.clear()
+    files = [str(tmp_path / f"matrix.shard-{k}-of-2.json") for k in (1, 2)]
+    code, merged = run("--merge", *files)
+    assert calls == [] and code == 1  # fastvit_t12's int8 error is kept
+    assert {c["model"] for c in merged} == set(models) and len(merged) == 15
+    order = [c["model"] for c in merged]
+    assert order == sorted(order, key=list(models).index)
+    assert "fastvit_sa36" in (tmp_path / "MATRIX.md").read_text()
