@@ -23,8 +23,8 @@ from pathlib import Path
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.files import artifact_size
 from mobilevit_deploy.machine import machine_stamp, stamp_line
-from mobilevit_deploy.registry import get_spec, list_models
 from mobilevit_deploy.report import markdown_table
+from mobilevit_deploy.zoo import get_spec, list_models
 
 HERE = Path(__file__).parent
 # The largest variant of each family, and segmentation at Cityscapes' 1024x2048.

@@ -23,9 +23,9 @@ from pathlib import Path
 from mobilevit_deploy.errors import MvdError
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.machine import machine_stamp, stamp_line
-from mobilevit_deploy.registry import get_spec, list_models
 from mobilevit_deploy.report import markdown_table
 from mobilevit_deploy.verify import verify
+from mobilevit_deploy.zoo import get_spec, list_models
 
 HERE = Path(__file__).parent
 

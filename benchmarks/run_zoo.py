@@ -24,9 +24,9 @@ from pathlib import Path
 from mobilevit_deploy.bench import BASELINE, benchmark
 from mobilevit_deploy.info import count_params
 from mobilevit_deploy.plots import plot_zoo
-from mobilevit_deploy.registry import list_models
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.report import markdown_table
+from mobilevit_deploy.zoo import list_models
 
 HERE = Path(__file__).parent
 FUSED_ORT = "onnxruntime, fused (mvd)"

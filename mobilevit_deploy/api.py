@@ -25,9 +25,10 @@ from .exporters.metadata import CALLER_MODULE, artifact_metadata
 from .files import check_output_file, resolve_artifact_path
 from .hub import is_hub_folder, read_hub_folder
 from .images import natural_images, to_model_input
-from .registry import ModelSpec, get_spec
+from .registry import ModelSpec
 from .reparam import reparameterize
 from .weights import load_into_spec
+from .zoo import get_spec
 
 
 def resolve_pretrained(spec: ModelSpec, tag: str | bool) -> tuple[str, str | None]:

@@ -23,12 +23,12 @@ from .exporters.formats import FORMATS, check_format
 from .images import natural_images, to_model_input
 from .info import count_macs
 from .machine import machine_stamp, stamp_line
-from .registry import get_spec
 from .reparam import reparameterize
 from .runtimes.onnxruntime import OrtRunner
 from .runtimes.torch_runtime import TorchRunner, torch_threads
 from .stress import apply_stress_weights
 from .timing import interleaved, time_callable
+from .zoo import get_spec
 
 BASELINE = "onnxruntime, unfused (plain export)"
 # onnxruntime and torch eager, then each other format's runtime from the table.

@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .exporters.formats import FORMATS
 from .machine import machine_stamp, stamp_line
-from .registry import list_models
 from .reparam import reparameterize
+from .zoo import list_models
 
 
 def count_params(model: torch.nn.Module) -> int:

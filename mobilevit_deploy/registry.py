@@ -1,4 +1,5 @@
-"""The model zoo: one ModelSpec per name, registered by the family modules.
+"""The model zoo's types and table: one ModelSpec per name, registered by the family
+modules (zoo.py imports them all and answers lookups, so this module imports none).
 
 A spec holds everything a downstream step needs to know about a model without
 building it: input size, preprocessing, labels, weight sources and tolerances. The
@@ -7,13 +8,10 @@ exporters copy the preprocessing into every artifact, so it lives here once.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
-
-from .errors import BadInput
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,45 +102,11 @@ class ModelSpec:
         return model
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+SPECS: dict[str, ModelSpec] = {}
 
 
 def register(spec: ModelSpec) -> ModelSpec:
-    if spec.name in _REGISTRY:
+    if spec.name in SPECS:
         raise ValueError(f"model {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
+    SPECS[spec.name] = spec
     return spec
-
-
-def _ensure_loaded() -> None:
-    from . import models  # noqa: F401  (importing registers every family)
-
-
-def list_models(family: str | None = None) -> list[ModelSpec]:
-    _ensure_loaded()
-    families = sorted({s.family for s in _REGISTRY.values()})
-    if family is not None and family not in families:
-        raise BadInput(f"unknown family {family!r}; choose from {', '.join(families)}")
-    return [s for s in _REGISTRY.values() if family is None or s.family == family]
-
-
-def _edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance: ranks 'fastvit_sa12' before 'fastvit_sa36' for 'fastvit_sa13'."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-def get_spec(name: str) -> ModelSpec:
-    """The spec for `name`; an unknown name raises BadInput with close matches."""
-    _ensure_loaded()
-    key = name.strip().lower().replace("-", "_")
-    if key in _REGISTRY:
-        return _REGISTRY[key]
-    close = difflib.get_close_matches(key, list(_REGISTRY), n=5, cutoff=0.5)
-    close = sorted(close, key=lambda c: _edit_distance(key, c))[:3]
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise BadInput(f"Unknown model {name!r}.{hint} `mvd list` shows the zoo.")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mobilevit_deploy.images import natural_images, to_model_input
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.stress import apply_stress_weights
+from mobilevit_deploy.zoo import get_spec
 
 
 def stressed(name: str, size: int = 64, seed: int = 0) -> torch.nn.Module:

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from mobilevit_deploy.errors import CheckpointMismatch, MvdError
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.weights import load_into_spec, read_checkpoint
+from mobilevit_deploy.zoo import get_spec
 
 FUZZ = settings(
     max_examples=int(os.environ.get("MVD_FUZZ_EXAMPLES", "60")),

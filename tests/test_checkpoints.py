@@ -19,7 +19,7 @@ from conftest import CountingHandler, stressed, test_inputs
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from mobilevit_deploy import registry
+from mobilevit_deploy import registry, zoo
 from mobilevit_deploy.api import load_model
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BadInput, CheckpointMismatch
@@ -70,7 +70,7 @@ def test_apple_reparam_checkpoint_loads_into_the_deploy_form(source, tmp_path):
 def test_every_apple_key_maps_back(source):
     """remap_apple must undo the official layout key for key, in both forms."""
     model = source[0]
-    spec = registry.get_spec(NAME)
+    spec = zoo.get_spec(NAME)
     for form in (model, reparameterize(model, fold_affine=False)):
         ours = form.state_dict()
         assert set(spec.remap_state_dict(to_apple(ours))) == set(ours)
@@ -163,7 +163,7 @@ def test_a_mismatch_names_missing_unexpected_and_misshaped_keys(source, tmp_path
 
 def test_another_variant_does_not_fit(tmp_path):
     path = tmp_path / "sa12.pt"
-    torch.save(registry.get_spec("fastvit_sa12").build().state_dict(), path)
+    torch.save(zoo.get_spec("fastvit_sa12").build().state_dict(), path)
     with pytest.raises(CheckpointMismatch, match="does not fit the model"):
         load_model(NAME, weights=path)
 
@@ -216,11 +216,9 @@ def test_corrupt_files_are_one_line_errors_with_exit_2(tmp_path, name):
 
 
 def _publish(monkeypatch, url: str, sha256: str) -> None:
-    spec = registry.get_spec(NAME)
+    spec = zoo.get_spec(NAME)
     source = registry.WeightSource("in1k", url, sha256)
-    monkeypatch.setitem(
-        registry._REGISTRY, NAME, dataclasses.replace(spec, weight_sources=(source,))
-    )
+    monkeypatch.setitem(registry.SPECS, NAME, dataclasses.replace(spec, weight_sources=(source,)))
 
 
 def test_pretrained_downloads_once_into_the_cache(source, tmp_path, monkeypatch, weights_server):

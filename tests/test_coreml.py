@@ -21,7 +21,6 @@ from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BadInput
 from mobilevit_deploy.exporters.coreml import first_conv, fold_input_std
 from mobilevit_deploy.exporters.formats import FORMATS
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.coreml import (
     _load_spec,
@@ -29,6 +28,7 @@ from mobilevit_deploy.runtimes.coreml import (
     package_ops,
     unsupported_ops,
 )
+from mobilevit_deploy.zoo import get_spec
 
 pytestmark = pytest.mark.skipif(
     FORMATS["coreml"].runs_here(), reason="the Linux checks; macOS runs the model"

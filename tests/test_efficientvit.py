@@ -12,10 +12,10 @@ from conftest import stressed, test_inputs
 import mobilevit_deploy.models.efficientvit as evit
 import mobilevit_deploy.verify as verify_module
 from mobilevit_deploy import api
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
+from mobilevit_deploy.zoo import get_spec
 
 PARAMS = {  # docs/architecture.md and the official code
     "efficientvit_b0": 3_410_008,

@@ -10,11 +10,11 @@ from conftest import stressed, test_inputs
 
 from mobilevit_deploy import api
 from mobilevit_deploy.metrics import compare
-from mobilevit_deploy.registry import get_spec, list_models
 from mobilevit_deploy.reparam import reparameterize, training_leftovers
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.verify import verify
+from mobilevit_deploy.zoo import get_spec, list_models
 
 PARAMS = {  # docs/architecture.md and the official code
     "efficientvit_seg_b0_cityscapes": 706_691,

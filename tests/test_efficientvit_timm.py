@@ -18,7 +18,7 @@ from conftest import stressed, test_inputs
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import CheckpointMismatch
 from mobilevit_deploy.models.efficientvit import remap_timm
-from mobilevit_deploy.registry import get_spec
+from mobilevit_deploy.zoo import get_spec
 
 SIZE = 64
 

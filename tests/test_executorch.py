@@ -24,9 +24,9 @@ from mobilevit_deploy.exporters import executorch as et
 from mobilevit_deploy.exporters.formats import ExecuTorchOptions
 from mobilevit_deploy.exporters.metadata import artifact_metadata
 from mobilevit_deploy.metrics import compare
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.executorch import ExecuTorchRunner, read_metadata
+from mobilevit_deploy.zoo import get_spec
 
 NAME, SIZE = "fastvit_t8", 64
 

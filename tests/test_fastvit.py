@@ -8,9 +8,9 @@ from conftest import stressed, test_inputs
 from torch import nn
 
 from mobilevit_deploy.models.layers import MobileOneBlock
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
 from mobilevit_deploy.stress import check_sane_outputs
+from mobilevit_deploy.zoo import get_spec
 
 # docs/architecture.md and the official code: train-time / official deploy form.
 PARAMS = {

@@ -26,12 +26,12 @@ from torch import nn
 import mobilevit_deploy.models.levit as levit
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.stress import check_sane_outputs
 from mobilevit_deploy.weights import load_into_spec
+from mobilevit_deploy.zoo import get_spec
 
 # docs/architecture.md and the official code (distillation head included): train / official deploy.
 PARAMS = {

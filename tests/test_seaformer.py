@@ -17,11 +17,11 @@ from torch import nn
 import mobilevit_deploy.models.seaformer as sf
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.stress import check_sane_outputs
+from mobilevit_deploy.zoo import get_spec
 
 VARIANTS = ("tiny", "small", "base", "large")
 CLS = [f"seaformer_{v}" for v in VARIANTS]
@@ -286,7 +286,7 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked
 def official_keys(variant: str, seg: bool) -> list[str]:
     """Every key an official state dict has, enumerated from the official code's structure
     (seaformer-cls/seaformer.py, seaformer-seg backbone + light_head.py), not from ours."""
-    cfg = sf._CONFIGS[variant]
+    cfg = sf.CONFIGS[variant]
     pre = "backbone." if seg else ""
     keys: list[str] = []
 
@@ -323,7 +323,7 @@ def official_keys(variant: str, seg: bool) -> list[str]:
         return [*keys, "linear.weight", "linear.bias"]
     keys += ["decode_head.conv_seg.weight", "decode_head.conv_seg.bias"]
     conv_bn("decode_head.linear_fuse", "conv")
-    for i in range(len(sf._CONFIGS[variant]["depths"])):
+    for i in range(len(sf.CONFIGS[variant]["depths"])):
         for part in ("local_embedding", "global_act"):
             conv_bn(f"decode_head.fuse{i + 1}.{part}", "conv")
     return keys

@@ -15,11 +15,11 @@ from torch import nn
 import mobilevit_deploy.models.sepvit as sv
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.stress import check_sane_outputs
+from mobilevit_deploy.zoo import get_spec
 
 NAMES = ["sepvit_lite", "sepvit_tiny", "sepvit_small", "sepvit_base"]
 # docs/architecture.md and the official code.

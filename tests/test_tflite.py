@@ -23,9 +23,9 @@ from mobilevit_deploy.exporters.formats import TFLiteOptions
 from mobilevit_deploy.exporters.metadata import artifact_metadata
 from mobilevit_deploy.exporters.tflite import ConversionFailed, export_tflite
 from mobilevit_deploy.metrics import compare
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.litert import LiteRTRunner
+from mobilevit_deploy.zoo import get_spec
 
 NAME, SIZE = "fastvit_t8", 64
 

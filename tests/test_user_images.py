@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from mobilevit_deploy.errors import BadInput
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.user_images import load_images
 from mobilevit_deploy.verify import verify
+from mobilevit_deploy.zoo import get_spec
 
 
 @pytest.fixture

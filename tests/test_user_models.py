@@ -21,9 +21,10 @@ from test_levit import to_official
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput, CheckpointMismatch
 from mobilevit_deploy.images import natural_images, to_model_input
-from mobilevit_deploy.registry import ModelSpec, get_spec
+from mobilevit_deploy.registry import ModelSpec
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.verify import verify
+from mobilevit_deploy.zoo import get_spec
 
 FORMATS3 = ("onnx", "coreml", "tflite")
 

@@ -13,8 +13,8 @@ from test_user_models import fine_tuned
 
 from mobilevit_deploy import api
 from mobilevit_deploy.exporters.onnx import read_metadata
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
+from mobilevit_deploy.zoo import get_spec
 
 SMALL = ["--image-size", "64"]
 

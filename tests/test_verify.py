@@ -7,10 +7,10 @@ import torch
 from conftest import stressed, test_inputs
 
 from mobilevit_deploy.images import natural_images, to_model_input
-from mobilevit_deploy.registry import get_spec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.verify import verify
+from mobilevit_deploy.zoo import get_spec
 
 
 @pytest.mark.parametrize("name", ["fastvit_t8", "levit_128s"])

@@ -23,7 +23,7 @@ from conftest import CountingHandler, stressed, test_inputs
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from mobilevit_deploy import registry
+from mobilevit_deploy import registry, zoo
 from mobilevit_deploy.api import load_model, resolve_pretrained
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BadInput, CheckpointMismatch, MvdError
@@ -139,7 +139,7 @@ def test_the_synthetic_apple_layout_has_the_official_names(source, form):
 
 def test_the_hybrid_layout_puts_repcpe_before_its_stage():
     """SA12: stage 4 is [RepCPE, attention blocks] at network.6 and network.7."""
-    model = registry.get_spec("fastvit_sa12").build()
+    model = zoo.get_spec("fastvit_sa12").build()
     apple = to_apple(model.state_dict())
     assert tuple(apple["network.6.pe.weight"].shape) == (512, 1, 7, 7)
     for key in ("norm.running_var", "token_mixer.qkv.weight", "layer_scale_1", "layer_scale_2"):
@@ -269,7 +269,7 @@ def test_one_wrong_key_is_named_by_the_api_and_the_cli(source, tmp_path, case):
 
 def test_another_variant_through_the_cli(tmp_path):
     path = tmp_path / "fastvit_sa12.pth.tar"
-    torch.save(apple_checkpoint(registry.get_spec("fastvit_sa12").build().state_dict()), path)
+    torch.save(apple_checkpoint(zoo.get_spec("fastvit_sa12").build().state_dict()), path)
     message = user_error(reparam_cli(path, tmp_path / "out.pt"), "does not fit the model")
     assert "stages.3.pos_emb" in message or "shape mismatches" in message
 
@@ -314,7 +314,7 @@ def test_odd_tensors_are_bad_input_or_load(source, tmp_path, kind):
     path = tmp_path / f"{kind}.pt"
     torch.save(state, path)
     try:
-        model = load_into_spec(registry.get_spec(NAME), path)
+        model = load_into_spec(zoo.get_spec(NAME), path)
     except MvdError:
         return
     assert model.head.fc.bias.dtype == torch.float32
@@ -444,8 +444,8 @@ def test_damaged_legacy_files_are_bad_input(tmp_path, damage):
 
 
 def _publish(monkeypatch, *sources: registry.WeightSource) -> None:
-    spec = registry.get_spec(NAME)
-    monkeypatch.setitem(registry._REGISTRY, NAME, dataclasses.replace(spec, weight_sources=sources))
+    spec = zoo.get_spec(NAME)
+    monkeypatch.setitem(registry.SPECS, NAME, dataclasses.replace(spec, weight_sources=sources))
 
 
 def _cache_files() -> list[Path]:
@@ -457,7 +457,7 @@ def test_resolve_pretrained_by_tag_and_default(monkeypatch):
     a = registry.WeightSource("in1k", "https://example.invalid/a.pth.tar", "a" * 64)
     b = registry.WeightSource("in1k_reparam", "https://example.invalid/b.pth.tar", fused=True)
     _publish(monkeypatch, a, b)
-    spec = registry.get_spec(NAME)
+    spec = zoo.get_spec(NAME)
     assert resolve_pretrained(spec, True) == (a.url, a.sha256)
     assert resolve_pretrained(spec, "in1k_reparam") == (b.url, None)
     with pytest.raises(BadInput, match="available: in1k, in1k_reparam"):

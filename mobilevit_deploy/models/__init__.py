@@ -1,5 +1,13 @@
-"""One module per family; importing them registers their specs."""
+"""One module per family (and its segmenters); importing them registers their specs."""
 
-from . import efficientvit, fastvit, levit, seaformer, sepvit
+from . import efficientvit, efficientvit_seg, fastvit, levit, seaformer, seaformer_seg, sepvit
 
-__all__ = ["efficientvit", "fastvit", "levit", "seaformer", "sepvit"]
+__all__ = [
+    "efficientvit",
+    "efficientvit_seg",
+    "fastvit",
+    "levit",
+    "seaformer",
+    "seaformer_seg",
+    "sepvit",
+]

@@ -541,6 +541,3 @@ for _variant in CONFIGS:
             ),
         )
     )
-
-# The segmenters register with the family (a module of their own: the head and configs).
-from . import efficientvit_seg  # noqa: E402, F401

@@ -489,7 +489,7 @@ class SeaFormer(FeatureStages, nn.Module):
 
 
 # k, t (expansion), c (channels), s (stride) per MobileNetV2 block, official configs.
-_CONFIGS = {
+CONFIGS = {
     "tiny": dict(
         cfgs=[
             [[3, 1, 16, 1], [3, 4, 16, 2], [3, 3, 16, 1]],
@@ -555,7 +555,7 @@ _CONFIGS = {
 CLS_SIZE = 224
 
 
-def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+def hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
@@ -566,8 +566,8 @@ def build_seaformer(
     return SeaFormer(
         num_classes=num_classes,
         drop_path_rate=0.1,
-        export_size=_hw(image_size),
-        **_CONFIGS[variant],
+        export_size=hw(image_size),
+        **CONFIGS[variant],
     )
 
 
@@ -587,9 +587,9 @@ def remap_official(state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if not k.startswith(_MMSEG_EXTRAS)}
 
 
-_NAMES = {"tiny": "T", "small": "S", "base": "B", "large": "L"}
+NAMES = {"tiny": "T", "small": "S", "base": "B", "large": "L"}
 
-for _variant in _CONFIGS:
+for _variant in CONFIGS:
     register(
         ModelSpec(
             name=f"seaformer_{_variant}",
@@ -601,10 +601,6 @@ for _variant in _CONFIGS:
             # works; 32 keeps the official 224 (7 x 32) acceptable.
             size_multiple=32,
             head_key="linear.weight",
-            description=f"SeaFormer-{_NAMES[_variant]} (ICLR 2023), ImageNet-1k",
+            description=f"SeaFormer-{NAMES[_variant]} (ICLR 2023), ImageNet-1k",
         )
     )
-
-# The segmenters live next door; importing this module registers them too (the
-# import comes last because seaformer_seg builds on the classes above).
-from . import seaformer_seg  # noqa: E402, F401

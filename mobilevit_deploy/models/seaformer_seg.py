@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..registry import ModelSpec, Preprocessing, register
-from .seaformer import _CONFIGS, _NAMES, HSigmoid, SeaFormer, _hw, remap_official
+from .seaformer import CONFIGS, NAMES, HSigmoid, SeaFormer, hw, remap_official
 
 SEG_SIZE = 512
 
@@ -123,12 +123,12 @@ def build_seaformer_seg(
 ) -> SeaFormerSeg:
     """An ADE20K segmenter, fused (when reparameterized) for `image_size`."""
     backbone = SeaFormer(
-        num_classes=None, drop_path_rate=0.1, export_size=_hw(image_size), **_CONFIGS[variant]
+        num_classes=None, drop_path_rate=0.1, export_size=hw(image_size), **CONFIGS[variant]
     )
     return SeaFormerSeg(backbone, LightHead(num_classes=num_classes, **_HEADS[variant]))
 
 
-for _variant in _CONFIGS:
+for _variant in CONFIGS:
     register(
         ModelSpec(
             name=f"seaformer_seg_{_variant}_ade20k",
@@ -144,7 +144,7 @@ for _variant in _CONFIGS:
             head_key="decode_head.conv_seg.weight",
             headless_ok=False,
             description=(
-                f"SeaFormer-{_NAMES[_variant]} + LightHead (ICLR 2023), ADE20K, "
+                f"SeaFormer-{NAMES[_variant]} + LightHead (ICLR 2023), ADE20K, "
                 "logits at 1/8 of the input"
             ),
         )
