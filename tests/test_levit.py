@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mobilevit_deploy.models.levit as levit
+import mobilevit_deploy.models.levit_zoo as levit_zoo
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
@@ -304,7 +305,7 @@ def test_official_checkpoint_with_a_foreign_bias_index_is_refused(tmp_path):
     key = "blocks.0.m.attention_bias_idxs"
     official[key] = official[key].flip(0)
     with pytest.raises(BadInput, match="bias index"):
-        levit.remap_official(official)
+        levit_zoo.remap_official(official)
 
 
 def test_timm_checkpoint_loads_as_is(tmp_path):

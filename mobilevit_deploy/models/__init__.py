@@ -1,12 +1,22 @@
 """One module per family (and its segmenters); importing them registers their specs."""
 
-from . import efficientvit, efficientvit_seg, fastvit, levit, seaformer, seaformer_seg, sepvit
+from . import (
+    efficientvit,
+    efficientvit_seg,
+    fastvit,
+    levit,
+    levit_zoo,
+    seaformer,
+    seaformer_seg,
+    sepvit,
+)
 
 __all__ = [
     "efficientvit",
     "efficientvit_seg",
     "fastvit",
     "levit",
+    "levit_zoo",
     "seaformer",
     "seaformer_seg",
     "sepvit",
