@@ -101,8 +101,8 @@ def main() -> int:
         "# Peak memory of exports\n\n"
         f"Written by `python benchmarks/export_memory.py` on {datetime.date.today()}.\n\n"
         f"Machine: {stamp_line(machine_stamp())}.\n\n"
-        "Each row is one `mvd export` process (fused, fp32, simplified and re-verified); "
-        "peak RSS is the child's maximum resident set.\n\n" + table
+        "Each row is one `mvd export` process (fused, fp32; ONNX also simplified and "
+        "re-verified); peak RSS is the child's maximum resident set.\n\n" + table
     )
     (args.out / "MEMORY.md").write_text(text)
     (args.out / "memory.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -17,21 +17,26 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .exporters.formats import FORMATS
+
 T = TypeVar("T")
 
-PACKAGES = (
-    "torch",
-    "onnx",
-    "onnxruntime",
-    "onnxslim",
-    "numpy",
-    "coremltools",
-    "litert-torch",
-    "ai-edge-litert",
-    "mobilevit_deploy",
+# Every format's own distributions come from the format table.
+PACKAGES = tuple(
+    dict.fromkeys(
+        [
+            "torch",
+            "onnx",
+            "onnxruntime",
+            "onnxslim",
+            "numpy",
+            *(d for f in FORMATS.values() for d in (*f.dists, f.runtime_dist)),
+            "mobilevit_deploy",
+        ]
+    )
 )
 # Versions in the one-line summary: the frameworks whose kernels actually ran.
-_LINE_PACKAGES = ("torch", "onnxruntime", "coremltools", "ai-edge-litert")
+_LINE_PACKAGES = ("torch", *dict.fromkeys(f.runtime_dist for f in FORMATS.values()))
 
 # Raw flag spelling -> reported name. Families collapse ("vnni", "amx", "neon") because the
 # kernel a runtime dispatches to depends on the family, while the spellings differ by kernel

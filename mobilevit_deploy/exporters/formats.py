@@ -76,6 +76,7 @@ class Format:
     exporter: str  # "module:function", taking an ExportJob, returning ArtifactMetadata
     runner: str  # "module:Class", called as Class(path, threads) -> numpy in, numpy out
     runtime: str  # the runtime's name in `mvd bench --runtime`
+    runtime_dist: str  # the distribution whose kernels run the file (machine stamps)
     default_precision: str = "fp32"
     dists: tuple[str, ...] = ()  # whose versions the metadata records
     has_bicubic: bool = False
@@ -141,6 +142,7 @@ FORMATS: dict[str, Format] = {
         ".onnx:export_onnx",
         "..runtimes.onnxruntime:OrtRunner",
         "onnxruntime",
+        "onnxruntime",
         has_bicubic=True,
     ),
     "coreml": Format(
@@ -152,6 +154,7 @@ FORMATS: dict[str, Format] = {
         CoreMLOptions,
         ".coreml:export_coreml",
         "..runtimes.coreml:CoreMLRunner",
+        "coremltools",
         "coremltools",
         default_precision="fp16",  # as on device
         dists=("coremltools",),
@@ -170,6 +173,7 @@ FORMATS: dict[str, Format] = {
         ".tflite:export_tflite",
         "..runtimes.litert:LiteRTRunner",
         "litert",
+        "ai-edge-litert",
         dists=("litert-torch", "ai-edge-litert", "ai-edge-quantizer"),
     ),
     "executorch": Format(
@@ -181,6 +185,7 @@ FORMATS: dict[str, Format] = {
         ExecuTorchOptions,
         ".executorch:export_executorch",
         "..runtimes.executorch:ExecuTorchRunner",
+        "executorch",
         "executorch",
         dists=("executorch", "torchao"),
     ),
