@@ -128,6 +128,7 @@ def main() -> int:
         help="join shard files into matrix.json and MATRIX.md (later files win); runs nothing",
     )
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         counts = write(merge(args.out / "matrix.json", args.merge), args)
         return 1 if counts["FAIL"] or counts["error"] else 0

@@ -32,6 +32,7 @@ from .cli_options import (
     MinTime,
     NumClasses,
     NumImages,
+    Precision,
     Precisions,
     Pretrained,
     Runtimes,
@@ -233,10 +234,7 @@ def export(
     pretrained: Pretrained = None,
     image_size: ImageSize = None,
     batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
-    precision: Annotated[
-        str | None,
-        typer.Option(help="fp32, fp16 or int8; default fp16 for coreml (as on device), else fp32."),
-    ] = None,
+    precision: Precision = None,
     calibration_images: Annotated[
         int, typer.Option(help="Natural-looking images int8 calibrates on.")
     ] = 32,

@@ -56,12 +56,24 @@ MarkdownPath = Annotated[Path | None, typer.Option("--markdown", help="Write a M
 Formats = Annotated[
     str, typer.Option(help=f"Comma-separated formats to export and check: {', '.join(FORMATS)}.")
 ]
+
+
+def _own_defaults() -> str:
+    """'fp16 for coreml, else fp32': the formats whose default precision is not fp32."""
+    others = [f"{f.default_precision} for {f.name}" for f in FORMATS.values()]
+    return ", ".join(o for o in others if not o.startswith("fp32")) + ", else fp32"
+
+
 Precisions = Annotated[
     str,
     typer.Option(
         help="Comma-separated precisions of each format: fp32, fp16, int8 "
-        "(default: the format's own, fp16 for coreml, else fp32)."
+        f"(default: the format's own, {_own_defaults()})."
     ),
+]
+Precision = Annotated[
+    str | None,
+    typer.Option(help=f"fp32, fp16 or int8; default the format's own: {_own_defaults()}."),
 ]
 NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
@@ -80,8 +92,8 @@ Runtimes = Annotated[
 def with_format_options(command):
     """Give `command` one flag per field of every format's options (exporters/formats.py),
     typed, defaulted and described by the table, so a format's options reach the CLI
-    without a line here. The command receives `format_options`: the ones the user set
-    (api.export refuses another format's option, so defaults must not be passed)."""
+    without a line here. The command receives `format_options`: the ones the user typed
+    (api.export refuses another format's option, given at all)."""
     signature = inspect.signature(command)
     hints = typing.get_type_hints(command, include_extras=True)
     own = [
@@ -106,11 +118,19 @@ def with_format_options(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        chosen = {name: kwargs.pop(name) for name in defaults}
-        changed = {k: v for k, v in chosen.items() if v != defaults[k]}
-        return command(*args, format_options=changed, **kwargs)
+        context = kwargs.pop("mvd_context")  # typer passes the click context by its type
+        typed = {
+            name
+            for name in defaults
+            if getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"
+        }
+        chosen = {name: kwargs.pop(name, defaults[name]) for name in defaults}
+        return command(*args, format_options={k: chosen[k] for k in typed}, **kwargs)
 
-    params = [*own, *added]
+    context = inspect.Parameter(
+        "mvd_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context
+    )
+    params = [*own, *added, context]
     wrapper.__signature__ = signature.replace(parameters=params)
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper

@@ -235,9 +235,10 @@ def verify(
                     label = f"{fmt} fused ({precision}, estimated)"
                 else:
                     output = _run(FORMATS[fmt].open_runner(artifact.path), x, per_sample=True)
-                    if artifact.metadata.get("probabilities"):  # a classifier package
-                        against = _softmax(reference if against is None else against)
-                add(label, precision, output, against, format=fmt, estimated=estimated)
+                target = against
+                if not estimated and artifact.metadata.get("probabilities"):  # a classifier
+                    target = _softmax(reference if against is None else against)
+                add(label, precision, output, target, format=fmt, estimated=estimated)
                 report.notes += [f"{label}: {n}" for n in artifact.record.delegate_report or []]
     return report
 
@@ -282,8 +283,8 @@ def _static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.nd
         else "the file failed its static checks (listed below)"
     )
     report.notes.append(
-        f"{fmt.name} {artifact.precision}: device numerics were NOT run ({fmt.name} runs "
-        f"{fmt.runs_only_on}); {checks}; the row's numbers are the fused model run in torch "
+        f"{fmt.name} {artifact.precision}: device numerics were NOT run (where {fmt.name} "
+        f"runs: {fmt.runs_only_on}); {checks}; the row's numbers are the fused model run in torch "
         f"{str(dtype).removeprefix('torch.')} on every op"
     )
     return estimate

@@ -705,3 +705,14 @@ def test_help_imports_no_heavy_or_optional_backend():
     assert data["coremltools"] is False
     assert data["attempted"] == []
     assert data["loaded"] == []
+
+
+def test_an_option_is_none_only_where_none_is_its_default():
+    """`min_target=None` used to pass the choices check and reach the exporter."""
+    from mobilevit_deploy import api
+    from mobilevit_deploy.errors import BadInput
+
+    with pytest.raises(BadInput, match="--min-target None is not supported"):
+        api.export("fastvit_t8", "coreml", min_target=None)
+    with pytest.raises(BadInput, match="--opset None"):
+        api.export("fastvit_t8", "onnx", opset=None)

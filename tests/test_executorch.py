@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import stressed, test_inputs
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import to_edge_transform_and_lower
+from executorch.exir import ExecutorchProgramManager, to_edge_transform_and_lower
 from torch import nn
 from typer.testing import CliRunner
 
@@ -59,7 +59,8 @@ class _Unfriendly(nn.Module):
     """The forms our models are written in that XNNPACK does not take as they are: a
     3-D token mean (LeViT's pool), a 4-D mean over one axis (SeaFormer's axial pool), a
     split of a qkv projection, a select of one token, a 4-D matmul (its decomposition
-    expands both sides to their own shape)."""
+    expands both sides to their own shape); and the edge cases of each rewrite (a
+    negative index or dim, a mean over the batch, a mean of everything)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,8 +73,10 @@ class _Unfriendly(nn.Module):
         q, k, v = qkv.split([2, 2, 2], dim=3)  # (1, 2, 64, 2) each
         att = (q @ k.transpose(-1, -2)).softmax(-1)  # 4-D matmuls
         tokens = (att @ v).reshape(1, 128, 2)
-        first = tokens[:, 0]  # select
-        return tokens.mean(1) + first + rows.mean((1, 2, 3)).reshape(1, 1)
+        first, last = tokens[:, 0], tokens[:, -1]  # selects
+        halves = tokens.split([1, 1], dim=-1)  # a split on a negative dim
+        pooled = tokens.mean(1) + halves[0].mean(0) + halves[1].mean()
+        return pooled + first - last + rows.mean((1, 2, 3)).reshape(1, 1)
 
 
 def _job(module: nn.Module, path, example: np.ndarray) -> ExportJob:
@@ -122,14 +125,49 @@ def test_a_failed_lowering_is_one_error_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupt_while_lowering_leaves_nothing(tmp_path, monkeypatch):
-    def interrupted(*_args, **_kwargs):
+def test_an_interrupt_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C while the program's bytes are being written (the temporary file beside the
+    destination exists by then): it goes, and no sidecar is written."""
+
+    def interrupted(self):
+        assert [p.name.endswith(".partial") for p in tmp_path.iterdir()] == [True]
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(et, "_lower", interrupted)
+    monkeypatch.setattr(ExecutorchProgramManager, "buffer", property(interrupted))
     with pytest.raises(KeyboardInterrupt):
         api.export(NAME, "executorch", output=tmp_path / "m.pte", image_size=SIZE)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_int8_at_batch_2_calibrates_in_batches_of_2(tmp_path):
+    """The graph is traced at the example's batch; calibrating one image at a time
+    stopped at a guard on the batch size (a traceback, not a file)."""
+    artifact = api.export(
+        NAME,
+        "executorch",
+        output=tmp_path / "b2.pte",
+        image_size=SIZE,
+        batch=2,
+        precision="int8",
+        calibration_images=3,
+    )
+    x = test_inputs(NAME, SIZE, count=2)
+    assert ExecuTorchRunner(artifact.path)(x).shape == (2, 1000)
+
+
+def test_fp16_leaves_the_callers_module_in_float32(tmp_path):
+    model = api.load_model(NAME, image_size=SIZE)
+    api.export(
+        NAME,
+        "executorch",
+        model=model,
+        reparam=False,
+        precision="fp16",
+        output=tmp_path / "h.pte",
+        image_size=SIZE,
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_cli_export_reports_the_delegation_and_refuses_other_formats_options(tmp_path):
@@ -139,9 +177,11 @@ def test_cli_export_reports_the_delegation_and_refuses_other_formats_options(tmp
     )
     assert result.exit_code == 0, result.output
     assert "XNNPACK runs 100.0% of" in result.stderr and out.is_file()
-    refused = CliRunner().invoke(app, ["export", NAME, "-f", "executorch", "--opset", "18"])
-    assert refused.exit_code == 2
-    assert "--opset applies to --format onnx, not executorch" in refused.stderr
+    for option in (["--opset", "18"], ["--opset", "17"], ["--no-simplify"]):  # even a default
+        refused = CliRunner().invoke(app, ["export", NAME, "-f", "executorch", *option])
+        assert refused.exit_code == 2, option
+        flag = option[0].replace("--no-", "--")
+        assert f"{flag} applies to --format onnx, not executorch" in refused.stderr
 
 
 def test_doctor_lists_executorch():

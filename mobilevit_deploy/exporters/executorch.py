@@ -24,6 +24,7 @@ The metadata record is embedded as the program's constant method `mvd_metadata`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -36,10 +37,9 @@ from torch import nn
 from ..errors import MvdError
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
+from ..runtimes.executorch import METADATA_METHOD
 from . import ExportJob, float_modules
 from .metadata import ArtifactMetadata
-
-METADATA_METHOD = "mvd_metadata"
 
 
 class LoweringFailed(MvdError):
@@ -52,7 +52,7 @@ class _Half(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model.half()
+        self.model = copy.deepcopy(model).half()  # the job's model may be the caller's
 
     def forward(self, x: torch.Tensor):
         out = self.model(x.half())
@@ -77,6 +77,7 @@ def _delegate_friendly():
             if op == aten.split_with_sizes_copy.default:
                 x, sizes = args[0], args[1]
                 dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+                dim %= x.to_tensor().dim()
                 slices, start = [], 0
                 for size in sizes:
                     step = (x, dim, start, start + size)
@@ -91,10 +92,12 @@ def _delegate_friendly():
                 one = super().call_operator(aten.slice_copy.Tensor, step, {}, meta)
                 dropped = shape[:dim] + shape[dim + 1 :]
                 return super().call_operator(aten.view_copy.default, (one, dropped), {}, meta)
+            if op == aten.mean.default and kwargs.get("dtype") is None:  # x.mean()
+                op, args, kwargs = aten.mean.dim, (args[0], None, False), {}
             if op != aten.mean.dim or kwargs.get("dtype") is not None:
                 return super().call_operator(op, args, kwargs, meta)
             x, dims = args[0], args[1]
-            keepdim = len(args) > 2 and bool(args[2])
+            keepdim = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
             shape = list(x.to_tensor().shape)
             rank = len(shape)
             reduced = sorted(d % rank for d in (dims if dims else range(rank)))
@@ -133,9 +136,13 @@ def _quantize(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor
         quantizer.set_module_type(cls, None)  # None: left float (and out of the global)
     graph = torch.export.export(model, (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
+    # The graph is traced at the example's batch: calibrate in batches of that size
+    # (the images repeated if there are fewer).
+    batch = len(example)
+    images = calibration.repeat(-(-batch // len(calibration)), 1, 1, 1)
     with torch.no_grad():
-        for i in range(len(calibration)):
-            prepared(calibration[i : i + 1])
+        for i in range(0, len(images) - batch + 1, batch):
+            prepared(images[i : i + batch])
     return convert_pt2e(prepared)
 
 
@@ -179,28 +186,19 @@ def _lower(model: nn.Module, example: torch.Tensor):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    try:
-        program = torch.export.export(model, (example,))
-        return to_edge_transform_and_lower(
-            program,
-            transform_passes=[RemoveNoopExpandCopyPass(), _delegate_friendly()],
-            partitioner=[XnnpackPartitioner()],
-        )
-    except Exception as exc:  # many exception types; the first line is the news
-        text = str(exc).strip().splitlines()
-        raise LoweringFailed(
-            f"ExecuTorch could not lower the model: {text[0][:300] if text else type(exc).__name__}"
-        ) from exc
+    program = torch.export.export(model, (example,))
+    return to_edge_transform_and_lower(
+        program,
+        transform_passes=[RemoveNoopExpandCopyPass(), _delegate_friendly()],
+        partitioner=[XnnpackPartitioner()],
+    )
 
 
-def export_executorch(job: ExportJob) -> ArtifactMetadata:
-    """Write `job.output` (+ `.json`): the .pte and its record with the delegation report."""
-    with quiet():  # executorch and torchao print banners and warnings at import
-        import executorch.exir  # noqa: F401
+def _program(job: ExportJob, example: torch.Tensor):
+    """The ExecuTorch program with its record embedded, and the record."""
     from executorch.exir import EdgeProgramManager
 
     model = job.model.eval()
-    example = torch.from_numpy(job.example)
     with quiet(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if job.precision == "fp16":
@@ -214,14 +212,29 @@ def export_executorch(job: ExportJob) -> ArtifactMetadata:
             delegate_report=[describe(delegation)],
             details={**job.metadata.details, "delegation": delegation},
         )
-        record = metadata.to_dict()
         # The record is a constant method of the program; it needs the report, so the
         # lowered program is wrapped again with it (the lowering itself is not redone).
         program = EdgeProgramManager(
             edge.exported_program(),
-            {METADATA_METHOD: json.dumps(record, sort_keys=True)},
+            {METADATA_METHOD: json.dumps(metadata.to_dict(), sort_keys=True)},
             edge.compile_config,
         ).to_executorch()
+    return program, metadata
+
+
+def export_executorch(job: ExportJob) -> ArtifactMetadata:
+    """Write `job.output` (+ `.json`): the .pte and its record with the delegation report."""
+    with quiet():  # executorch and torchao print banners and warnings at import
+        import executorch.exir  # noqa: F401
+
+    example = torch.from_numpy(job.example)
+    try:
+        program, metadata = _program(job, example)
+    except Exception as exc:  # many exception types; the first line is the news
+        text = str(exc).strip().splitlines()
+        first = text[0][:300] if text else type(exc).__name__
+        raise LoweringFailed(f"ExecuTorch could not lower the model: {first}") from exc
+    record = metadata.to_dict()
     with atomic_path(job.output) as tmp:
         tmp.write_bytes(program.buffer)
     write_json_atomic(job.output.with_name(job.output.name + ".json"), record)

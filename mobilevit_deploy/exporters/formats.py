@@ -61,6 +61,10 @@ class ExecuTorchOptions:
     """No options yet: XNNPACK is the one delegate, and the precision picks the rest."""
 
 
+def _everywhere() -> bool:
+    return True
+
+
 def _on_macos() -> bool:
     return platform.system() == "Darwin"
 
@@ -84,9 +88,15 @@ class Format:
     # Where the runner cannot run, verify checks the file statically ("module:function"
     # taking (path, expected output shapes), returning {"problems", "summary"}) and
     # estimates the numbers in torch at the file's precision.
-    runs_on: Callable[[], bool] = lambda: True
+    runs_on: Callable[[], bool] = _everywhere
     runs_only_on: str = ""
     static_check: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.static_check is None and self.runs_on is not _everywhere:
+            raise ValueError(
+                f"format {self.name}: a format that runs only somewhere needs a static_check"
+            )
 
     def available(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in self.python_modules)
@@ -111,7 +121,8 @@ class Format:
         for f in dataclasses.fields(self.options):
             choices = f.metadata["choices"]
             value = values.get(f.name, f.default)
-            if choices and value is not None and value not in choices:
+            optional = f.default is None  # None is "not asked for" only where it is the default
+            if choices and not (optional and value is None) and value not in choices:
                 raise BadInput(
                     f"{flag(f.name)} {value!r} is not supported; choose {shown_choices(choices)}"
                 )
@@ -219,14 +230,13 @@ def check_format(name: str, precision: str | None = None) -> Format:
 
 
 def check_options(fmt: Format, values: dict) -> Any:
-    """The format's typed options from keyword values; another format's option set to
-    something other than its default is a mistake the user should hear about."""
+    """The format's typed options from keyword values; another format's option, given
+    at all, is a mistake the user should hear about (it would do nothing)."""
     own = {f.name for f in dataclasses.fields(fmt.options)}
-    for key, value in values.items():
+    for key in values:
         owner = option_owner(key)
         if owner is None:
             raise TypeError(f"export() got an unexpected keyword argument {key!r}")
-        default = next(f.default for f in dataclasses.fields(owner.options) if f.name == key)
-        if key not in own and value != default:
+        if key not in own:
             raise BadInput(f"{flag(key)} applies to --format {owner.name}, not {fmt.name}")
     return fmt.make_options({k: v for k, v in values.items() if k in own})

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..quiet import quiet
 
+# The constant method the exporter embeds the record as.
 METADATA_METHOD = "mvd_metadata"
 
 
