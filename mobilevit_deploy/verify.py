@@ -283,8 +283,8 @@ def _static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.nd
         else "the file failed its static checks (listed below)"
     )
     report.notes.append(
-        f"{fmt.name} {artifact.precision}: device numerics were NOT run (where {fmt.name} "
-        f"runs: {fmt.runs_only_on}); {checks}; the row's numbers are the fused model run in torch "
+        f"{fmt.name} {artifact.precision}: device numerics were NOT run ({fmt.name} runs on "
+        f"{fmt.runs_only_on}); {checks}; the row's numbers are the fused model run in torch "
         f"{str(dtype).removeprefix('torch.')} on every op"
     )
     return estimate
