@@ -207,7 +207,7 @@ def export(
         raise BadInput(f"--upsample takes bicubic or bilinear, not {upsample!r}")
     if upsample == "bicubic" and not fmt.has_bicubic:
         raise BadInput(
-            f"{format} has no bicubic resize (RESIZE_BICUBIC / upsample_bicubic2d); "
+            f"{format} has no bicubic resize; "
             "use --upsample bilinear, whose cost `mvd verify` reports"
         )
     if model is None:
