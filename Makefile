@@ -21,9 +21,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Everything that proves a feature works, slow tests included. CI runs this.
+# Everything that proves a feature works, slow tests included. CI runs this, on two
+# workers: most of the time is single-threaded conversion, so two cores run two tests.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -m '' -q
+	$(BIN)/python -m pytest -m '' -q -n $(TEST_WORKERS) --durations=25
 
 # The quick loop while developing: skips tests marked slow.
 test-fast: $(STAMP)
