@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from mobilevit_deploy.exporters import ExportJob
+from mobilevit_deploy.exporters.formats import FORMATS
+from mobilevit_deploy.exporters.metadata import artifact_metadata
 from mobilevit_deploy.images import natural_images, to_model_input
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.zoo import get_spec
@@ -23,6 +26,22 @@ def stressed(name: str, size: int = 64, seed: int = 0) -> torch.nn.Module:
         model = spec.build()
     calibration = torch.from_numpy(to_model_input(natural_images(4, size, seed + 100), spec))
     return apply_stress_weights(model, calibration, seed)
+
+
+def bare_module_job(module: torch.nn.Module, path, example: np.ndarray, fmt: str) -> ExportJob:
+    """An fp32 export job for a module outside the zoo: the record of the zoo's
+    FastViT-T8 stands in, the format's options are its defaults."""
+    spec = get_spec("fastvit_t8")
+    meta = artifact_metadata(
+        spec,
+        provenance=None,
+        image_size=example.shape[2:],
+        batch=1,
+        reparameterized=False,
+        precision="fp32",
+        fmt=fmt,
+    )
+    return ExportJob(module, path, example, "fp32", FORMATS[fmt].options(), meta, spec)
 
 
 def test_inputs(name: str, size: int = 64, count: int = 4, seed: int = 0) -> np.ndarray:

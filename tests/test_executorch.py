@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import stressed, test_inputs
+from conftest import bare_module_job, stressed, test_inputs
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 from executorch.exir import ExecutorchProgramManager, to_edge_transform_and_lower
 from torch import nn
@@ -19,14 +19,10 @@ from typer.testing import CliRunner
 
 from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
-from mobilevit_deploy.exporters import ExportJob
 from mobilevit_deploy.exporters import executorch as et
-from mobilevit_deploy.exporters.formats import ExecuTorchOptions
-from mobilevit_deploy.exporters.metadata import artifact_metadata
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.executorch import ExecuTorchRunner, read_metadata
-from mobilevit_deploy.zoo import get_spec
 
 NAME, SIZE = "fastvit_t8", 64
 
@@ -79,19 +75,8 @@ class _Unfriendly(nn.Module):
         return pooled + first - last + rows.mean((1, 2, 3)).reshape(1, 1)
 
 
-def _job(module: nn.Module, path, example: np.ndarray) -> ExportJob:
-    """A bare module's job: the record of the zoo's FastViT-T8 stands in."""
-    spec = get_spec(NAME)
-    meta = artifact_metadata(
-        spec,
-        provenance=None,
-        image_size=example.shape[2:],
-        batch=1,
-        reparameterized=False,
-        precision="fp32",
-        fmt="executorch",
-    )
-    return ExportJob(module, path, example, "fp32", ExecuTorchOptions(), meta, spec)
+def _job(module: nn.Module, path, example: np.ndarray):
+    return bare_module_job(module, path, example, "executorch")
 
 
 def test_the_rewrites_keep_every_op_in_the_delegate_and_change_no_number(tmp_path):

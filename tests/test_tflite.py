@@ -12,20 +12,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import stressed, test_inputs
+from conftest import bare_module_job, stressed, test_inputs
 from torch import nn
 from typer.testing import CliRunner
 
 from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
-from mobilevit_deploy.exporters import ExportJob
-from mobilevit_deploy.exporters.formats import TFLiteOptions
-from mobilevit_deploy.exporters.metadata import artifact_metadata
 from mobilevit_deploy.exporters.tflite import ConversionFailed, export_tflite
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.litert import LiteRTRunner
-from mobilevit_deploy.zoo import get_spec
 
 NAME, SIZE = "fastvit_t8", 64
 
@@ -137,19 +133,8 @@ class _Rank5(nn.Module):
         return x.reshape(b, c, 2, h // 2, w).sum(dim=2)
 
 
-def _job(module: nn.Module, path, example: np.ndarray) -> ExportJob:
-    """A bare module's export job: the record of the zoo's FastViT-T8 stands in."""
-    spec = get_spec(NAME)
-    meta = artifact_metadata(
-        spec,
-        provenance=None,
-        image_size=example.shape[2:],
-        batch=1,
-        reparameterized=False,
-        precision="fp32",
-        fmt="tflite",
-    )
-    return ExportJob(module, path, example, "fp32", TFLiteOptions(), meta, spec)
+def _job(module: nn.Module, path, example: np.ndarray):
+    return bare_module_job(module, path, example, "tflite")
 
 
 def test_rank5_tensors_are_reported_by_name(tmp_path):
