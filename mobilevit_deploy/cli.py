@@ -27,6 +27,7 @@ from .cli_options import (
     ImageSize,
     JsonFlag,
     JsonPath,
+    LabelledData,
     Labels,
     MarkdownPath,
     MinTime,
@@ -456,6 +457,26 @@ def _render_verify(report) -> None:
     for problem in report.problems:
         out.print(f"[bold red]FAIL[/] {escape(problem)}")
     out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    model: str,
+    weights: Weights,
+    data: LabelledData,
+    formats: Formats = "onnx",
+    precisions: Precisions = "",
+    image_size: ImageSize = None,
+    labels: Labels = None,
+    json_path: JsonPath = None,
+    markdown: MarkdownPath = None,
+) -> None:
+    """Accuracy on your labelled images: torch, each artifact, and the drop between them."""
+    options = dict(locals())  # the parameters above, which evaluate.run_cli takes by name
+    from .evaluate import run_cli
+
+    run_cli(out, err, _print_json, **options)
 
 
 @app.command()

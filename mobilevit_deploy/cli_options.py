@@ -76,6 +76,14 @@ Precision = Annotated[
     typer.Option(help=f"fp32, fp16 or int8; default the format's own: {_own_defaults()}."),
 ]
 NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
+LabelledData = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Labelled images: DIR/<class>/<image>, a CSV of path,label, or (segmenters) "
+        "DIR/images + DIR/masks.",
+    ),
+]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
 MinTime = Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")]
 Runtimes = Annotated[

@@ -1,0 +1,427 @@
+"""`mvd eval`: accuracy on the user's own labelled images, for the model as loaded and
+for each exported artifact, and what each artifact loses against it.
+
+verify proves an artifact computes the original's function on made-up inputs; this says
+what that is worth on the user's task: top-1 / top-5 of a classifier, mIoU and pixel
+accuracy of a segmenter, and the drop of each artifact in points. A fused fp32 file
+should lose nothing; fp16 next to nothing; int8 shows its real cost only here, on real
+images and real weights.
+
+The reference row "torch" is the model exactly as loaded (its train or deploy form,
+fp32). Each artifact is exported from that model (`api.export`, fused, each format at
+each precision asked) and run by its format's runner one image at a time, its static
+batch. A format that cannot run here (CoreML off macOS) is skipped with a note.
+
+Segmentation is scored as the families' official evaluations score it: the image
+resized whole to the model's input (eval_data.py), the logits resized to each mask's
+full size before the argmax (EfficientViT's eval_seg_model.py: bicubic; mmseg, which
+SeaFormer uses: bilinear; align_corners=False for both), so the score is at the
+annotation's resolution. Resizing logits rather than the argmax map (nearest) keeps
+boundaries between the stride-8 cells where the logits cross, not on the cell grid,
+which is what the published mIoUs measure. mIoU averages the IoU of every class present
+in the prediction or the ground truth, accumulated over the whole set (mmseg's and
+EfficientViT's rule: a class absent from both is not counted, one predicted but absent
+scores 0); pixels marked 255 are ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import api
+from .errors import BadInput
+from .eval_data import IGNORE_INDEX, LabelledSet, check_data_path, read_labelled_set
+from .exporters.formats import FORMATS
+from .images import to_model_input
+from .report import markdown_table, write_json, write_text
+from .runtimes.torch_runtime import TorchRunner
+from .verify import check_formats
+
+# How each family's official evaluation resizes logits to the mask; others: mmseg's.
+LOGIT_RESIZE = {"efficientvit": "bicubic"}
+TOP5_MIN_CLASSES = 5  # a head of fewer classes has no meaningful top-5
+
+# (what is running, images done, images in all, or None while a file is exported)
+Progress = Callable[[str, int, int | None], None]
+
+
+def _quiet(*_args) -> None:
+    return None
+
+
+@dataclass
+class CandidateResult:
+    """One row: `metrics` on the set, `drop` in points below the torch row (positive:
+    worse), `agreement` the share of images (pixels) whose decision is torch's."""
+
+    candidate: str
+    precision: str
+    metrics: dict
+    drop: dict = field(default_factory=dict)
+    agreement: float = 1.0
+    format: str | None = None
+
+
+@dataclass
+class EvalReport:
+    model: str
+    task: str
+    image_size: tuple[int, int]
+    num_classes: int
+    weights: str
+    data: str
+    layout: str
+    images: int
+    preprocessing: str
+    skipped: list[str] = field(default_factory=list)
+    candidates: list[CandidateResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics the table shows: no top-5 for a head of fewer than 5 classes."""
+        if self.task == "segmentation":
+            return ("miou", "pixel_accuracy")
+        return ("top1", "top5") if self.num_classes >= TOP5_MIN_CLASSES else ("top1",)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _ClassificationScore:
+    """Logits of every image, scored against the labels at the end."""
+
+    def __init__(self, labelled: LabelledSet, class_names: Sequence[str]) -> None:
+        self.labels = labelled.labels
+        self.class_names = class_names
+        self.logits: list[np.ndarray] = []
+
+    def add(self, start: int, logits: np.ndarray) -> None:
+        self.logits.append(np.asarray(logits, np.float32))
+
+    def decisions(self) -> np.ndarray:
+        return np.concatenate(self.logits).argmax(1)
+
+    def agreement(self, reference: _ClassificationScore) -> float:
+        return float(np.mean(self.decisions() == reference.decisions()))
+
+    def metrics(self) -> dict:
+        logits = np.concatenate(self.logits)
+        hits = logits.argmax(1) == self.labels
+        top5 = None
+        if logits.shape[1] >= TOP5_MIN_CLASSES:
+            best5 = np.argsort(-logits, axis=1)[:, :TOP5_MIN_CLASSES]
+            top5 = float(np.mean((best5 == self.labels[:, None]).any(1)))
+        present = np.unique(self.labels)
+        per_class = {self.class_names[c]: float(hits[self.labels == c].mean()) for c in present}
+        return {"top1": float(hits.mean()), "top5": top5, "per_class": per_class}
+
+
+class _SegmentationScore:
+    """Per-class intersections and unions summed over the set, and the argmax maps at
+    mask size (for the agreement with torch)."""
+
+    def __init__(self, labelled: LabelledSet, class_names: Sequence[str], mode: str) -> None:
+        self.masks = labelled.masks
+        self.class_names = class_names
+        self.mode = mode
+        classes = len(class_names)
+        self.intersection = np.zeros(classes, np.int64)
+        self.predicted = np.zeros(classes, np.int64)
+        self.truth = np.zeros(classes, np.int64)
+        self.maps: list[np.ndarray] = []
+
+    def add(self, start: int, logits: np.ndarray) -> None:
+        for offset, one in enumerate(np.asarray(logits, np.float32)):
+            mask = self.masks[start + offset]
+            scores = torch.from_numpy(one)[None]
+            if scores.shape[2:] != mask.shape:
+                scores = torch.nn.functional.interpolate(
+                    scores, size=mask.shape, mode=self.mode, align_corners=False
+                )
+            pred = scores[0].argmax(0).numpy().astype(mask.dtype)
+            self.maps.append(pred)
+            valid = mask != IGNORE_INDEX
+            classes = len(self.class_names)
+            self.predicted += np.bincount(pred[valid], minlength=classes)
+            self.truth += np.bincount(mask[valid], minlength=classes)
+            hit = valid & (pred == mask)
+            self.intersection += np.bincount(mask[hit], minlength=classes)
+
+    def agreement(self, reference: _SegmentationScore) -> float:
+        same = sum(int(np.sum(a == b)) for a, b in zip(self.maps, reference.maps, strict=True))
+        return same / sum(m.size for m in self.maps)
+
+    def metrics(self) -> dict:
+        union = self.predicted + self.truth - self.intersection
+        counted = union > 0
+        iou = np.where(counted, self.intersection / np.maximum(union, 1), np.nan)
+        return {
+            "miou": float(np.mean(iou[counted])),
+            "pixel_accuracy": float(self.intersection.sum() / max(self.truth.sum(), 1)),
+            "per_class_iou": {
+                name: float(iou[c]) for c, name in enumerate(self.class_names) if counted[c]
+            },
+        }
+
+
+def evaluate(
+    name: str,
+    *,
+    weights: str | Path,
+    data: str | Path,
+    formats: Sequence[str] = ("onnx",),
+    precisions: Sequence[str] | None = None,
+    image_size: api.ImageSize = None,
+    num_classes: int | None = None,
+    labels: Path | Sequence[str] | None = None,
+    batch: int = 8,
+    work_dir: Path | None = None,
+    progress: Progress = _quiet,
+    warn: Callable[[str], None] = _quiet,
+) -> EvalReport:
+    """Score `name` (configured by its checkpoint and `num_classes`, `labels`,
+    `image_size` as `api.load_model` does) and each of its artifacts on `data`.
+
+    `batch` is the torch row's batch (lower it for large segmenters); artifacts run one
+    image at a time. Every fault of the data is raised before the first export.
+    """
+    check_formats(formats, precisions)
+    if batch < 1:
+        raise BadInput(f"batch must be at least 1, got {batch}")
+    data = Path(data)
+    check_data_path(data)
+    model = api.load_model(
+        name, weights, image_size=image_size, num_classes=num_classes, labels=labels
+    )
+    spec = model.mvd_spec
+    labelled = read_labelled_set(data, spec, warn)
+    report = EvalReport(
+        spec.name,
+        spec.output_kind,
+        spec.input_hw,
+        spec.num_classes,
+        model.mvd_provenance.source if model.mvd_provenance else "random initialisation",
+        str(data),
+        labelled.layout,
+        len(labelled),
+        _preprocessing_line(spec),
+        list(labelled.skipped),
+        notes=list(spec.adaptations),
+    )
+    names = spec.class_names or tuple(str(i) for i in range(spec.num_classes))
+
+    def score(label: str, runner: Callable, step: int):
+        tally = (
+            _SegmentationScore(labelled, names, LOGIT_RESIZE.get(spec.family, "bilinear"))
+            if spec.output_kind == "segmentation"
+            else _ClassificationScore(labelled, names)
+        )
+        progress(label, 0, len(labelled))
+        for start in range(0, len(labelled), step):
+            tally.add(start, runner(to_model_input(labelled.images[start : start + step], spec)))
+            progress(label, min(start + step, len(labelled)), len(labelled))
+        return tally
+
+    reference = score("torch", TorchRunner(model), batch)
+    report.candidates.append(CandidateResult("torch", "fp32", reference.metrics()))
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        for fmt in formats:
+            info = FORMATS[fmt]
+            if not info.runs_here():
+                report.notes.append(
+                    f"{fmt}: skipped, its files run on {info.runs_only_on} (`mvd verify` "
+                    "checks them statically here)"
+                )
+                continue
+            for precision in precisions or (info.default_precision,):
+                label = f"{fmt} {precision}"
+                progress(f"exporting {label}", 0, None)
+                artifact = api.export(
+                    spec.name,
+                    fmt,
+                    model=model,
+                    output=Path(tmp) / f"{spec.name}.{precision}{info.suffix}",
+                    image_size=spec.input_hw,
+                    precision=precision,
+                )
+                progress(f"exporting {label}", 1, 1)
+                report.notes += [f"{label}: {n}" for n in artifact.notes if n not in report.notes]
+                tally = score(label, info.open_runner(artifact.path), 1)
+                report.candidates.append(_row(label, precision, fmt, tally, reference))
+    return report
+
+
+def _row(label: str, precision: str, fmt: str, tally, reference) -> CandidateResult:
+    metrics, base = tally.metrics(), reference.metrics()
+    drop = {
+        k: None if metrics[k] is None else 100 * (base[k] - metrics[k])
+        for k in ("top1", "top5", "miou", "pixel_accuracy")
+        if k in metrics
+    }
+    return CandidateResult(label, precision, metrics, drop, tally.agreement(reference), fmt)
+
+
+def _preprocessing_line(spec) -> str:
+    pre = spec.preprocessing
+    h, w = spec.input_hw
+    norm = f"mean {list(pre.mean)} std {list(pre.std)}"
+    if spec.output_kind == "segmentation":
+        mode = LOGIT_RESIZE.get(spec.family, "bilinear")
+        return (
+            f"each image resized whole to {h}x{w} ({pre.interpolation}), {norm}; logits "
+            f"resized to each mask's size ({mode}) before the argmax; {IGNORE_INDEX} ignored"
+        )
+    return f"resize, centre crop {h}x{w} (crop {pre.crop_pct}, {pre.interpolation}), {norm}"
+
+
+# --- the command line's side: progress bars, the table, the files --------------------------
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _points(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}"
+
+
+SHOWN = {"top1": "top-1", "top5": "top-5", "miou": "mIoU", "pixel_accuracy": "pixel acc"}
+
+
+def _rows(report: EvalReport) -> tuple[list[str], list[list[str]]]:
+    """The table's header and rows, for the terminal and for Markdown alike."""
+    names = report.metric_names
+    headers = [
+        "candidate",
+        *(f"{SHOWN[m]} %" for m in names),
+        *(f"{SHOWN[m]} drop pts" for m in names),
+        "agrees with torch",
+    ]
+    rows = [
+        [
+            c.candidate,
+            *(_percent(c.metrics[m]) for m in names),
+            *(_points(c.drop.get(m)) for m in names),
+            "-" if c.format is None else f"{c.agreement:.3f}",
+        ]
+        for c in report.candidates
+    ]
+    return headers, rows
+
+
+def _title(report: EvalReport) -> str:
+    size = "x".join(map(str, report.image_size))
+    return (
+        f"{report.model} @ {size}: {report.images} images from {report.data} "
+        f"({report.layout}, {report.num_classes}-class head)"
+    )
+
+
+def render(report: EvalReport, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    headers, rows = _rows(report)
+    table = Table(title=_title(report))
+    for col in headers:
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(
+        f"weights: {report.weights}; preprocessing: {report.preprocessing}", soft_wrap=True
+    )
+    console.print(table)
+    if report.skipped:
+        console.print(
+            f"skipped {len(report.skipped)} unreadable: {escape(', '.join(report.skipped))}",
+            soft_wrap=True,
+        )
+    for note in report.notes:
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+
+
+def eval_markdown(report: EvalReport) -> str:
+    headers, rows = _rows(report)
+    skipped = f"\nSkipped (unreadable): {', '.join(report.skipped)}\n" if report.skipped else ""
+    return f"**{_title(report)}**\n\n" + markdown_table(headers, rows) + skipped
+
+
+@contextlib.contextmanager
+def progress_bars(console) -> Iterator[Progress]:
+    """A rich bar per candidate over the images (a pulsing one while a file exports)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(label: str, done: int, total: int | None) -> None:
+        if label not in tasks:
+            tasks[label] = bars.add_task(label, total=total)
+        bars.update(tasks[label], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def run_cli(
+    out,
+    err,
+    print_json: Callable[[object], None],
+    *,
+    model: str,
+    weights: str,
+    data: Path,
+    formats: str,
+    precisions: str,
+    image_size: str | None,
+    labels: Path | None,
+    json_path: Path | None,
+    markdown: Path | None,
+) -> EvalReport:
+    """`mvd eval`, its options as typed: the outputs checked writable first, bars while
+    it runs, then the table (or JSON on stdout for `--json -`) and the files."""
+    from rich.markup import escape
+
+    from .files import check_output_file
+
+    for path in (json_path, markdown):
+        check_output_file(path)
+    with progress_bars(err) as progress:
+        report = evaluate(
+            model,
+            weights=weights,
+            data=data,
+            formats=_names(formats),
+            precisions=_names(precisions) or None,
+            image_size=image_size,
+            labels=labels,
+            progress=progress,
+            warn=lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"),
+        )
+    if json_path == Path("-"):
+        print_json(report.to_dict())
+    else:
+        render(report, out)
+        if json_path:
+            write_json(json_path, report.to_dict())
+    if markdown:
+        write_text(markdown, eval_markdown(report))
+    return report
