@@ -318,10 +318,13 @@ def _rows(report: EvalReport) -> tuple[list[str], list[list[str]]]:
 
 
 def _title(report: EvalReport) -> str:
-    size = "x".join(map(str, report.image_size))
+    return f"{report.model} @ {'x'.join(map(str, report.image_size))} on {report.images} images"
+
+
+def _described(report: EvalReport) -> str:
     return (
-        f"{report.model} @ {size}: {report.images} images from {report.data} "
-        f"({report.layout}, {report.num_classes}-class head)"
+        f"data: {report.data} ({report.layout}, {report.num_classes}-class head); "
+        f"weights: {report.weights}; preprocessing: {report.preprocessing}"
     )
 
 
@@ -335,9 +338,7 @@ def render(report: EvalReport, console) -> None:
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for row in rows:
         table.add_row(*row)
-    console.print(
-        f"weights: {report.weights}; preprocessing: {report.preprocessing}", soft_wrap=True
-    )
+    console.print(escape(_described(report)), soft_wrap=True)
     console.print(table)
     if report.skipped:
         console.print(
@@ -351,7 +352,8 @@ def render(report: EvalReport, console) -> None:
 def eval_markdown(report: EvalReport) -> str:
     headers, rows = _rows(report)
     skipped = f"\nSkipped (unreadable): {', '.join(report.skipped)}\n" if report.skipped else ""
-    return f"**{_title(report)}**\n\n" + markdown_table(headers, rows) + skipped
+    head = f"**{_title(report)}**\n\n{_described(report)}\n\n"
+    return head + markdown_table(headers, rows) + skipped
 
 
 @contextlib.contextmanager

@@ -30,6 +30,13 @@ CLASSES = ("checker", "solid", "stripes")  # sorted: the ImageFolder indices 0, 
 SMALL = {"image_size": 64}
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Two test workers share two cores: torch's threads would only contend."""
+    with torch_threads(1):
+        yield
+
+
 def pictures(kind: str, count: int, seed: int) -> np.ndarray:
     """uint8 (count, 64, 64, 3) of one class, each with its own phase and noise."""
     rng = np.random.default_rng(seed)
@@ -67,7 +74,7 @@ def checkpoint(tmp_path_factory):
     target = torch.arange(len(CLASSES)).repeat_interleave(30)
     features = []
     hook = model.head.fc.register_forward_hook(lambda _m, args, _out: features.append(args[0]))
-    with torch_threads(1), torch.no_grad():
+    with torch.no_grad():
         model(torch.from_numpy(to_model_input(train, spec)))
     hook.remove()
     optimiser = torch.optim.Adam(model.head.fc.parameters(), lr=0.01, weight_decay=0.01)
