@@ -552,7 +552,7 @@ def report(
 @app.command()
 @handle_errors
 def doctor(as_json: JsonFlag = False) -> None:
-    """Versions, machine, and which formats this machine can export and run."""
+    """Versions, machine, which formats this machine can export and run, and the runtimes."""
     from .info import doctor_info
 
     data = doctor_info()
@@ -564,6 +564,15 @@ def doctor(as_json: JsonFlag = False) -> None:
         table.add_column(col)
     for f in data["formats"]:
         table.add_row(f["name"], f["export"], f["run"], escape(f["install"] or "-"))
+    out.print(table)
+    table = Table(title="runtimes")
+    for col in ("runtime", "runs", "version", "this CPU", "install"):
+        table.add_column(col)
+    for r in data["runtimes"]:
+        native = r.get("inference_precisions")
+        cpu = "-" if native is None else "native " + (", ".join(native) or "fp32 only")
+        version = r["version"] or "not installed"
+        table.add_row(r["name"], r["runs"], version, cpu, escape(r["install"] or "-"))
     out.print(table)
 
 

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .exporters.formats import FORMATS
 from .machine import machine_stamp, stamp_line
 from .reparam import reparameterize
+from .runtimes import openvino
 from .zoo import list_models
 
 
@@ -118,4 +119,33 @@ def doctor_info() -> dict:
                 "install": f.install_hint() or None,
             }
         )
-    return {"machine": stamp, "machine_line": stamp_line(stamp), "formats": formats}
+    return {
+        "machine": stamp,
+        "machine_line": stamp_line(stamp),
+        "formats": formats,
+        "runtimes": runtime_rows(stamp["versions"]),
+    }
+
+
+def runtime_rows(versions: dict[str, str | None]) -> list[dict]:
+    """Each runtime `mvd bench --runtime` takes, with the files it runs and its version
+    (None: not installed, and `install` says how). OpenVINO is a second runtime of the
+    ONNX files and no format's own, so it follows onnxruntime; its row adds the reduced
+    precisions this CPU computes natively, since only those are worth timing here."""
+    rows = []
+    for f in FORMATS.values():
+        runs = f"{f.name} ({f.runs_only_on})" if f.runs_only_on else f.name
+        rows.append(_runtime_row(f.runtime, runs, versions.get(f.runtime_dist), f.install_hint()))
+    ov = _runtime_row("openvino", "onnx", versions.get(openvino.DIST), openvino.INSTALL_HINT)
+    ov["inference_precisions"] = list(openvino.inference_precisions()) if ov["version"] else None
+    rows.insert(1, ov)
+    return rows
+
+
+def _runtime_row(name: str, runs: str, version: str | None, hint: str) -> dict:
+    return {
+        "name": name,
+        "runs": runs,
+        "version": version,
+        "install": None if version else hint or None,
+    }

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .exporters.formats import FORMATS
+from .runtimes import openvino
 
 T = TypeVar("T")
 
-# Every format's own distributions come from the format table.
+# Every format's own distributions come from the format table; OpenVINO runs the ONNX
+# files, so it is no format's and is named here.
 PACKAGES = tuple(
     dict.fromkeys(
         [
@@ -31,12 +33,17 @@ PACKAGES = tuple(
             "onnxslim",
             "numpy",
             *(d for f in FORMATS.values() for d in (*f.dists, f.runtime_dist)),
+            openvino.DIST,
             "mobilevit_deploy",
         ]
     )
 )
 # Versions in the one-line summary: the frameworks whose kernels actually ran.
-_LINE_PACKAGES = ("torch", *dict.fromkeys(f.runtime_dist for f in FORMATS.values()))
+_LINE_PACKAGES = (
+    "torch",
+    *dict.fromkeys(f.runtime_dist for f in FORMATS.values()),
+    openvino.DIST,
+)
 
 # Raw flag spelling -> reported name. Families collapse ("vnni", "amx", "neon") because the
 # kernel a runtime dispatches to depends on the family, while the spellings differ by kernel
