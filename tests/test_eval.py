@@ -291,6 +291,13 @@ def test_a_class_count_other_than_the_heads_is_refused(five_classes, folder, no_
         evaluate("fastvit_t8", weights=five_classes, data=folder, **SMALL)
 
 
+def test_a_headless_model_is_refused(folder, tmp_path, no_export):
+    _, backbone = fine_tuned("fastvit_t8", 0)
+    torch.save(backbone.state_dict(), tmp_path / "headless.pt")
+    with pytest.raises(BadInput, match=r"eval scores a head's predictions; .* has no head"):
+        evaluate("fastvit_t8", weights=tmp_path / "headless.pt", data=folder, **SMALL)
+
+
 def test_a_folder_that_is_not_a_class_is_refused(checkpoint, folder, no_export):
     with pytest.raises(BadInput, match="folder 'checker' is not one of the model's 3 classes"):
         evaluate("fastvit_t8", weights=checkpoint, data=folder, labels=("a", "b", "c"), **SMALL)
