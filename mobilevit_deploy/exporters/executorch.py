@@ -15,7 +15,8 @@ other formats keep their graphs and numbers):
 - a `split` (of qkv projections) becomes one slice per part, and a `select` (a class
   token) a slice and a view, which XNNPACK has.
 Precisions: fp32; fp16 (weights and compute in half inside, float32 input and output
-like every other file); int8 through PT2E with XNNPACK's quantizer (symmetric,
+like every other file; LayerNorm in fp32, as ExecuTorch's fp16 kernel for it is wrong:
+`_layer_norm_in_fp32`); int8 through PT2E with XNNPACK's quantizer (symmetric,
 per-channel weights, int8 activations) calibrated on natural-looking images, with the
 modules that ask for float (`int8_keeps_float`) left out of quantization.
 The metadata record is embedded as the program's constant method `mvd_metadata`
@@ -30,6 +31,7 @@ import json
 import math
 import re
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -122,6 +124,51 @@ def _delegate_friendly():
     return DelegateFriendly()
 
 
+def _layer_norm_in_fp32():
+    """The pass that runs every fp16 LayerNorm in fp32: input, weight and bias cast up,
+    the outputs cast back (what ONNX fp16 does, onnx_precision.FP16_KEEP_FP32).
+
+    XNNPACK does not take layer_norm, so it runs on ExecuTorch's optimized kernel, whose
+    fp16 path is wrong from 256 features on: its vectorised moments
+    (`RowwiseMomentsImpl`, moments_utils.h) load the fp16 row as fp32 vectors, so the
+    mean and variance are garbage (a LayerNorm over 256 random features: 11 dB; 255:
+    81 dB). EfficientViT's head normalises 1280-1600 features (stressed B0 at 224 came
+    out at -16.5 dB, B1 at 12 dB) and SepViT-Lite's last stage 256 (every logit inf).
+    The kernel's fp32 path is exact; fp32 and int8 graphs pass through unchanged.
+    """
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.pass_base import ExportPass
+
+    layer_norm = exir_ops.edge.aten.native_layer_norm.default
+    cast = exir_ops.edge.dim_order_ops._to_dim_order_copy.default
+
+    class Fp32Outputs(NamedTuple):  # a layer norm's outputs, cast back when picked
+        outs: object
+
+    class LayerNormInFp32(ExportPass):
+        def _cast(self, x, dtype, meta):
+            kwargs = {"dtype": dtype, "dim_order": list(range(x.to_tensor().dim()))}
+            return super().call_operator(cast, (x,), kwargs, meta)
+
+        def call_getitem(self, value, key, meta):
+            if isinstance(value, Fp32Outputs):
+                item = super().call_getitem(value.outs, key, meta)
+                return self._cast(item, torch.float16, meta)
+            return super().call_getitem(value, key, meta)
+
+        def call_operator(self, op, args, kwargs, meta):
+            if op != layer_norm or args[0].to_tensor().dtype != torch.float16:
+                return super().call_operator(op, args, kwargs, meta)
+            x, shape, weight, bias, eps = args
+            x, weight, bias = (
+                None if t is None else self._cast(t, torch.float32, meta) for t in (x, weight, bias)
+            )
+            args = (x, shape, weight, bias, eps)
+            return Fp32Outputs(super().call_operator(op, args, kwargs, meta))
+
+    return LayerNormInFp32()
+
+
 def _quantize(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor) -> nn.Module:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -189,7 +236,7 @@ def _lower(model: nn.Module, example: torch.Tensor):
     program = torch.export.export(model, (example,))
     return to_edge_transform_and_lower(
         program,
-        transform_passes=[RemoveNoopExpandCopyPass(), _delegate_friendly()],
+        transform_passes=[RemoveNoopExpandCopyPass(), _delegate_friendly(), _layer_norm_in_fp32()],
         partitioner=[XnnpackPartitioner()],
     )
 
