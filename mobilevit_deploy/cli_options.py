@@ -90,9 +90,16 @@ Runtimes = Annotated[
     str,
     typer.Option(
         "--runtime",
-        help="Comma-separated: onnxruntime, torch (eager), "
+        help="Comma-separated: onnxruntime, openvino (the ONNX files), torch (eager), "
         + ", ".join(f"{f.runtime} ({f.name})" for f in FORMATS.values() if f.name != "onnx")
         + ".",
+    ),
+]
+BenchPrecisions = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated: fp32, fp16, int8 (each format that has it), bf16 (openvino "
+        "only, where the CPU computes it; other runtimes skip it)."
     ),
 ]
 

@@ -37,6 +37,13 @@ NOISE_FLOOR_FACTOR = 2.0
 NEAR_TIE_FACTOR = 3.0
 REDUCED_PRECISION = {
     "fp16": {"min_psnr_db": 40.0, "min_agreement": 0.9},
+    # bf16 is OpenVINO computing the fp32 file (bench only). Stressed models at their
+    # own sizes, 8 natural-looking images: FastViT T8/SA12/SA36 53.9/52.1/49.5 dB,
+    # LeViT-128S 55.4, SepViT-Lite 54.6, EfficientViT-B0/B1 44.0/42.2, decisive
+    # agreement 1.0 in all; 17-19 dB below OpenVINO's fp16 on each (3 fewer mantissa
+    # bits). SeaFormer Tiny/Small/Base reach 37.3/32.5/34.1 dB with every decision
+    # agreeing, and fail this floor: fp16's fidelity, asked of bf16 too.
+    "bf16": {"min_psnr_db": 40.0, "min_agreement": 0.9},
     "int8": {"min_psnr_db": 15.0, "min_agreement": 0.0},
 }
 

@@ -30,6 +30,15 @@ RESULT_KEYS = {
     "ratio_to_baseline",
     "gflops",
     "percent_of_peak",
+    # The decision table: each row's accuracy against the float64 reference.
+    "precision",
+    "runtime_name",
+    "max_rel",
+    "psnr_db",
+    "agreement",
+    "passed",
+    "bound",
+    "file_bytes",
 }
 
 
@@ -55,6 +64,9 @@ def test_bench_report_schema(bench_report, tmp_path):
         "matmul_peak_gflops",
         "stopping",
         "results",
+        "accuracy_inputs",
+        "fastest_passing",
+        "skipped",
     } <= set(r)
     assert r["image_size"] == [64, 64] and r["batch"] == 1
     assert r["stopping"] == {"min_runs": 3, "min_time_s": 0.05}
@@ -69,6 +81,9 @@ def test_bench_report_schema(bench_report, tmp_path):
             2 * r["macs_per_image"] / 1e9 / (result["median_ms"] / 1e3)
         )
     assert r["results"][0]["ratio_to_baseline"] == 1.0
+    assert all(x["passed"] and x["precision"] == "fp32" for x in r["results"])
+    fastest = min(r["results"], key=lambda x: x["median_ms"])["runtime"]
+    assert r["fastest_passing"] == fastest and r["skipped"] == []
     path = write_json(tmp_path / "b.json", r)
     assert json.loads(path.read_text())["model"] == "fastvit_t8"
 
