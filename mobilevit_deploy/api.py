@@ -10,7 +10,7 @@ benchmark("fastvit_sa12")                           # BenchReport
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,16 @@ from .configure import Features, configure, with_labels
 from .errors import BadInput
 from .exporters import Artifact, ExportJob, float_modules
 from .exporters.formats import FORMATS, check_format, check_options
+from .exporters.int8_search import describe as describe_int8
+from .exporters.int8_search import search_int8
 from .exporters.metadata import CALLER_MODULE, artifact_metadata
 from .files import check_output_file, resolve_artifact_path
 from .hub import is_hub_folder, read_hub_folder
 from .images import natural_images, to_model_input
+from .metrics import DEFAULT_INT8_TARGET_DB
 from .registry import ModelSpec
 from .reparam import reparameterize
+from .user_images import load_images
 from .weights import load_into_spec
 from .zoo import get_spec
 
@@ -141,6 +145,36 @@ def check_image_size(spec: ModelSpec, image_size: ImageSize) -> tuple[int, int]:
 
 
 CALIBRATION_SEED = 7_000
+HELD_OUT_SEED = 8_000
+HELD_OUT_IMAGES = 8
+
+
+def int8_images(
+    spec: ModelSpec, size: tuple[int, int], source: int | str | Path
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Calibration images, held-out images (the int8 search's judge, never calibrated
+    on) and their description. A count draws natural-looking images with seeds apart
+    from verify's and bench's; a directory is the user's own, every fourth held out."""
+    if isinstance(source, int) or str(source).isdigit():
+        count = int(source)
+        if count < 1:
+            raise BadInput(f"int8 needs calibration images, got {count}")
+        calibration = example_input(spec, size, count, seed=CALIBRATION_SEED)
+        held_out = example_input(spec, size, HELD_OUT_IMAGES, seed=HELD_OUT_SEED)
+        return calibration, held_out, f"{count} natural-looking images"
+    pictures = load_images(Path(source), spec, size, flag="--calibration-images")
+    images = to_model_input(pictures, spec)
+    if len(images) < 2:
+        raise BadInput(
+            f"--calibration-images {source}: int8 needs at least 2 images "
+            "(some calibrate, some are held out to judge the result)"
+        )
+    held = np.arange(len(images)) % 4 == 3 if len(images) >= 4 else np.arange(len(images)) == 0
+    return (
+        images[~held],
+        images[held],
+        f"{int((~held).sum())} images from {source} ({int(held.sum())} more held out)",
+    )
 
 
 def example_input(
@@ -161,18 +195,23 @@ def export(
     batch: int = 1,
     reparam: bool = True,
     precision: str | None = None,
-    calibration_images: int = 32,
+    calibration_images: int | str | Path = 32,
+    int8_target: float | None = None,
     upsample: str | None = None,
     num_classes: int | None = None,
     labels: Path | Sequence[str] | None = None,
     features: Features = None,
+    progress: Callable[[str], None] = lambda _msg: None,
     **options,
 ) -> Artifact:
     """Export `name` (or an already loaded `model` of that name) to one artifact.
 
     `precision` defaults to the format's own (CoreML: fp16, as on device; others:
-    fp32). int8 calibrates on `calibration_images` natural-looking images, drawn with
-    a seed apart from the ones verify and bench use, so those are never calibrated on.
+    fp32). int8 calibrates on `calibration_images`: a count of natural-looking images,
+    drawn with a seed apart from the ones verify and bench use, or a directory of the
+    user's own (a quarter of them held out). It then keeps the most sensitive modules
+    float until `int8_target` dB of PSNR holds on held-out images (int8_search.py;
+    default metrics.DEFAULT_INT8_TARGET_DB); the record says which and what they cost.
     `upsample` ("bicubic" or "bilinear") picks a segmenter's resize mode, for runtimes
     without bicubic resize; the metadata records it. `num_classes`, `labels` and
     `features` configure the model as in `load_model` (not with `model`, which is
@@ -198,8 +237,8 @@ def export(
     typed_options = check_options(fmt, options)
     if batch < 1:
         raise BadInput(f"batch must be at least 1, got {batch}")
-    if precision == "int8" and calibration_images < 1:
-        raise BadInput(f"int8 needs calibration images, got {calibration_images}")
+    if int8_target is not None and precision != "int8":
+        raise BadInput(f"--int8-target applies to int8, not {precision}")
     others = {f.suffix: f.name for f in FORMATS.values() if f.name != format}
     out, path_note = resolve_artifact_path(output, spec.name, fmt.suffix, others)
     check_output_file(out, package=fmt.package)
@@ -252,12 +291,14 @@ def export(
     if precision == "int8":
         meta.int8_float_modules = [path for path, _ in float_modules(deployable)]
     example = example_input(spec, size, batch)
-    calibration = (
-        example_input(spec, size, calibration_images, seed=CALIBRATION_SEED)
-        if precision == "int8"
-        else None
-    )
-    job = ExportJob(deployable, out, example, precision, typed_options, meta, spec, calibration)
-    record = fmt.load("exporter")(job)
+    if precision != "int8":
+        job = ExportJob(deployable, out, example, precision, typed_options, meta, spec)
+        record = fmt.load("exporter")(job)
+    else:
+        calibration, held_out, meta.calibration = int8_images(spec, size, calibration_images)
+        job = ExportJob(deployable, out, example, precision, typed_options, meta, spec, calibration)
+        target = DEFAULT_INT8_TARGET_DB if int8_target is None else int8_target
+        record = search_int8(fmt, job, target, held_out, progress)
+        notes.append(describe_int8(record.details["int8_search"]))
     notes += record.delegate_report or []
     return Artifact(out, format, precision, record, tuple(notes))

@@ -22,10 +22,12 @@ from rich.table import Table
 
 from .cli_options import (
     BenchPrecisions,
+    CalibrationImages,
     FeaturesFlag,
     Format,
     Formats,
     ImageSize,
+    Int8Target,
     JsonFlag,
     JsonPath,
     LabelledData,
@@ -237,9 +239,8 @@ def export(
     image_size: ImageSize = None,
     batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
     precision: Precision = None,
-    calibration_images: Annotated[
-        int, typer.Option(help="Natural-looking images int8 calibrates on.")
-    ] = 32,
+    calibration_images: CalibrationImages = "32",
+    int8_target: Int8Target = None,
     upsample: Annotated[
         str | None,
         typer.Option(help="Segmenters: bicubic (official) or bilinear (runtimes without it)."),
@@ -256,7 +257,7 @@ def export(
     Each format's own options follow (prefixed with the format's name)."""
     from . import api
 
-    with err.status(f"exporting {model} to {format}"):
+    with err.status(f"exporting {model} to {format}") as status:
         artifact = api.export(
             model,
             format,
@@ -268,7 +269,9 @@ def export(
             reparam=not no_reparam,
             precision=precision,
             calibration_images=calibration_images,
+            int8_target=int8_target,
             upsample=upsample,
+            progress=lambda msg: status.update(f"exporting {model} to {format}: {msg}"),
             num_classes=num_classes,
             labels=labels,
             features=parse_features(features, stages),
@@ -378,6 +381,8 @@ def verify(
     labels: Labels = None,
     features: FeaturesFlag = False,
     stages: Stages = None,
+    int8_target: Int8Target = None,
+    calibration_images: CalibrationImages = "32",
     json_path: JsonPath = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
     markdown: MarkdownPath = None,
@@ -400,6 +405,8 @@ def verify(
         num_classes=num_classes,
         labels=labels,
         features=parse_features(features, stages),
+        int8_target=int8_target,
+        calibration_images=calibration_images,
     )
     if json_path == Path("-"):
         _print_json(report.to_dict())

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .exporters.formats import FORMATS, all_options, shown_choices
+from .metrics import DEFAULT_INT8_TARGET_DB
 
 Weights = Annotated[
     str | None, typer.Option("--weights", "-w", help="Checkpoint path or http(s) URL.")
@@ -76,6 +77,22 @@ Precision = Annotated[
     typer.Option(help=f"fp32, fp16 or int8; default the format's own: {_own_defaults()}."),
 ]
 NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
+CalibrationImages = Annotated[
+    str,
+    typer.Option(
+        "--calibration-images",
+        help="int8: N natural-looking images, or a folder of your own images "
+        "(every fourth held out to judge the result).",
+    ),
+]
+Int8Target = Annotated[
+    float | None,
+    typer.Option(
+        "--int8-target",
+        help="int8: the PSNR (dB) on held-out images that the search keeps the most "
+        f"sensitive layers float for. Default {DEFAULT_INT8_TARGET_DB:g}.",
+    ),
+]
 LabelledData = Annotated[
     Path,
     typer.Option(

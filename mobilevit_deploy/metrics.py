@@ -35,6 +35,15 @@ NOISE_FLOOR_FACTOR = 2.0
 # agreement is still reported. Stressed EfficientViT-B0 at 64: fp16 at 60.9 dB flipped
 # one of six inputs, a tie by that rule; a broken fp16 graph also loses its PSNR.
 NEAR_TIE_FACTOR = 3.0
+# An agreement rate over fewer decisive inputs (or pixels) than this is not judged: one
+# flip of one input is 0%. Stressed FastViT-T8 at 224, TFLite int8 at 29.5 dB: 7 of 8
+# inputs near-tied, and the eighth (margin 10.5% of the scale, just past 3x the RMS
+# error of 3.4%) flipped where that input's own error peaked at 26%.
+MIN_DECISIVE = 3
+# int8 files are searched to a target PSNR (int8_search.py) and held to it, with the
+# decision judged on decisive inputs as fp16 is: a collapsed file fails on both counts.
+# The default target: see DEFAULT_INT8_TARGET_DB's measurements below.
+DEFAULT_INT8_TARGET_DB = 25.0
 REDUCED_PRECISION = {
     "fp16": {"min_psnr_db": 40.0, "min_agreement": 0.9},
     # bf16 is OpenVINO computing the fp32 file (bench only). Stressed models at their
@@ -44,23 +53,25 @@ REDUCED_PRECISION = {
     # bits). SeaFormer Tiny/Small/Base reach 37.3/32.5/34.1 dB with every decision
     # agreeing, and fail this floor: fp16's fidelity, asked of bf16 too.
     "bf16": {"min_psnr_db": 40.0, "min_agreement": 0.9},
-    "int8": {"min_psnr_db": 15.0, "min_agreement": 0.0},
+    "int8": {"min_psnr_db": DEFAULT_INT8_TARGET_DB, "min_agreement": 0.9},
 }
 
 
-def judge(metrics: dict, precision: str, max_rel: float) -> tuple[bool, str]:
-    """Pass/fail of one pair, and its bound in words for the report. Features have no
-    decision to agree on: PSNR alone judges their reduced precisions."""
+def judge(metrics: dict, precision: str, bound: float) -> tuple[bool, str]:
+    """Pass/fail of one pair, and its bound in words for the report. `bound` is the max
+    error relative to the scale (fp64, fp32) or the PSNR floor in dB (reduced
+    precisions: the table's, or an int8 file's own target). Features have no decision
+    to agree on: PSNR alone judges their reduced precisions."""
     rule = REDUCED_PRECISION.get(precision)
     if rule is None:
-        return metrics["max_rel"] <= max_rel, f"{max_rel:.0e}"
+        return metrics["max_rel"] <= bound, f"{bound:.0e}"
     if "decisive_agreement" not in metrics:
-        return metrics["psnr_db"] >= rule["min_psnr_db"], f">={rule['min_psnr_db']:g}dB"
+        return metrics["psnr_db"] >= bound, f">={bound:g}dB"
+    if metrics.get("decisive", MIN_DECISIVE) < MIN_DECISIVE:
+        return metrics["psnr_db"] >= bound, f">={bound:g}dB (too few decisive inputs to judge)"
     agreement = metrics["decisive_agreement"]
-    passed = metrics["psnr_db"] >= rule["min_psnr_db"] and agreement >= rule["min_agreement"]
-    if not rule["min_agreement"]:
-        return passed, f">={rule['min_psnr_db']:g}dB"
-    return passed, f">={rule['min_psnr_db']:g}dB, agree>={rule['min_agreement']:g}"
+    passed = metrics["psnr_db"] >= bound and agreement >= rule["min_agreement"]
+    return passed, f">={bound:g}dB, agree>={rule['min_agreement']:g}"
 
 
 Outputs = np.ndarray | tuple[np.ndarray, ...]
@@ -84,6 +95,16 @@ def compare(reference: Outputs, candidate: Outputs, task: str = "classification"
     return _compare_one(reference, candidate, task)
 
 
+def _psnr(scale: float, rmse: float) -> float:
+    """dB of the scale over the RMS error; -inf where the candidate has inf or NaN (a
+    broken fp16 graph's overflow), so it fails every bound instead of raising."""
+    if rmse == 0:
+        return math.inf
+    if not math.isfinite(rmse):
+        return -math.inf
+    return 20 * math.log10(scale / rmse)
+
+
 def _compare_one(reference: np.ndarray, candidate: np.ndarray, task: str) -> dict:
     ref = np.asarray(reference, dtype=np.float64)
     out = np.asarray(candidate, dtype=np.float64)
@@ -99,7 +120,7 @@ def _compare_one(reference: np.ndarray, candidate: np.ndarray, task: str) -> dic
         "max_abs": float(diff.max()),
         "max_rel": float(diff.max()) / scale,
         "cosine": float(cosine.min()),
-        "psnr_db": math.inf if rmse == 0 else 20 * math.log10(scale / rmse),
+        "psnr_db": _psnr(scale, rmse),
     }
     if task == "features":  # maps or embeddings: no decision to agree on
         return result
@@ -114,6 +135,7 @@ def _compare_one(reference: np.ndarray, candidate: np.ndarray, task: str) -> dic
     result["agreement"] = float(np.mean(agrees))
     result["near_ties"] = float(1 - np.mean(decisive))
     result["decisive_agreement"] = float(np.mean(agrees[decisive])) if decisive.any() else 1.0
+    result["decisive"] = int(np.sum(decisive))
     if task == "classification":
         result["top1"] = float(np.mean(agrees))
         k = min(5, ref.shape[1])  # a head of fewer than 5 classes: all of them

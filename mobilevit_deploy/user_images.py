@@ -54,11 +54,13 @@ def load_images(
     size: tuple[int, int],
     limit: int | None = None,
     warn: Callable[[str], None] = lambda _msg: None,
+    flag: str = "--images",
 ) -> np.ndarray:
-    """uint8 (N, H, W, 3) from the image files in `directory` (sorted, first `limit`)."""
+    """uint8 (N, H, W, 3) from the image files in `directory` (sorted, first `limit`);
+    errors name the option it came from (`flag`)."""
     pil = _pil()
     if not directory.is_dir():
-        raise BadInput(f"--images {directory}: not a directory")
+        raise BadInput(f"{flag} {directory}: not a directory")
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES)
     images = []
     for path in files:
@@ -71,5 +73,5 @@ def load_images(
         except (OSError, ValueError, pil.DecompressionBombError) as exc:
             warn(f"skipped {path.name}: not a readable image ({exc.__class__.__name__})")
     if not images:
-        raise BadInput(f"--images {directory}: no readable image files ({len(files)} tried)")
+        raise BadInput(f"{flag} {directory}: no readable image files ({len(files)} tried)")
     return np.stack(images)

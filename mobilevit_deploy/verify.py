@@ -28,6 +28,7 @@ from . import api
 from .configure import Features
 from .errors import BadInput
 from .exporters.formats import FORMATS, check_format
+from .exporters.int8_search import describe as describe_int8
 from .exporters.metadata import output_names
 from .images import natural_images, random_normal_inputs, to_model_input
 from .metrics import (
@@ -35,11 +36,11 @@ from .metrics import (
     NEAR_TIE_FACTOR,
     NOISE_FLOOR_FACTOR,
     REDUCED_PRECISION,
-    Outputs,
     compare,
     judge,
 )
 from .reparam import reparameterize, training_leftovers
+from .runtimes import run_per_sample
 from .runtimes.torch_runtime import TorchRunner
 from .stress import apply_stress_weights, check_sane_outputs
 from .user_images import load_images
@@ -100,15 +101,6 @@ def _precisions_of(fmt: str, precisions: Sequence[str] | None) -> Sequence[str]:
     return precisions or (FORMATS[fmt].default_precision,)
 
 
-def _run(runner: Callable[[np.ndarray], Outputs], x: np.ndarray, per_sample: bool) -> Outputs:
-    if not per_sample:
-        return runner(x)
-    runs = [runner(x[i : i + 1]) for i in range(len(x))]
-    if isinstance(runs[0], tuple):  # several outputs: join each across the samples
-        return tuple(np.concatenate(column) for column in zip(*runs, strict=True))
-    return np.concatenate(runs)
-
-
 def verify(
     name: str,
     *,
@@ -124,12 +116,18 @@ def verify(
     num_classes: int | None = None,
     labels: Path | Sequence[str] | None = None,
     features: Features = None,
+    int8_target: float | None = None,
+    calibration_images: int | str | Path = 32,
     progress: Callable[[str], None] = lambda _msg: None,
     warn: Callable[[str], None] = lambda _msg: None,
 ) -> VerifyReport:
     """`images_dir`: the user's images (the model's preprocessing) instead of made ones.
     `num_classes`, `labels`, `features`: the model as `api.load_model` configures it;
-    every output of a feature model is compared."""
+    every output of a feature model is compared. `int8_target` and
+    `calibration_images` go to the int8 exports (api.export); an int8 file is held to
+    the target it was searched to, on the images alone (calibration is for images;
+    random normals lie outside any calibrated range), with its decision judged on
+    decisive inputs as fp16's is."""
     check_formats(formats, precisions)
     if num_images < 1:
         raise BadInput(f"--num-images must be at least 1, got {num_images}")
@@ -155,6 +153,7 @@ def verify(
     images = to_model_input(pictures, spec)
     normals = random_normal_inputs(max(num_images // 2, 2), size, seed)
     x = np.concatenate([images, normals])
+    n = len(images)
     if provenance is None:
         progress("applying stress weights")
         calibration = to_model_input(natural_images(8, size, seed + 1000), spec)
@@ -170,10 +169,10 @@ def verify(
     report.notes += list(spec.adaptations)
     tolerances = {**DEFAULT_TOLERANCES, **spec.tolerances}
 
-    def add(candidate: str, precision: str, output: np.ndarray, against=None, **row) -> None:
+    def add(candidate: str, precision: str, output, against=None, psnr_floor=None, **row) -> None:
         metrics = compare(reference if against is None else against, output, task)
-        if precision in REDUCED_PRECISION:  # judged by PSNR; the bound recorded is its floor
-            tol = REDUCED_PRECISION[precision]["min_psnr_db"]
+        if precision in REDUCED_PRECISION:  # judged by PSNR: the file's own target or the floor
+            tol = psnr_floor or REDUCED_PRECISION[precision]["min_psnr_db"]
         else:
             tol = tolerances[precision]
         if precision == "fp32":
@@ -227,6 +226,8 @@ def verify(
                     output=Path(tmp) / f"{spec.name}.{precision}{FORMATS[fmt].suffix}",
                     image_size=size,
                     precision=precision,
+                    int8_target=int8_target if precision == "int8" else None,
+                    calibration_images=calibration_images,
                 )
                 label = f"{fmt} fused" + ("" if precision == "fp32" else f" ({precision})")
                 estimated = not FORMATS[fmt].runs_here()
@@ -234,13 +235,29 @@ def verify(
                     output = _static_check(artifact, fused, x, report)
                     label = f"{fmt} fused ({precision}, estimated)"
                 else:
-                    output = _run(FORMATS[fmt].open_runner(artifact.path), x, per_sample=True)
+                    output = run_per_sample(FORMATS[fmt].open_runner(artifact.path), x)
                 target = against
                 if not estimated and artifact.metadata.get("probabilities"):  # a classifier
                     target = _softmax(reference if against is None else against)
-                add(label, precision, output, target, format=fmt, estimated=estimated)
+                floor = None
+                if precision == "int8":  # calibrated for images: judged on the images alone
+                    output, target = (
+                        _rows(output, n),
+                        _rows(reference if target is None else target, n),
+                    )
+                    floor = artifact.record.int8_target_db
+                    report.notes.append(
+                        f"{label}: {describe_int8(artifact.metadata['int8_search'])}; held "
+                        f"to its {floor:g} dB target on the {n} images"
+                    )
+                add(label, precision, output, target, floor, format=fmt, estimated=estimated)
                 report.notes += [f"{label}: {n}" for n in artifact.record.delegate_report or []]
     return report
+
+
+def _rows(outputs, n: int):
+    """The first `n` inputs' outputs (the images, before the random normals)."""
+    return tuple(o[:n] for o in outputs) if isinstance(outputs, tuple) else outputs[:n]
 
 
 def _bilinear_reference(model, formats: Sequence[str], x: np.ndarray) -> np.ndarray | None:

@@ -1,4 +1,5 @@
-"""int8 leaves the modules that ask for it in float, in ONNX and in TFLite.
+"""int8 leaves the modules that ask for it in float, in ONNX and in TFLite (a target of
+0 dB: the declared float modules alone, no search).
 
 EfficientViT's LiteMLA is the case: quantized, its ReLU-kernel products and their
 normaliser lose most of the signal (stressed B1: 14.0 dB in ONNX) and TFLite's int8 DIV
@@ -18,7 +19,7 @@ from conftest import stressed, test_inputs
 
 from mobilevit_deploy import api
 from mobilevit_deploy.exporters import float_modules
-from mobilevit_deploy.exporters.onnx import _node_scope
+from mobilevit_deploy.exporters.onnx import node_scope
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.models.efficientvit import LiteMLA
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
@@ -43,11 +44,11 @@ def _psnr(runner, x, reference) -> float:
 def test_node_scope_is_the_prefix_torch_onnx_gives_the_module(source, tmp_path):
     model = source[0]
     path = "backbone.stages.2.op_list.1.context_module.main"
-    assert _node_scope(model, path) == "/backbone/stages.2/op_list.1/context_module/main/"
+    assert node_scope(model, path) == "/backbone/stages.2/op_list.1/context_module/main/"
     art = api.export(NAME, model=model, output=tmp_path / "m.onnx", image_size=SIZE)
     names = [n.name for n in onnx.load(str(art.path)).graph.node]
     for path, _ in float_modules(model):
-        assert sum(n.startswith(_node_scope(model, path)) for n in names) > 10, path
+        assert sum(n.startswith(node_scope(model, path)) for n in names) > 10, path
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,12 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source_b1, tmp_path, m
     model, x, reference = source_b1
     handlers = list(logging.getLogger().handlers)
     art = api.export(
-        GAIN_NAME, model=model, output=tmp_path / "q.onnx", image_size=SIZE, precision="int8"
+        GAIN_NAME,
+        model=model,
+        output=tmp_path / "q.onnx",
+        image_size=SIZE,
+        precision="int8",
+        int8_target=0,
     )
     # onnxruntime's quantizer warned on the root logger about the head's LayerNorm
     # ("Axis 1 is out-of-range"), which landed in the CLI's output.
@@ -74,7 +80,7 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source_b1, tmp_path, m
     assert len(paths) == 7  # B1: 3 + 4 attention blocks
     graph = onnx.load(str(art.path)).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
-    scopes = tuple(_node_scope(model, p) for p in paths)
+    scopes = tuple(node_scope(model, p) for p in paths)
     compute = [n for n in graph.node if n.op_type in {"Conv", "MatMul"}]
     inside = [n for n in compute if n.name.startswith(scopes)]
     assert inside, "the float modules' nodes must be found by their scope"
@@ -86,7 +92,12 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source_b1, tmp_path, m
 
     monkeypatch.setattr(LiteMLA, "int8_keeps_float", False)
     plain = api.export(
-        GAIN_NAME, model=model, output=tmp_path / "all.onnx", image_size=SIZE, precision="int8"
+        GAIN_NAME,
+        model=model,
+        output=tmp_path / "all.onnx",
+        image_size=SIZE,
+        precision="int8",
+        int8_target=0,
     )
     assert plain.metadata["int8_float_modules"] == []
     all_int8 = _psnr(OrtRunner(plain.path), x, reference)
@@ -115,7 +126,9 @@ def test_tflite_int8_divides_in_float_and_keeps_lite_mla_float(
     model, x, reference = source
     monkeypatch.setattr(LiteMLA, "int8_keeps_float", keeps_float)
     out = tmp_path / "q.tflite"
-    art = api.export(NAME, "tflite", model=model, output=out, image_size=SIZE, precision="int8")
+    art = api.export(
+        NAME, "tflite", model=model, output=out, image_size=SIZE, precision="int8", int8_target=0
+    )
     ops = _tflite_ops(art.path)
     assert ops["DIV", "float32"] == 12 and ops["DIV", "int8"] == 0  # 3 per LiteMLA
     assert ops["CONV_2D", "int8"] > 20  # the rest is quantized
@@ -133,7 +146,12 @@ def test_onnx_int8_keeps_the_l_series_tanh_gelu_float(tmp_path):
 
     model = stressed("efficientvit_l1", 64)
     art = api.export(
-        "efficientvit_l1", model=model, output=tmp_path / "q.onnx", image_size=64, precision="int8"
+        "efficientvit_l1",
+        model=model,
+        output=tmp_path / "q.onnx",
+        image_size=64,
+        precision="int8",
+        int8_target=0,
     )
     gelus = [p for p, m in model.named_modules() if isinstance(m, TanhGELU)]
     assert len(gelus) == 36 and set(gelus) <= set(art.metadata["int8_float_modules"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mobilevit_deploy.metrics import compare, judge
@@ -31,5 +33,32 @@ def test_features_are_judged_by_psnr_alone():
     ref = rng.normal(size=(4, 32))
     close = compare(ref, ref + 1e-4 * rng.normal(size=ref.shape), "features")
     far = compare(ref, ref + 0.1 * rng.normal(size=ref.shape), "features")
-    assert judge(close, "fp16", 0.0) == (True, ">=40dB")
-    assert judge(far, "fp16", 0.0)[0] is False
+    assert judge(close, "fp16", 40.0) == (True, ">=40dB")
+    assert judge(far, "fp16", 40.0)[0] is False
+
+
+def test_an_overflowed_candidate_fails_instead_of_raising():
+    """A broken fp16 ExecuTorch file returned inf logits (SepViT-Lite, before its
+    LayerNorm ran in fp32) and compare raised a math domain error: verify crashed."""
+    reference = np.random.default_rng(0).normal(size=(4, 10))
+    for bad in (np.inf, np.nan):
+        candidate = reference.copy()
+        candidate[1, 3] = bad
+        metrics = compare(reference, candidate)
+        assert metrics["psnr_db"] == -math.inf
+        assert not judge(metrics, "fp16", 40.0)[0] and not judge(metrics, "fp32", 1e-5)[0]
+
+
+def test_files_of_a_static_batch_run_in_chunks_padded_at_the_end():
+    from mobilevit_deploy.runtimes import run_per_sample
+
+    seen = []
+
+    def runner(x):
+        seen.append(len(x))
+        assert len(x) == 3  # the file's static batch
+        return x * 2, x[:, :1]
+
+    x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    doubled, first = run_per_sample(runner, x, batch=3)
+    assert seen == [3, 3, 3] and np.array_equal(doubled, x * 2) and first.shape == (7, 1)

@@ -20,7 +20,9 @@ class ExportJob:
     """What an exporter is given. `model` is the deployable module (fused unless asked
     otherwise, its upsampling already chosen); `example` sets the static input shape;
     `calibration` holds the int8 images (None at other precisions); `options` is the
-    format's own options dataclass (formats.py); `metadata` the record so far."""
+    format's own options dataclass (formats.py); `metadata` the record so far;
+    `keep_float` the module paths int8 leaves float beyond those that declare it
+    (the accuracy search's choice, int8_search.py)."""
 
     model: nn.Module
     output: Path
@@ -30,6 +32,7 @@ class ExportJob:
     metadata: ArtifactMetadata
     spec: ModelSpec
     calibration: np.ndarray | None = None
+    keep_float: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class Artifact:
 
 def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of each module that int8 exports leave in float: those whose class
-    says `int8_keeps_float` (a range uint8 cannot hold; the class's docstring says why)."""
+    says `int8_keeps_float` (a range uint8 cannot hold; the class's docstring says why).
+    The search (int8_search.py) starts from these."""
     return [
         (path, module)
         for path, module in model.named_modules()

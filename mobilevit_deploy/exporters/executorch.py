@@ -169,18 +169,26 @@ def _layer_norm_in_fp32():
     return LayerNormInFp32()
 
 
-def _quantize(model: nn.Module, example: torch.Tensor, calibration: torch.Tensor) -> nn.Module:
+def _quantize(
+    model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, keep_float=()
+) -> nn.Module:
+    """PT2E int8; the modules that declare float and those at the `keep_float` paths
+    are left out of quantization (a module name covers its whole subtree)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
     quantizer = XNNPACKQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True)
     )
     for cls in {type(module) for _, module in float_modules(model)}:
         quantizer.set_module_type(cls, None)  # None: left float (and out of the global)
+    if keep_float:  # set_module_name takes no None (yet): a filter leaves them out instead
+        inside = [get_module_name_filter(path) for path in keep_float]
+        quantizer.set_filter_function(lambda node: not any(f(node) for f in inside))
     graph = torch.export.export(model, (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
     # The graph is traced at the example's batch: calibrate in batches of that size
@@ -251,7 +259,7 @@ def _program(job: ExportJob, example: torch.Tensor):
         if job.precision == "fp16":
             model = _Half(model)
         elif job.precision == "int8":
-            model = _quantize(model, example, torch.from_numpy(job.calibration))
+            model = _quantize(model, example, torch.from_numpy(job.calibration), job.keep_float)
         edge = _lower(model, example)
         delegation = delegation_report(edge.exported_program().graph_module)
         metadata = dataclasses.replace(

@@ -86,6 +86,9 @@ class ArtifactMetadata:
     upsample: str | None = None
     upsample_note: str | None = None
     int8_float_modules: list[str] | None = None
+    # The PSNR an int8 file was searched to meet; verify holds it to that.
+    int8_target_db: float | None = None
+    calibration: str | None = None  # what int8 calibrated on
     # What the file's delegates leave to slower kernels, in words (TFLite: ops mobile
     # GPU/NNAPI delegates lack; ExecuTorch: the share XNNPACK runs, the ops it does not).
     delegate_report: list[str] | None = None

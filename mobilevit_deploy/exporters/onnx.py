@@ -76,24 +76,26 @@ def _simplify(raw_path: Path, graph: onnx.ModelProto, example: np.ndarray) -> on
     return slim
 
 
-def _node_scope(model: nn.Module, path: str) -> str:
+def node_scope(model: nn.Module, path: str) -> str:
     """The prefix torch.onnx gives the nodes of the module at `path`: one level per
-    module whose forward ran, so a ModuleList index stays joined to its list's name
-    ("backbone.stages.2.op_list.1.main" -> "/backbone/stages.2/op_list.1/main/")."""
-    levels, pending, module = [], "", model
+    module whose forward ran (a ModuleList or ModuleDict has none), and an index named
+    after its parent, "<parent>.<index>": "backbone.stages.2.op_list.1.main" ->
+    "/backbone/stages.2/op_list.1/main/" (two ModuleLists), "stem.0.act" ->
+    "/stem/stem.0/act/" (a Sequential, which runs, so it has its own level too)."""
+    levels, module, parent = [], model, ""
     for part in path.split("."):
         module = module._modules[part]
-        name = f"{pending}.{part}" if pending else part
-        pending = name if isinstance(module, (nn.ModuleList, nn.ModuleDict)) else ""
-        if not pending:
+        name = f"{parent}.{part}" if part.isdigit() and parent else part
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             levels.append(name)
+        parent = name
     return "/" + "/".join(levels) + "/"
 
 
 def export_onnx(job: ExportJob) -> ArtifactMetadata:
     """Write the model to `job.output` (+ `.json`): fp16 and int8 are derived from the
     checked fp32 graph (onnx_precision.py); int8 calibrates on `job.calibration` and
-    leaves the modules that ask for it in float."""
+    leaves the modules that ask for it, and `job.keep_float`, in float."""
     model, options, metadata = job.model.eval(), job.options, job.metadata
     with atomic_path(job.output) as tmp:
         outputs = metadata.output_names
@@ -108,7 +110,8 @@ def export_onnx(job: ExportJob) -> ArtifactMetadata:
         if job.precision == "fp16":
             graph = to_fp16(graph)
         elif job.precision == "int8":
-            scopes = [_node_scope(model, path) for path, _ in float_modules(model)]
+            paths = [path for path, _ in float_modules(model)] + list(job.keep_float)
+            scopes = [node_scope(model, path) for path in paths]
             graph = to_int8(graph, job.calibration, scopes)
         record = metadata.to_dict()
         del graph.metadata_props[:]

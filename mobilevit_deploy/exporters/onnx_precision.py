@@ -110,30 +110,31 @@ class _Calibration:
         return next(self._next, None)
 
 
+def _prepared(model: onnx.ModelProto, tmp: Path) -> Path:
+    """Shape inference and graph cleanup, as onnxruntime recommends before quantizing:
+    without shapes, some ops keep float paths between quantized neighbours."""
+    from onnxruntime.quantization import quant_pre_process
+
+    raw, prepared = tmp / "raw.onnx", tmp / "pre.onnx"
+    onnx.save(model, str(raw))
+    quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+    return prepared
+
+
 def to_int8(
     model: onnx.ModelProto, calibration: np.ndarray, float_scopes: Sequence[str] = ()
 ) -> onnx.ModelProto:
     """Static QDQ int8: per-channel int8 weights, uint8 activations; nodes whose names
-    start with one of `float_scopes` (the modules that ask for it) stay float.
+    start with one of `float_scopes` (the modules kept float) stay float.
 
     Activation ranges come from the 99.999th percentile of the calibration
     activations, not their min and max: one outlier no longer stretches the scale for
     every other value (stressed FastViT-T8: 25 dB against min-max's 20 dB).
     """
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     with tempfile.TemporaryDirectory() as tmp:
-        raw, prepared, quantized = (Path(tmp) / n for n in ("raw.onnx", "pre.onnx", "q.onnx"))
-        onnx.save(model, str(raw))
-        # Shape inference and graph cleanup first, as onnxruntime recommends: without
-        # shapes, some ops keep float paths between quantized neighbours.
-        quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+        prepared, quantized = _prepared(model, Path(tmp)), Path(tmp) / "q.onnx"
         nodes = onnx.load(str(prepared)).graph.node
         excluded = [n.name for n in nodes if n.name.startswith(tuple(float_scopes))]
         # The calibrator prints its progress; stdout belongs to `--json -`.
@@ -151,3 +152,50 @@ def to_int8(
                 extra_options={"CalibStridedMinMax": 1},  # any calibrator, despite the name
             )
         return onnx.load(str(quantized))
+
+
+def int8_node_noise(
+    model: onnx.ModelProto, quantized: onnx.ModelProto, images: np.ndarray
+) -> dict[str, float]:
+    """The quantization noise at each node of the float graph, by node name: the
+    relative noise power (10^(-SQNR/10)) of each int8 input it reads and of its int8
+    weight, summed. That is what keeping the node float takes away.
+
+    onnxruntime's qdq_loss_debug helpers measure it: the QDQ graph runs with every
+    activation as an output, and each quantized tensor is compared before and after its
+    QuantizeLinear/DequantizeLinear pair; each weight against its dequantized int8. The
+    noise a node's inputs carry from earlier layers is not counted: a float node passes
+    it on (a strided conv even amplifies it), so it is not the node's to remove.
+    """
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        create_activation_matching,
+        create_weight_matching,
+        modify_model_output_intermediate_tensors,
+    )
+    from onnxruntime.quantization.qdq_loss_debug import (
+        compute_signal_to_quantization_noice_ratio as sqnr_db,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = _prepared(model, Path(tmp))
+        graph = onnx.load(str(prepared)).graph
+        qdq, augmented = Path(tmp) / "q.onnx", Path(tmp) / "q.all.onnx"
+        onnx.save(quantized, str(qdq))
+        modify_model_output_intermediate_tensors(str(qdq), str(augmented))
+        feeds = [{graph.input[0].name: images[i : i + 1]} for i in range(len(images))]
+        activations = collect_activations(str(augmented), feeds)
+        errors = {
+            name: sqnr_db(pair["pre_qdq"], pair["post_qdq"])
+            for name, pair in create_activation_matching(activations).items()
+        }
+        for name, pair in create_weight_matching(str(prepared), str(qdq)).items():
+            if np.ndim(pair["float"]) > 0:  # scalars (a Clip's bounds) are not weights
+                errors[name] = sqnr_db(np.asarray(pair["float"]), np.asarray(pair["dequantized"]))
+    noise = {name: 10 ** (-db / 10) for name, db in errors.items()}
+    shares = {}
+    for node in graph.node:
+        share = sum(noise.get(name, 0.0) for name in node.input)
+        if share:
+            shares[node.name] = share
+    return shares

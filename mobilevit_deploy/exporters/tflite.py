@@ -100,12 +100,59 @@ def _signature(path: Path) -> tuple[str, str]:
     return key, signatures[key]["inputs"][0]
 
 
+def _class_level(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}_"
+
+
+# The op that writes a graph output is named after the signature's output, not its
+# module ("serving_default_output_output"): the head's last Linear in a classifier.
+SIGNATURE_OUTPUT = "^serving_default_"
+
+
+def output_producers(model: nn.Module, example: np.ndarray) -> set[str]:
+    """Paths of the modules whose forward returned one of the model's outputs (the last
+    layer and the modules around it)."""
+    returned: dict[int, set[str]] = defaultdict(set)
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out, path=path: returned[id(out)].add(path))
+        for path, module in model.named_modules()
+        if path
+    ]
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(example))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return set().union(*(returned[id(o)] for o in (out if isinstance(out, tuple) else (out,))))
+
+
+def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> list[str]:
+    """Recipe regexes for the tensors of the modules kept float. litert-torch names each
+    tensor by its module chain, one "<module>.<Class>_<attribute>" per level, so a
+    module is matched by its chain below the model's own level (whatever wraps it), and
+    a class that declares float by its one level; a module that writes a graph output
+    also by the signature's name for it (SIGNATURE_OUTPUT)."""
+    declared = sorted({type(m) for _, m in float_modules(model)}, key=str)
+    patterns = [f".*{re.escape(_class_level(cls))}.*" for cls in declared]
+    for path in paths:
+        levels, module = [], model
+        for part in path.split("."):
+            module = module.get_submodule(part)
+            levels.append(_class_level(type(module)) + part)
+        root = re.escape(_class_level(type(model)))
+        patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(/|;|$).*")
+    producers = output_producers(model, example) if paths else set()
+    if any(p == path or p.startswith(path + ".") for p in producers for path in paths):
+        patterns.append(SIGNATURE_OUTPUT)
+    return patterns
+
+
 def _quantize(
     fp32: Path, out: Path, precision: str, int8_mode: str, calibration, keep_float=()
 ) -> None:
-    """`keep_float`: module classes whose ops stay float in full-integer int8. litert-torch
-    names each tensor by its module chain, one "<module>.<Class>_<attribute>" per level,
-    so a class is matched by that part of the name."""
+    """`keep_float`: regexes (float_patterns) of the tensors whose ops stay float in int8
+    (static: weights and activations; dynamic: the weights, the rest being float)."""
     from ai_edge_quantizer import quantizer, recipe
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
     from ai_edge_quantizer.qtyping import TFLOperationName
@@ -126,9 +173,10 @@ def _quantize(
         # stops the interpreter (EfficientViT's attention normaliser did, at run time).
         for op in (TFLOperationName.INPUT, TFLOperationName.OUTPUT, TFLOperationName.DIV):
             q.update_quantization_recipe(".*", op, algorithm_key=AlgorithmName.NO_QUANTIZE)
-        for cls in keep_float:
+    if precision == "int8":  # static or dynamic: the kept modules' weights stay float too
+        for pattern in keep_float:
             q.update_quantization_recipe(
-                f".*{re.escape(f'{cls.__module__}.{cls.__qualname__}_')}.*",
+                pattern,
                 TFLOperationName.ALL_SUPPORTED,
                 algorithm_key=AlgorithmName.NO_QUANTIZE,
             )
@@ -139,6 +187,9 @@ def _quantize(
         with quiet(), warnings.catch_warnings():  # its own debug-mode interpreter warns
             warnings.simplefilter("ignore")
             calibration_result = q.calibrate({key: samples})
+        if not calibration_result:  # every op it would calibrate is kept float
+            out.write_bytes(fp32.read_bytes())
+            return
     with quiet():
         result = q.quantize(calibration_result)
     out.write_bytes(result.quantized_model)
@@ -230,15 +281,8 @@ def export_tflite(job: ExportJob) -> ArtifactMetadata:
             fp32 = tmp.with_name(tmp.name + ".fp32")
             try:
                 _convert_fp32(model, example, fp32)
-                keep_float = {type(module) for _, module in float_modules(model)}
-                _quantize(
-                    fp32,
-                    tmp,
-                    precision,
-                    options.int8_mode,
-                    calibration,
-                    sorted(keep_float, key=str),
-                )
+                patterns = float_patterns(job.model, list(job.keep_float), job.example)
+                _quantize(fp32, tmp, precision, options.int8_mode, calibration, patterns)
             finally:
                 fp32.unlink(missing_ok=True)
         found = inspect_tflite(tmp)

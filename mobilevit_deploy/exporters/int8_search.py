@@ -1,0 +1,258 @@
+"""Accuracy-targeted int8: the most sensitive layers stay float until a target holds.
+
+Quantizing every layer of these models costs 16-25 dB of output fidelity under stress
+weights, and on real weights it can collapse a classifier (docs/architecture.md).
+What users do about it, and what NNCF's accuracy control and Intel Neural Compressor
+automate, is to rank layers by their share of the error and give the worst ones back
+to float until a bound holds. This module does that for every int8 format:
+
+1. The all-int8 file (only the modules that declare `int8_keeps_float` in float) is
+   exported by the format's own exporter and run by its own runtime on held-out images
+   (never calibrated on), against the fused fp32 model in torch, and judged as verify
+   judges int8 (metrics.judge: the PSNR, and the decision on decisive inputs).
+2. If it misses the target, modules are ranked once, with onnxruntime's qdq_loss_debug
+   helpers on the ONNX QDQ graph (onnx_precision.int8_node_noise): each node's share
+   of the noise goes to the deepest torch module that owns it. One ranking serves every
+   format, because a module is what each can leave float: ONNX by node-name scope,
+   TFLite by a recipe regex on its module chain, ExecuTorch by PT2E's
+   `set_module_name`.
+3. The float set grows through the ranking (1, 2, 4, ... modules), then bisects between
+   the last miss and the first hit; each step is a real file of the format, run by its
+   runtime. The search aims `SEARCH_MARGIN_DB` above the target, so that other images of
+   the same kind (verify's) meet it too.
+
+The record says which modules stayed float, the PSNR of every step, and what the
+float modules cost against the all-int8 file in size and latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import VerificationFailed
+from ..files import artifact_size
+from ..metrics import compare, judge
+from ..runtimes import run_per_sample
+from ..runtimes.torch_runtime import TorchRunner
+from ..timing import interleaved
+from . import ExportJob, float_modules
+from .formats import FORMATS, Format
+from .metadata import ArtifactMetadata
+
+SEARCH_MARGIN_DB = 1.0
+# Steps of bisection after the doubling found a hit: each is one export and run.
+BISECT_STEPS = 3
+# Images the ranking runs (every activation of the graph is kept for each).
+RANKING_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class Attempt:
+    keep: tuple[str, ...]
+    psnr_db: float
+    agreement: float | None  # on decisive inputs (metrics.py); None for features
+    path: Path
+    hit: bool  # judged as verify judges int8 (metrics.judge), at the aimed PSNR
+
+
+def owner_scopes(model: nn.Module) -> list[tuple[str, str]]:
+    """(ONNX node-name scope, module path) of every module, deepest scopes first, so
+    the first scope a node name starts with names the module that owns the node."""
+    from .onnx import node_scope
+
+    scopes = [(node_scope(model, path), path) for path, _ in model.named_modules() if path]
+    return sorted(scopes, key=lambda pair: -len(pair[0]))
+
+
+def rank_modules(job: ExportJob, images: np.ndarray, tmp: Path) -> list[tuple[str, float]]:
+    """(module path, its int8 noise), worst first, for every module that owns a node;
+    modules inside the ones that declare float are left out (they are float already)."""
+    import onnx
+
+    from .onnx import export_onnx, node_scope
+    from .onnx_precision import int8_node_noise, to_int8
+
+    onnx_job = dataclasses.replace(
+        job,
+        output=tmp / "ranking.onnx",
+        precision="fp32",
+        options=FORMATS["onnx"].make_options({}),
+        keep_float=(),
+    )
+    export_onnx(onnx_job)
+    graph = onnx.load(str(onnx_job.output))
+    declared = [node_scope(job.model, path) for path, _ in float_modules(job.model)]
+    quantized = to_int8(graph, job.calibration, declared)
+    shares = int8_node_noise(graph, quantized, images[:RANKING_IMAGES])
+    scopes = owner_scopes(job.model)
+    scores: dict[str, float] = {}
+    for node in graph.graph.node:
+        if node.name.startswith(tuple(declared)):
+            continue
+        owner = next((path for scope, path in scopes if node.name.startswith(scope)), None)
+        if owner is not None:
+            scores[owner] = scores.get(owner, 0.0) + shares.get(node.name, 0.0)
+    return sorted(scores.items(), key=lambda item: -item[1])
+
+
+def weight_share(model: nn.Module, paths: list[str]) -> float:
+    """The fraction of the model's weights (parameters) inside the modules at `paths`."""
+    total = sum(p.numel() for p in model.parameters())
+    inside = {id(p) for path in paths for p in model.get_submodule(path).parameters()}
+    counted = sum(p.numel() for p in model.parameters() if id(p) in inside)
+    return counted / total if total else 0.0
+
+
+def search_int8(
+    fmt: Format,
+    job: ExportJob,
+    target_db: float,
+    held_out: np.ndarray,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> ArtifactMetadata:
+    """Export `job` (int8) with as few modules float as the target allows, and record the
+    search (module docstring). VerificationFailed if even every ranked module float
+    misses the target."""
+    export = fmt.load("exporter")
+    reference = TorchRunner(job.model.eval(), torch.float32)(held_out)
+    goal = target_db + SEARCH_MARGIN_DB
+    declared = [path for path, _ in float_modules(job.model)]
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        attempts: list[Attempt] = []
+
+        def attempt(keep: tuple[str, ...]) -> Attempt:
+            progress(f"int8 with {len(keep)} more modules float: exporting and measuring")
+            out = tmp / f"candidate{len(attempts)}{fmt.suffix}"
+            export(dataclasses.replace(job, output=out, keep_float=keep))
+            got = run_per_sample(fmt.open_runner(out), held_out, len(job.example))
+            metrics = compare(reference, got, job.spec.output_kind)
+            hit = judge(metrics, "int8", goal)[0]
+            tried = Attempt(keep, metrics["psnr_db"], metrics.get("decisive_agreement"), out, hit)
+            attempts.append(tried)
+            return tried
+
+        base = attempt(())
+        chosen, ranked = base, []
+        if not base.hit:
+            progress("ranking modules by their share of the int8 error")
+            scores = rank_modules(job, held_out, tmp)
+            ranked = [path for path, _ in scores]
+            chosen = _grow(ranked, attempt, first_guess(scores, base.psnr_db, goal))
+        if chosen is None:
+            best = max(attempts, key=lambda a: a.psnr_db)
+            raise VerificationFailed(
+                f"int8 {fmt.name} does not reach {target_db:g} dB even with all "
+                f"{len(ranked)} ranked modules float (best {best.psnr_db:.1f} dB on held-out "
+                "images); lower --int8-target or export fp16"
+            )
+        cost = _cost(fmt, base, chosen, job.example)
+        search = {
+            "target_db": target_db,
+            "aimed_db": goal,
+            "held_out_images": len(held_out),
+            "psnr_db": chosen.psnr_db,
+            "psnr_db_all_int8": base.psnr_db,
+            "kept_float": list(chosen.keep),
+            "declared_float": declared,
+            "ranked_modules": len(ranked),
+            "float_weight_share": weight_share(job.model, [*declared, *chosen.keep]),
+            "steps": [
+                {"extra_float": len(a.keep), "psnr_db": a.psnr_db, "agreement": a.agreement}
+                for a in attempts
+            ],
+            **cost,
+        }
+    metadata = dataclasses.replace(
+        job.metadata,
+        int8_target_db=target_db,
+        int8_float_modules=[*declared, *chosen.keep],
+        details={**job.metadata.details, "int8_search": search},
+    )
+    progress(f"int8 with {len(chosen.keep)} more modules float: writing {job.output.name}")
+    return export(dataclasses.replace(job, metadata=metadata, keep_float=chosen.keep))
+
+
+def first_guess(scores: list[tuple[str, float]], psnr_db: float, goal: float) -> int:
+    """How many of the ranked modules to try first: the fewest whose noise adds up to
+    the share the goal asks to remove (from psnr_db to goal: 1 - 10^(-gap/10) of the
+    noise power), if the noise of the modules added up to the output's."""
+    needed = 1 - 10 ** (-(goal - psnr_db) / 10)
+    total = sum(score for _, score in scores) or 1.0
+    running = 0.0
+    for k, (_, score) in enumerate(scores, 1):
+        running += score
+        if running >= needed * total:
+            return k
+    return len(scores)
+
+
+def describe(search: dict) -> str:
+    """The search in one line, for export and verify output."""
+    line = (
+        f"int8 at {search['psnr_db']:.1f} dB on {search['held_out_images']} held-out images "
+        f"(target {search['target_db']:g}; all-int8 {search['psnr_db_all_int8']:.1f} dB)"
+    )
+    if not search["kept_float"]:
+        return line + ": no module kept float beyond the declared ones"
+    return line + (
+        f": {len(search['kept_float'])} of {search['ranked_modules']} modules kept float "
+        f"({search['float_weight_share']:.0%} of the weights with the declared ones), "
+        f"{search['bytes'] / search['bytes_all_int8']:.2f}x the all-int8 size, "
+        f"{search['latency_ratio_to_all_int8']:.2f}x its latency"
+    )
+
+
+def _grow(ranked: list[str], attempt: Callable, start: int) -> Attempt | None:
+    """The first hit of `start`, 2x, 4x ... of the ranked modules float, then bisection
+    between the last miss and that hit (BISECT_STEPS at most); None if all of them
+    float still miss."""
+    low, hit, k = 0, None, max(1, min(start, len(ranked)))
+    while ranked and hit is None:
+        tried = attempt(tuple(ranked[:k]))
+        if tried.hit:
+            hit = tried
+        elif k == len(ranked):
+            return None
+        else:
+            low, k = k, min(2 * k, len(ranked))
+    for _ in range(BISECT_STEPS):
+        if hit is None or len(hit.keep) - low <= 1:
+            break
+        tried = attempt(tuple(ranked[: (low + len(hit.keep)) // 2]))
+        if tried.hit:
+            hit = tried
+        else:
+            low = len(tried.keep)
+    return hit
+
+
+def _cost(fmt: Format, base: Attempt, chosen: Attempt, image: np.ndarray) -> dict:
+    """Size and latency of the chosen file against the all-int8 one, timed interleaved
+    on the example input (a short measurement: `mvd bench` is the careful one)."""
+    if chosen is base:
+        size = artifact_size(base.path)
+        return {"bytes": size, "bytes_all_int8": size, "latency_ratio_to_all_int8": 1.0}
+    runners = {a.path.name: fmt.open_runner(a.path) for a in (base, chosen)}
+    timed = interleaved(
+        {name: (lambda r=r: r(image)) for name, r in runners.items()},
+        warmup=2,
+        min_runs=5,
+        min_time_s=0.3,
+    )
+    base_ms, chosen_ms = timed[base.path.name].median_ms, timed[chosen.path.name].median_ms
+    return {
+        "bytes": artifact_size(chosen.path),
+        "bytes_all_int8": artifact_size(base.path),
+        "latency_ms": chosen_ms,
+        "latency_ms_all_int8": base_ms,
+        "latency_ratio_to_all_int8": chosen_ms / base_ms,
+    }

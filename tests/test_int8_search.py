@@ -1,0 +1,239 @@
+"""Accuracy-targeted int8: modules are ranked by their int8 noise and kept float until a
+target PSNR holds on held-out images, in ONNX, TFLite and ExecuTorch; verify holds an
+int8 file to its target and fails a collapsed one. Under stress weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import stressed, test_inputs
+from typer.testing import CliRunner
+
+from mobilevit_deploy import api
+from mobilevit_deploy.cli import app
+from mobilevit_deploy.errors import BadInput, VerificationFailed
+from mobilevit_deploy.exporters import int8_search
+from mobilevit_deploy.exporters.formats import FORMATS
+from mobilevit_deploy.exporters.int8_search import SEARCH_MARGIN_DB, Attempt, first_guess
+from mobilevit_deploy.exporters.onnx import node_scope
+from mobilevit_deploy.metrics import compare
+from mobilevit_deploy.reparam import reparameterize
+from mobilevit_deploy.runtimes import run_per_sample
+from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
+
+NAME, SIZE = "fastvit_t8", 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return stressed(NAME, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        ("fastvit_t8", 64),
+        ("levit_128s", 224),
+        ("seaformer_tiny", 64),
+        ("efficientvit_b0", 64),
+        ("sepvit_lite", 64),
+    ],
+)
+def test_every_module_with_weights_owns_nodes_in_the_onnx_graph(name, size, tmp_path):
+    """A Sequential's children are named "<sequential>.<index>" by torch.onnx: FastViT's
+    stem, LeViT's stem and SeaFormer's blocks had scopes that matched no node, so
+    neither a declared float module there nor the search could leave them float."""
+    fused = reparameterize(stressed(name, size), image_size=(size, size))
+    art = api.export(name, model=fused, output=tmp_path / "m.onnx", image_size=size, reparam=False)
+    names = [n.name for n in onnx.load(str(art.path)).graph.node]
+    leaves = [
+        path
+        for path, module in fused.named_modules()
+        if path and not list(module.children()) and list(module.parameters())
+    ]
+    missing = [p for p in leaves if not any(n.startswith(node_scope(fused, p)) for n in names)]
+    assert leaves and not missing
+
+
+def test_node_scope_names_a_sequential_child_after_its_sequential(model):
+    assert node_scope(model, "stem.0.act") == "/stem/stem.0/act/"
+    assert node_scope(model, "stages.1.blocks.0.mlp.conv.conv") == (
+        "/stages/stages.1/blocks/blocks.0/mlp/conv/conv/"
+    )
+
+
+def test_first_guess_takes_the_modules_whose_noise_covers_the_gap():
+    scores = [("a", 6.0), ("b", 3.0), ("c", 1.0)]
+    assert first_guess(scores, 20.0, 20.0 + 10 * np.log10(1 / 0.4)) == 1  # 60% of the noise
+    assert first_guess(scores, 20.0, 30.0) == 2  # 90%
+    assert first_guess(scores, 20.0, 60.0) == 3
+
+
+def test_growth_finds_the_fewest_modules_in_few_steps():
+    """A fake format whose PSNR rises by 1 dB per module float: the goal at 13 modules
+    is found from a guess of 2 by doubling (2, 4, 8, 16), then bisection."""
+    ranked = [f"m{i}" for i in range(40)]
+    tried = []
+
+    def attempt(keep):
+        tried.append(len(keep))
+        return Attempt(keep, 10.0 + len(keep), None, None, 10.0 + len(keep) >= goal)
+
+    goal = 23.0
+    hit = int8_search._grow(ranked, attempt, start=2)
+    assert len(hit.keep) == 13
+    assert tried[:4] == [2, 4, 8, 16] and len(tried) <= 7
+    goal = 99.0
+    assert int8_search._grow(ranked, attempt, start=2) is None
+
+
+def _int8(model, path, fmt="onnx", **options):
+    return api.export(
+        NAME, fmt, model=model, output=path, image_size=SIZE, precision="int8", **options
+    )
+
+
+def _held_out_psnr(path, fused, fmt="onnx"):
+    x = test_inputs(NAME, SIZE, count=6, seed=321)
+    reference = TorchRunner(fused, torch.float64)(x)
+    return compare(reference, run_per_sample(FORMATS[fmt].open_runner(path), x))["psnr_db"]
+
+
+def test_onnx_search_keeps_the_fewest_modules_float_for_the_target(model, tmp_path):
+    fused = reparameterize(model, image_size=(SIZE, SIZE))
+    plain = _int8(model, tmp_path / "plain.onnx", int8_target=0)
+    base = plain.metadata["int8_search"]
+    assert base["kept_float"] == [] and len(base["steps"]) == 1  # met at once: no ranking
+    target = round(base["psnr_db_all_int8"]) + 3
+    art = _int8(model, tmp_path / "q.onnx", int8_target=target)
+    search = art.metadata["int8_search"]
+    assert art.metadata["int8_target_db"] == target
+    assert search["psnr_db"] >= target + SEARCH_MARGIN_DB
+    assert 0 < len(search["kept_float"]) < search["ranked_modules"]
+    assert search["steps"][-1]["psnr_db"] >= target  # every step is recorded
+    assert 0 < search["float_weight_share"] < 1
+    assert search["bytes"] > search["bytes_all_int8"]  # float weights take room
+    assert search["latency_ms"] > 0 and search["latency_ms_all_int8"] > 0
+    # The kept modules' convolutions read float weights; the others dequantized int8.
+    graph = onnx.load(str(art.path)).graph
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    scopes = tuple(node_scope(fused, p) for p in search["kept_float"])
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert all(
+        made_by.get(n.input[1]) != "DequantizeLinear" for n in convs if n.name.startswith(scopes)
+    )
+    assert any(made_by.get(n.input[1]) == "DequantizeLinear" for n in convs)
+    # Other images of the kind meet the target too.
+    assert _held_out_psnr(art.path, fused) >= target > _held_out_psnr(plain.path, fused)
+
+
+def test_an_unreachable_target_is_an_error_naming_the_best(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
+    with pytest.raises(VerificationFailed, match=r"does not reach 200 dB .* \(best [\d.]+ dB"):
+        _int8(model, tmp_path / "q.onnx", int8_target=200)
+    assert not list(tmp_path.iterdir())
+
+
+def test_int8_target_is_for_int8_only(tmp_path):
+    with pytest.raises(BadInput, match="--int8-target applies to int8, not fp16"):
+        api.export(NAME, output=tmp_path / "m.onnx", precision="fp16", int8_target=30)
+
+
+def _write_pictures(folder, count):
+    from PIL import Image
+
+    from mobilevit_deploy.images import natural_images
+
+    folder.mkdir()
+    for i, picture in enumerate(natural_images(count, 80, seed=55)):
+        Image.fromarray(picture).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_calibration_images_from_a_folder_hold_a_quarter_out(model, tmp_path):
+    folder = _write_pictures(tmp_path / "mine", 8)
+    art = _int8(model, tmp_path / "q.onnx", calibration_images=folder, int8_target=0)
+    assert art.metadata["calibration"] == f"6 images from {folder} (2 more held out)"
+    assert art.metadata["int8_search"]["held_out_images"] == 2
+
+
+def test_calibration_folder_errors_are_one_line_and_exit_2(tmp_path):
+    one = _write_pictures(tmp_path / "one", 1)
+    runner = CliRunner()
+    for folder, message in ((one, "at least 2 images"), (tmp_path / "none", "not a directory")):
+        result = runner.invoke(
+            app,
+            [
+                "export",
+                NAME,
+                "-o",
+                str(tmp_path / "q.onnx"),
+                "--precision",
+                "int8",
+                "--image-size",
+                "64",
+                "--calibration-images",
+                str(folder),
+            ],
+        )
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "--calibration-images" in result.output
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["tflite", "executorch"])
+def test_search_keeps_modules_float_in_tflite_and_executorch(model, tmp_path, fmt):
+    """The ONNX ranking serves the other formats; each step is that format's own file,
+    run by its runtime, and the kept modules' float weights make the file larger."""
+    target = 26.0
+    art = _int8(model, tmp_path / f"q{FORMATS[fmt].suffix}", fmt, int8_target=target)
+    search = art.metadata["int8_search"]
+    assert search["psnr_db_all_int8"] < target + SEARCH_MARGIN_DB <= search["psnr_db"]
+    assert search["kept_float"] and search["bytes"] > search["bytes_all_int8"]
+    fused = reparameterize(model, image_size=(SIZE, SIZE))
+    assert _held_out_psnr(art.path, fused, fmt) >= target
+
+
+def test_verify_fails_a_collapsed_int8_file(monkeypatch):
+    """A calibration whose ranges are a thousand times too wide (every activation rounds
+    to a handful of levels, a saturating calibration's collapse), and a search that
+    believes whatever it measures: verify still holds the file to its target."""
+    args = [
+        "verify",
+        NAME,
+        "--formats",
+        "onnx",
+        "--precisions",
+        "int8",
+        "--image-size",
+        "64",
+        "--num-images",
+        "4",
+        "--int8-target",
+        "20",
+        "--json",
+        "-",
+    ]
+    runner = CliRunner()
+    healthy = runner.invoke(app, args)
+    assert healthy.exit_code == 0, healthy.output
+    original = api.int8_images
+
+    def saturating(*args):
+        calibration, held_out, described = original(*args)
+        return calibration * 1000, held_out, described
+
+    monkeypatch.setattr(api, "int8_images", saturating)
+    monkeypatch.setattr(int8_search, "judge", lambda *_: (True, "fooled"))
+    collapsed = runner.invoke(app, args)
+    assert collapsed.exit_code == 1 and isinstance(collapsed.exception, SystemExit), (
+        collapsed.output
+    )
+    row = next(p for p in json.loads(collapsed.stdout)["pairs"] if p["format"] == "onnx")
+    assert not row["passed"] and row["metrics"]["psnr_db"] < 20
+    assert row["bound"].startswith(">=20dB")
