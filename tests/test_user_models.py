@@ -8,6 +8,7 @@ other than the zoo's; test_matrix.py verifies them through every format.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -21,6 +22,7 @@ from test_levit import to_official
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput, CheckpointMismatch
 from mobilevit_deploy.images import natural_images, to_model_input
+from mobilevit_deploy.metrics import NOISE_FLOOR_FACTOR
 from mobilevit_deploy.registry import ModelSpec
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.verify import verify
@@ -126,9 +128,14 @@ def test_a_headless_checkpoint_exports_pooled_features(tmp_path, name, classes):
     x = test_inputs(name, _size(name)[0], count=1)
     out = OrtRunner(artifact.path)(x)
     assert out.shape == (1, classes)
+    # As verify judges fp32: against float64, within 1e-5 of the scale or twice the
+    # unfused model's own float32 error (NOISE_FLOOR_FACTOR). Stressed SeaFormer-Tiny's
+    # own float32 run is 1e-5 of the scale off; its file was 1.02e-5 off (1.7e-5 on CI).
     with torch.no_grad():
-        reference = model.eval()(torch.from_numpy(x)).numpy()
-    assert np.abs(out - reference).max() < 1e-5 * np.abs(reference).max()
+        own = model.eval()(torch.from_numpy(x)).numpy()
+        reference = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+    scale, floor = np.abs(reference).max(), np.abs(own - reference).max()
+    assert np.abs(out - reference).max() < max(1e-5 * scale, NOISE_FLOOR_FACTOR * floor)
 
 
 def test_segmenter_heads_of_any_class_count(tmp_path):

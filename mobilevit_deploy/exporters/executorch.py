@@ -169,17 +169,23 @@ def _layer_norm_in_fp32():
     return LayerNormInFp32()
 
 
+def _owner(node) -> str | None:
+    """The path of the innermost module whose forward made an exported node."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return stack[-1][0].removeprefix("L['self'].") if stack else None
+
+
 def _quantize(
     model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, keep_float=()
 ) -> nn.Module:
-    """PT2E int8; the modules that declare float and those at the `keep_float` paths
-    are left out of quantization (a module name covers its whole subtree)."""
+    """PT2E int8; the modules that declare float (with their children) and the nodes
+    that the modules at the `keep_float` paths own (their own ops, not their
+    children's: int8_search.rank_modules) are left out of quantization."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
     quantizer = XNNPACKQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True)
@@ -187,8 +193,8 @@ def _quantize(
     for cls in {type(module) for _, module in float_modules(model)}:
         quantizer.set_module_type(cls, None)  # None: left float (and out of the global)
     if keep_float:  # set_module_name takes no None (yet): a filter leaves them out instead
-        inside = [get_module_name_filter(path) for path in keep_float]
-        quantizer.set_filter_function(lambda node: not any(f(node) for f in inside))
+        kept = set(keep_float)
+        quantizer.set_filter_function(lambda node: _owner(node) not in kept)
     graph = torch.export.export(model, (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
     # The graph is traced at the example's batch: calibrate in batches of that size

@@ -91,6 +91,10 @@ class Format:
     runs_on: Callable[[], bool] = _everywhere
     runs_only_on: str = ""
     static_check: str | None = None
+    # Replaces the record embedded in a file ("module:function" taking (path, record));
+    # the int8 search stamps its chosen file with it. Without one, it exports that
+    # file again with the final record.
+    restamp: str | None = None
 
     def __post_init__(self) -> None:
         if self.static_check is None and self.runs_on is not _everywhere:
@@ -155,6 +159,7 @@ FORMATS: dict[str, Format] = {
         "onnxruntime",
         "onnxruntime",
         has_bicubic=True,
+        restamp=".onnx:restamp_onnx",
     ),
     "coreml": Format(
         "coreml",
@@ -186,6 +191,7 @@ FORMATS: dict[str, Format] = {
         "litert",
         "ai-edge-litert",
         dists=("litert-torch", "ai-edge-litert", "ai-edge-quantizer"),
+        restamp=".tflite:embed_metadata",
     ),
     "executorch": Format(
         "executorch",

@@ -92,10 +92,30 @@ def node_scope(model: nn.Module, path: str) -> str:
     return "/" + "/".join(levels) + "/"
 
 
+def owner_scopes(model: nn.Module) -> list[tuple[str, str]]:
+    """(node-name scope, module path) of every module that can own a node, deepest
+    scopes first, for node_owner. A ModuleList or ModuleDict owns none: it has no scope
+    level of its own, and a top-level one ("/") would own every node outside the
+    modules."""
+    scopes = [
+        (node_scope(model, path), path)
+        for path, module in model.named_modules()
+        if path and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    ]
+    return sorted(scopes, key=lambda pair: -len(pair[0]))
+
+
+def node_owner(scopes: list[tuple[str, str]], name: str) -> str | None:
+    """The path of the deepest module (owner_scopes) whose scope the node's name is in:
+    the module whose own forward made the node."""
+    return next((path for scope, path in scopes if name.startswith(scope)), None)
+
+
 def export_onnx(job: ExportJob) -> ArtifactMetadata:
     """Write the model to `job.output` (+ `.json`): fp16 and int8 are derived from the
     checked fp32 graph (onnx_precision.py); int8 calibrates on `job.calibration` and
-    leaves the modules that ask for it, and `job.keep_float`, in float."""
+    leaves the modules that ask for it in float, and the nodes that the modules at
+    `job.keep_float` own (node_owner)."""
     model, options, metadata = job.model.eval(), job.options, job.metadata
     with atomic_path(job.output) as tmp:
         outputs = metadata.output_names
@@ -110,19 +130,34 @@ def export_onnx(job: ExportJob) -> ArtifactMetadata:
         if job.precision == "fp16":
             graph = to_fp16(graph)
         elif job.precision == "int8":
-            paths = [path for path, _ in float_modules(model)] + list(job.keep_float)
-            scopes = [node_scope(model, path) for path in paths]
-            graph = to_int8(graph, job.calibration, scopes)
+            declared = tuple(node_scope(model, path) for path, _ in float_modules(model))
+            scopes, kept = owner_scopes(model), set(job.keep_float)
+            graph = to_int8(
+                graph,
+                job.calibration,
+                lambda name: name.startswith(declared) or node_owner(scopes, name) in kept,
+            )
         record = metadata.to_dict()
-        del graph.metadata_props[:]
-        for key, value in sorted(record.items()):
-            entry = graph.metadata_props.add()
-            entry.key = key
-            entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        graph.producer_name = "mobilevit_deploy"
+        _embed(graph, record)
         onnx.save(graph, str(tmp))
     write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
     return metadata
+
+
+def _embed(graph: onnx.ModelProto, record: dict) -> None:
+    del graph.metadata_props[:]
+    for key, value in sorted(record.items()):
+        entry = graph.metadata_props.add()
+        entry.key = key
+        entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    graph.producer_name = "mobilevit_deploy"
+
+
+def restamp_onnx(path: Path, record: dict) -> None:
+    """Replace the record embedded in an exported file (the int8 search's chosen one)."""
+    graph = onnx.load(str(path))
+    _embed(graph, record)
+    onnx.save(graph, str(path))
 
 
 def read_metadata(path: Path) -> dict:

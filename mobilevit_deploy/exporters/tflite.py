@@ -129,10 +129,12 @@ def output_producers(model: nn.Module, example: np.ndarray) -> set[str]:
 
 def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> list[str]:
     """Recipe regexes for the tensors of the modules kept float. litert-torch names each
-    tensor by its module chain, one "<module>.<Class>_<attribute>" per level, so a
-    module is matched by its chain below the model's own level (whatever wraps it), and
-    a class that declares float by its one level; a module that writes a graph output
-    also by the signature's name for it (SIGNATURE_OUTPUT)."""
+    tensor by its module chain, one "<module>.<Class>_<attribute>" per level, ending in
+    ";", so a kept module is matched by its chain below the model's own level (whatever
+    wraps it) ending there: its own ops, not its children's (int8_search.rank_modules).
+    A class that declares float is matched by its one level, with all below it; a kept
+    module whose own op writes a graph output also by the signature's name for it
+    (SIGNATURE_OUTPUT)."""
     declared = sorted({type(m) for _, m in float_modules(model)}, key=str)
     patterns = [f".*{re.escape(_class_level(cls))}.*" for cls in declared]
     for path in paths:
@@ -141,9 +143,10 @@ def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> l
             module = module.get_submodule(part)
             levels.append(_class_level(type(module)) + part)
         root = re.escape(_class_level(type(model)))
-        patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(/|;|$).*")
+        patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(;|$).*")
     producers = output_producers(model, example) if paths else set()
-    if any(p == path or p.startswith(path + ".") for p in producers for path in paths):
+    writers = {p for p in producers if not any(q.startswith(p + ".") for q in producers)}
+    if writers & set(paths):
         patterns.append(SIGNATURE_OUTPUT)
     return patterns
 
@@ -234,10 +237,11 @@ def inspect_tflite(path: Path) -> dict:
 
 
 def embed_metadata(path: Path, metadata: dict) -> None:
-    """Add the record as a named metadata buffer of the flatbuffer. This is how TFLite's
-    own metadata writer (tflite_support) and ai-edge-quantizer write files: unpack the
-    model object, append, pack it again; the interpreter ignores entries it does not
-    know, so the file runs as before."""
+    """Add the record as a named metadata buffer of the flatbuffer, or replace the one
+    there (the int8 search's chosen file). This is how TFLite's own metadata writer
+    (tflite_support) and ai-edge-quantizer write files: unpack the model object, append,
+    pack it again; the interpreter ignores entries it does not know, so the file runs
+    as before."""
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -245,11 +249,20 @@ def embed_metadata(path: Path, metadata: dict) -> None:
     record = json.dumps(metadata, sort_keys=True).encode()
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(record, dtype=np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
-    model.metadata = [*(model.metadata or []), entry]
+    entries = model.metadata or []
+    ours = next((e for e in entries if _decoded(e.name) == METADATA_NAME), None)
+    if ours is not None:
+        model.buffers[ours.buffer] = buffer
+    else:
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+        model.metadata = [*entries, entry]
     path.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+
+
+def _decoded(name: str | bytes) -> str:
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def export_tflite(job: ExportJob) -> ArtifactMetadata:
