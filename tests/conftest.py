@@ -57,6 +57,22 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MVD_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
+# The int8 target tests export at when they give none: the floor that int8 had before
+# the search. Under stress weights at these sizes all-int8 misses the default target
+# (FastViT-T8 at 64x64: 24.3 dB against 25), and the search that follows costs minutes
+# of TFLite and ExecuTorch exports per file; the tests of the search and of the
+# default itself (test_int8_search) are marked `default_int8_target`.
+TESTS_INT8_TARGET_DB = 15.0
+
+
+@pytest.fixture(autouse=True)
+def _tests_int8_target(request, monkeypatch):
+    if request.node.get_closest_marker("default_int8_target") is None:
+        from mobilevit_deploy import api
+
+        monkeypatch.setattr(api, "DEFAULT_INT8_TARGET_DB", TESTS_INT8_TARGET_DB)
+
+
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a directory and records each requested path, to prove a cache was hit."""
 

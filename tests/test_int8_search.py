@@ -20,12 +20,13 @@ from mobilevit_deploy.exporters import int8_search
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.exporters.int8_search import SEARCH_MARGIN_DB, Attempt, first_guess
 from mobilevit_deploy.exporters.onnx import node_owner, node_scope, owner_scopes
-from mobilevit_deploy.metrics import compare
+from mobilevit_deploy.metrics import DEFAULT_INT8_TARGET_DB, compare
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes import run_per_sample
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 
 NAME, SIZE = "fastvit_t8", 64
+pytestmark = pytest.mark.default_int8_target
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,14 @@ def test_an_unreachable_target_is_an_error_naming_the_best(model, tmp_path, monk
     assert not list(tmp_path.iterdir())
 
 
+def test_an_int8_export_without_a_target_is_held_to_the_default(model, tmp_path):
+    art = _int8(model, tmp_path / "q.onnx", calibration_images=4)
+    assert art.metadata["int8_target_db"] == DEFAULT_INT8_TARGET_DB == 25.0
+    search = art.metadata["int8_search"]
+    assert search["target_db"] == DEFAULT_INT8_TARGET_DB
+    assert search["psnr_db"] >= DEFAULT_INT8_TARGET_DB + SEARCH_MARGIN_DB
+
+
 def test_int8_target_is_for_int8_only(tmp_path):
     with pytest.raises(BadInput, match="--int8-target applies to int8, not fp16"):
         api.export(NAME, output=tmp_path / "m.onnx", precision="fp16", int8_target=30)
@@ -220,13 +229,15 @@ def test_calibration_folder_errors_are_one_line_and_exit_2(tmp_path):
 def test_search_keeps_modules_float_in_tflite_and_executorch(model, tmp_path, fmt):
     """The ONNX ranking serves the other formats; each step is that format's own file,
     run by its runtime, and the kept modules' float weights make the file larger."""
-    target = 26.0
-    art = _int8(model, tmp_path / f"q{FORMATS[fmt].suffix}", fmt, int8_target=target)
+    suffix = FORMATS[fmt].suffix
+    plain = _int8(model, tmp_path / f"plain{suffix}", fmt, int8_target=0)
+    target = plain.metadata["int8_search"]["psnr_db_all_int8"] + 1.0
+    art = _int8(model, tmp_path / f"q{suffix}", fmt, int8_target=target)
     search = art.metadata["int8_search"]
     assert search["psnr_db_all_int8"] < target + SEARCH_MARGIN_DB <= search["psnr_db"]
     assert search["kept_float"] and search["bytes"] > search["bytes_all_int8"]
     fused = reparameterize(model, image_size=(SIZE, SIZE))
-    assert _held_out_psnr(art.path, fused, fmt) >= target
+    assert _held_out_psnr(art.path, fused, fmt) > _held_out_psnr(plain.path, fused, fmt)
 
 
 def test_verify_fails_a_collapsed_int8_file(monkeypatch):
