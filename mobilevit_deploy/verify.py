@@ -33,6 +33,7 @@ from .exporters.metadata import output_names
 from .images import natural_images, random_normal_inputs, to_model_input
 from .metrics import (
     DEFAULT_TOLERANCES,
+    MIN_DECISIVE,
     NEAR_TIE_FACTOR,
     NOISE_FLOOR_FACTOR,
     REDUCED_PRECISION,
@@ -99,6 +100,21 @@ def check_formats(formats: Sequence[str], precisions: Sequence[str] | None = Non
 def _precisions_of(fmt: str, precisions: Sequence[str] | None) -> Sequence[str]:
     """The asked precisions, or the format's own default (CoreML: fp16)."""
     return precisions or (FORMATS[fmt].default_precision,)
+
+
+def near_tie_note(metrics: dict, task: str) -> str:
+    """Why a row's raw agreement is not what was judged: its flips were near-ties, and
+    with fewer than MIN_DECISIVE decisive inputs no agreement rate was judged at all."""
+    units = "pixels" if task == "segmentation" else "inputs"
+    judgement = (
+        f"agreement judged on decisive {units} ({metrics['decisive_agreement']:.3f})"
+        if metrics.get("decisive", MIN_DECISIVE) >= MIN_DECISIVE
+        else f"agreement not judged ({metrics['decisive']} decisive {units})"
+    )
+    return (
+        f"{judgement}; {metrics['near_ties']:.1%} are near-ties (reference margin within "
+        f"{NEAR_TIE_FACTOR:g}x the RMS error), where a flip is not a defect"
+    )
 
 
 def verify(
@@ -182,13 +198,7 @@ def verify(
         raw = metrics.get("agreement", 1.0)
         judged = REDUCED_PRECISION.get(precision, {}).get("min_agreement")
         if judged and "decisive_agreement" in metrics and raw < metrics["decisive_agreement"]:
-            report.notes.append(
-                f"{candidate}: agreement judged on decisive "
-                + ("pixels" if task == "segmentation" else "inputs")
-                + f" ({metrics['decisive_agreement']:.3f}); {metrics['near_ties']:.1%} are "
-                f"near-ties (reference margin within {NEAR_TIE_FACTOR:g}x the RMS error), "
-                "where a flip is not a defect"
-            )
+            report.notes.append(f"{candidate}: {near_tie_note(metrics, task)}")
 
     progress("running the unfused reference in float64")
     reference = TorchRunner(model, torch.float64)(x)

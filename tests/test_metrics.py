@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from mobilevit_deploy.metrics import compare, judge
+from mobilevit_deploy.verify import near_tie_note
 
 
 def test_top5_of_a_head_with_fewer_than_five_classes_is_all_of_them():
@@ -62,3 +63,16 @@ def test_files_of_a_static_batch_run_in_chunks_padded_at_the_end():
     x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
     doubled, first = run_per_sample(runner, x, batch=3)
     assert seen == [3, 3, 3] and np.array_equal(doubled, x * 2) and first.shape == (7, 1)
+
+
+def test_the_near_tie_note_says_when_no_agreement_was_judged():
+    """FastViT-SA12's int8 row: every input near-tied, and the note said "agreement
+    judged on decisive inputs (1.000)" of none."""
+    none = {"decisive_agreement": 1.0, "decisive": 0, "near_ties": 1.0}
+    assert near_tie_note(none, "classification").startswith(
+        "agreement not judged (0 decisive inputs); 100.0% are near-ties"
+    )
+    some = {"decisive_agreement": 0.9, "decisive": 10, "near_ties": 0.5}
+    assert near_tie_note(some, "segmentation").startswith(
+        "agreement judged on decisive pixels (0.900); 50.0% are near-ties"
+    )
