@@ -129,8 +129,9 @@ def output_producers(model: nn.Module, example: np.ndarray) -> set[str]:
 
 def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> list[str]:
     """Recipe regexes for the tensors of the modules kept float. litert-torch names each
-    tensor by its module chain, one "<module>.<Class>_<attribute>" per level, ending in
-    ";", so a kept module is matched by its chain below the model's own level (whatever
+    tensor by its module chain, one "<module>.<Class>_<attribute>" per level (none for a
+    ModuleList or ModuleDict: EfficientViT's `op_list` child "0" is "ConvLayer_0"), ending
+    in ";", so a kept module is matched by its chain below the model's own level (whatever
     wraps it) ending there: its own ops, not its children's (int8_search.rank_modules).
     A class that declares float is matched by its one level, with all below it; a kept
     module whose own op writes a graph output also by the signature's name for it
@@ -141,7 +142,8 @@ def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> l
         levels, module = [], model
         for part in path.split("."):
             module = module.get_submodule(part)
-            levels.append(_class_level(type(module)) + part)
+            if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # no level of their own
+                levels.append(_class_level(type(module)) + part)
         root = re.escape(_class_level(type(model)))
         patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(;|$).*")
     producers = output_producers(model, example) if paths else set()
