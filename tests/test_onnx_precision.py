@@ -161,3 +161,64 @@ def test_int8_calibration_folds_each_image_before_reading_the_next(tmp_path, mon
         int8_target=0,  # one quantization: no search
     )
     assert images_per_call == [1] * 5
+
+
+def _conv_relu_conv() -> onnx.ModelProto:
+    """input -> conv1 -> Relu -> conv2: onnxruntime's quantizer drops the Relu (a uint8
+    quantization after conv1 clips at zero already) and hands conv1's output on."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(size=(4, 8, 1, 1)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Conv", ["input", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+            onnx.helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+            onnx.helper.make_node("Conv", ["r1", "w2"], ["output"], name="conv2"),
+        ],
+        "conv_relu_conv",
+        [onnx.helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [onnx.helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")],
+    )
+    return onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8
+    )
+
+
+def _session_outputs(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def test_a_node_kept_float_after_a_dropped_relu_reads_the_relu_s_output():
+    """Kept float, conv2 read the tensor before the QuantizeLinear: conv1's output
+    without the Relu the quantizer had dropped, negative values and all (-2 dB)."""
+    from mobilevit_deploy.exporters.onnx_precision import to_int8
+
+    graph = _conv_relu_conv()
+    x = np.random.default_rng(1).normal(size=(8, 1, 3, 16, 16)).astype(np.float32)
+    quantized = to_int8(graph, x[:, 0], stays_float=lambda name: name == "conv2")
+    assert "Relu" not in {n.op_type for n in quantized.graph.node if n.name != "relu1_restored"}
+    reference = np.concatenate([_session_outputs(graph, image) for image in x]).reshape(8, -1)
+    got = np.concatenate([_session_outputs(quantized, image) for image in x]).reshape(8, -1)
+    assert compare(reference, got, "features")["psnr_db"] > 30
+
+
+def test_every_node_reading_float_gives_back_the_whole_int8_noise():
+    """The ranking's trial of a module must make its nodes read float weights as well as
+    float activations: the quantizer names a weight's DequantizeLinear output after
+    itself (`w1_DequantizeLinear_Output`), not the weight, so weights stayed int8 and
+    a module's weight noise never counted (SeaFormer-Tiny: all modules 'float' at
+    -13 dB, with the dropped Relu). The graph's output is float (no op reads it)."""
+    from mobilevit_deploy.exporters.onnx_precision import int8_module_gain, to_int8
+
+    graph = _conv_relu_conv()
+    x = np.random.default_rng(2).normal(size=(6, 3, 16, 16)).astype(np.float32)
+    quantized = to_int8(graph, x)
+    images = x[:3, None]
+    reference = np.stack([_session_outputs(graph, image) for image in images])
+    noise = np.sum((np.stack([_session_outputs(quantized, i) for i in images]) - reference) ** 2)
+    gains = int8_module_gain(graph, quantized, lambda _name: "all", x[:3])
+    assert gains["all"] == pytest.approx(noise / np.sum(reference**2), rel=1e-4)

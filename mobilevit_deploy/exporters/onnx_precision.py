@@ -137,8 +137,8 @@ def to_int8(
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantized = _prepared(model, Path(tmp)), Path(tmp) / "q.onnx"
-        nodes = onnx.load(str(prepared)).graph.node
-        excluded = [n.name for n in nodes if stays_float(n.name)]
+        float_graph = onnx.load(str(prepared))
+        excluded = [n.name for n in float_graph.graph.node if stays_float(n.name)]
         # The calibrator prints its progress; stdout belongs to `--json -`.
         with contextlib.redirect_stdout(io.StringIO()), no_root_warnings():
             quantize_static(
@@ -154,8 +154,37 @@ def to_int8(
                 extra_options={"CalibStridedMinMax": 1},  # any calibrator, despite the name
             )
         result = onnx.load(str(quantized))
-    _read_float_inputs(result, set(excluded), {})
+    _read_float_inputs(result, set(excluded), float_graph)
+    _float_graph_outputs(result)
     return result
+
+
+def _float_graph_outputs(model: onnx.ModelProto) -> None:
+    """Drop the QuantizeLinear/DequantizeLinear pair onnxruntime puts on each graph
+    output, in place: no op reads it, and uint8 logits cost top-1 its ties (256 levels
+    over the logits' range) for no speed; the last op's output is then float."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    dropped = set()
+    for output in graph.output:
+        dq = producer.get(output.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or readers.get(q.output[0]) != 1:
+            continue
+        source = producer.get(q.input[0])
+        if source is None or readers.get(q.input[0]) != 1:
+            continue
+        source.output[list(source.output).index(q.input[0])] = output.name
+        dropped |= {q.name, dq.name}
+    kept = [n for n in graph.node if n.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def int8_module_gain(
@@ -179,7 +208,6 @@ def int8_module_gain(
     """
     with tempfile.TemporaryDirectory() as tmp:
         prepared = onnx.load(str(_prepared(model, Path(tmp))))
-    weights = {w.name: w for w in prepared.graph.initializer}
     modules: dict[str, set[str]] = {}
     for name in _reading_dequantized(quantized):
         module = owner(name)
@@ -193,7 +221,7 @@ def int8_module_gain(
         progress(f"ranking modules by their share of the int8 error ({k}/{len(modules)})")
         edited = onnx.ModelProto()
         edited.CopyFrom(quantized)
-        _read_float_inputs(edited, nodes, weights)
+        _read_float_inputs(edited, nodes, prepared)
         got = _outputs(edited, images)
         gains[module] = base - float(np.sum((got - reference) ** 2)) / power
     return gains
@@ -211,15 +239,54 @@ def _reading_dequantized(model: onnx.ModelProto) -> set[str]:
     }
 
 
-def _read_float_inputs(model: onnx.ModelProto, names: set[str], weights: dict) -> None:
+def _read_float_inputs(
+    model: onnx.ModelProto, names: set[str], float_graph: onnx.ModelProto
+) -> None:
     """Make the nodes `names` of a QDQ graph read float inputs, in place: an activation
-    from before its QuantizeLinear, a quantized weight from `weights` (the float graph's,
-    added under a name of its own: the DequantizeLinear output carries the old one).
-    onnxruntime leaves an excluded node reading the int8 copy of a tensor that other
-    nodes read quantized; excluded, it keeps only its weights float."""
+    from before its QuantizeLinear, a quantized weight from `float_graph` (the graph
+    that was quantized, under a name of its own). onnxruntime leaves an excluded node
+    reading the int8 copy of a tensor that other nodes read quantized; excluded, it
+    keeps only its weights float.
+
+    Where the quantizer dropped a Relu or Clip, because a uint8 quantization clips
+    the same range, the tensor before the QuantizeLinear is the one before that
+    activation; a node that reads it float gets the activation applied again, or it
+    would see the negative values the float graph never has.
+    """
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
+    float_producer = {o: n for n in float_graph.graph.node for o in n.output}
+    float_weights = {w.name: w for w in float_graph.graph.initializer}
     present = {w.name for w in graph.initializer}
+    restored: dict[str, onnx.NodeProto] = {}  # tensor -> the activation applied again
+
+    def add_initializer(name: str, as_name: str) -> str:
+        if as_name not in present and name in float_weights:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(float_weights[name])
+            tensor.name = as_name
+            graph.initializer.append(tensor)
+            present.add(as_name)
+        return as_name
+
+    def float_activation(tensor: str) -> str:
+        dropped = float_producer.get(tensor)
+        here = producer.get(tensor)
+        if dropped is None or here is None or dropped.op_type == here.op_type:
+            return tensor
+        if dropped.op_type not in ("Relu", "Clip"):
+            return tensor
+        if tensor not in restored:
+            node = onnx.NodeProto()
+            node.CopyFrom(dropped)
+            node.name = f"{dropped.name}_restored"
+            node.input[0] = tensor
+            node.output[0] = f"{tensor}_restored"
+            for bound in node.input[1:]:
+                add_initializer(bound, bound)
+            restored[tensor] = node
+        return restored[tensor].output[0]
+
     for node in graph.node:
         if node.name not in names:
             continue
@@ -229,15 +296,20 @@ def _read_float_inputs(model: onnx.ModelProto, names: set[str], weights: dict) -
                 continue
             source = producer.get(dq.input[0])
             if source is not None and source.op_type == "QuantizeLinear":
-                node.input[k] = source.input[0]
-            elif name in weights:
-                node.input[k] = name + "_float"
-                if node.input[k] not in present:
-                    tensor = onnx.TensorProto()
-                    tensor.CopyFrom(weights[name])
-                    tensor.name = node.input[k]
-                    graph.initializer.append(tensor)
-                    present.add(node.input[k])
+                node.input[k] = float_activation(source.input[0])
+                continue
+            weight = dq.input[0].removesuffix("_quantized")
+            if weight in float_weights:
+                node.input[k] = add_initializer(weight, f"{weight}_float")
+    if restored:
+        # Each activation goes right after the node whose output it reads: ONNX keeps
+        # nodes in topological order.
+        ordered = []
+        for node in graph.node:
+            ordered.append(node)
+            ordered += [restored[o] for o in node.output if o in restored]
+        del graph.node[:]
+        graph.node.extend(ordered)
 
 
 def _outputs(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
