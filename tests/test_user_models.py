@@ -24,6 +24,7 @@ from mobilevit_deploy.errors import BadInput, CheckpointMismatch
 from mobilevit_deploy.images import natural_images, to_model_input
 from mobilevit_deploy.metrics import NOISE_FLOOR_FACTOR
 from mobilevit_deploy.registry import ModelSpec
+from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.verify import verify
 from mobilevit_deploy.zoo import get_spec
@@ -128,13 +129,18 @@ def test_a_headless_checkpoint_exports_pooled_features(tmp_path, name, classes):
     x = test_inputs(name, _size(name)[0], count=1)
     out = OrtRunner(artifact.path)(x)
     assert out.shape == (1, classes)
-    # As verify judges fp32: against float64, within 1e-5 of the scale or twice the
-    # unfused model's own float32 error (NOISE_FLOOR_FACTOR). Stressed SeaFormer-Tiny's
-    # own float32 run is 1e-5 of the scale off; its file was 1.02e-5 off (1.7e-5 on CI).
+    # Against float64, within 1e-5 of the scale or twice float32's own error on this
+    # function: the larger of the unfused and the fused model's in torch, since the file
+    # runs the fused graph and cannot beat float32 on it. On one input, stressed
+    # SeaFormer-Tiny's unfused run is 3.7e-6 of the scale off, its fused run 1.39e-5
+    # and its file 1.38e-5 (verify, on 12 inputs, measures 2.7e-6 and 4.5e-6).
     with torch.no_grad():
         own = model.eval()(torch.from_numpy(x)).numpy()
+        fused = reparameterize(copy.deepcopy(model), image_size=_size(name))
+        fused_own = fused(torch.from_numpy(x)).numpy()
         reference = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
-    scale, floor = np.abs(reference).max(), np.abs(own - reference).max()
+    scale = np.abs(reference).max()
+    floor = max(np.abs(own - reference).max(), np.abs(fused_own - reference).max())
     assert np.abs(out - reference).max() < max(1e-5 * scale, NOISE_FLOOR_FACTOR * floor)
 
 
@@ -202,8 +208,6 @@ def test_a_labels_file_of_the_wrong_length_is_refused_before_any_work(tmp_path):
     ],
 )
 def test_every_family_runs_non_square_sizes_fused_exactly(name, size):
-    from mobilevit_deploy.reparam import reparameterize
-
     _, model = fine_tuned(name, 7, size)
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     model = model.double()
