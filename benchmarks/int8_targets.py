@@ -28,7 +28,7 @@ from mobilevit_deploy.errors import MvdError
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.images import natural_images, to_model_input
 from mobilevit_deploy.machine import machine_stamp, stamp_line
-from mobilevit_deploy.metrics import DEFAULT_INT8_TARGET_DB
+from mobilevit_deploy.metrics import DEFAULT_INT8_TARGET_DB, MIN_DECISIVE
 from mobilevit_deploy.report import markdown_table
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.verify import verify
@@ -70,8 +70,20 @@ def measure(name: str, fmt: str, target: float) -> dict:
         "latency_ratio": search["latency_ratio_to_all_int8"],
         "verify_psnr_db": judged.metrics["psnr_db"],
         "verify_agreement": judged.metrics.get("decisive_agreement"),
+        "verify_decisive": judged.metrics.get("decisive"),
         "verify": "pass" if judged.passed else "FAIL",
     }
+
+
+def _agreement(row: dict) -> str:
+    """Decisive agreement and over how many inputs; verify does not judge too few."""
+    if row["verify_agreement"] is None:
+        return ""
+    decisive = row.get("verify_decisive")
+    if decisive is None:
+        return f"{row['verify_agreement']:.2f}"
+    judged = "" if decisive >= MIN_DECISIVE else ", not judged"
+    return f"{row['verify_agreement']:.2f} of {decisive}{judged}"
 
 
 def render(rows: list[dict], stamp: dict) -> str:
@@ -108,7 +120,7 @@ def render(rows: list[dict], stamp: dict) -> str:
                 f"{r['latency_ratio']:.2f}x",
                 str(r["steps"]),
                 f"{r['verify_psnr_db']:.1f}",
-                "" if r["verify_agreement"] is None else f"{r['verify_agreement']:.2f}",
+                _agreement(r),
                 r["verify"],
             ]
         )
@@ -123,7 +135,8 @@ def render(rows: list[dict], stamp: dict) -> str:
         "float* the modules it returned to float, *float weights* their share of the "
         "weights with the declared ones; *size* and *latency* against the all-int8 file "
         "(latency timed briefly in the export). *verify* is `mvd verify` of the same "
-        "export on its own images, held to the target with decisive agreement >= 0.9.\n\n"
+        "export on its own images, held to the target with agreement >= 0.9 on its "
+        "decisive inputs (their count follows; fewer than 3 are not judged).\n\n"
         + markdown_table(header, body)
         + "\n"
     )

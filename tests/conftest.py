@@ -1,5 +1,6 @@
 import functools
 import http.server
+import os
 import threading
 from typing import ClassVar
 
@@ -13,6 +14,14 @@ from mobilevit_deploy.exporters.metadata import artifact_metadata
 from mobilevit_deploy.images import natural_images, to_model_input
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.zoo import get_spec
+
+# `make test` runs two xdist workers on this machine's two cores: one thread each (and
+# in the processes the tests start). At two threads, one worker's idle OpenMP threads
+# spin against the other's: test_weights.py and test_fastvit.py took 8m49s on two
+# workers, 17 s at one thread each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 def stressed(name: str, size: int = 64, seed: int = 0) -> torch.nn.Module:
