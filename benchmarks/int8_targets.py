@@ -82,6 +82,8 @@ def _agreement(row: dict) -> str:
     decisive = row.get("verify_decisive")
     if decisive is None:
         return f"{row['verify_agreement']:.2f}"
+    if decisive == 0:
+        return "no decisive input"
     judged = "" if decisive >= MIN_DECISIVE else ", not judged"
     return f"{row['verify_agreement']:.2f} of {decisive}{judged}"
 
