@@ -164,6 +164,7 @@ def main() -> int:
             print(f"  {rows[-1].get('verify', rows[-1].get('error'))}", flush=True)
             out_json.write_text(json.dumps(rows, indent=1))
             (HERE / "INT8.md").write_text(render(rows, stamp))
+    (HERE / "INT8.md").write_text(render(rows, stamp))  # --resume alone re-renders
     return 0 if all(r.get("verify") == "pass" for r in rows) else 1
 
 
