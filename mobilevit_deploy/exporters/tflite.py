@@ -178,6 +178,11 @@ def _quantize(
         # stops the interpreter (EfficientViT's attention normaliser did, at run time).
         for op in (TFLOperationName.INPUT, TFLOperationName.OUTPUT, TFLOperationName.DIV):
             q.update_quantization_recipe(".*", op, algorithm_key=AlgorithmName.NO_QUANTIZE)
+        # The op that writes the output keeps it float (int8 weights, its input
+        # quantized at run time), as ONNX int8 outputs are: an int8 output stops at the
+        # largest value calibration saw, and a classifier's top logit is where a new
+        # image goes past it (stressed LeViT-128S lost a decisive top-1 that way).
+        q.add_dynamic_config(SIGNATURE_OUTPUT, TFLOperationName.ALL_SUPPORTED, num_bits=8)
     if precision == "int8":  # static or dynamic: the kept modules' weights stay float too
         for pattern in keep_float:
             q.update_quantization_recipe(
