@@ -79,9 +79,7 @@ def _agreement(row: dict) -> str:
     """Decisive agreement and over how many inputs; verify does not judge too few."""
     if row["verify_agreement"] is None:
         return ""
-    decisive = row.get("verify_decisive")
-    if decisive is None:
-        return f"{row['verify_agreement']:.2f}"
+    decisive = row["verify_decisive"]
     if decisive == 0:
         return "no decisive input"
     judged = "" if decisive >= MIN_DECISIVE else ", not judged"

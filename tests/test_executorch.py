@@ -81,6 +81,15 @@ def _job(module: nn.Module, path, example: np.ndarray):
     return bare_module_job(module, path, example, "executorch")
 
 
+def _assert_all_delegated_and_exact(module: nn.Module, x: np.ndarray, path) -> None:
+    """The module's .pte leaves nothing to portable kernels and matches it in float64."""
+    meta = et.export_executorch(_job(module, path, x))
+    assert meta.details["delegation"]["portable_ops"] == {}, meta.details["delegation"]
+    with torch.no_grad():
+        want = module.double()(torch.from_numpy(x).double()).numpy()
+    assert compare(want, ExecuTorchRunner(path)(x), "features")["max_rel"] < 1e-6
+
+
 def test_the_rewrites_keep_every_op_in_the_delegate_and_change_no_number(tmp_path):
     module = _Unfriendly().eval()
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
@@ -94,12 +103,7 @@ def test_the_rewrites_keep_every_op_in_the_delegate_and_change_no_number(tmp_pat
         "expand_copy_default",
         "select_copy_int",
     } <= set(plain["portable_ops"]), plain
-    meta = et.export_executorch(_job(module, tmp_path / "u.pte", x))
-    assert meta.details["delegation"]["portable_ops"] == {}, meta.details["delegation"]
-    with torch.no_grad():
-        want = module.double()(torch.from_numpy(x).double()).numpy()
-    got = ExecuTorchRunner(tmp_path / "u.pte")(x)
-    assert compare(want, got, "features")["max_rel"] < 1e-6
+    _assert_all_delegated_and_exact(module, x, tmp_path / "u.pte")
 
 
 def test_tanh_gelu_is_computed_as_tanh_gelu(tmp_path):
@@ -110,12 +114,7 @@ def test_tanh_gelu_is_computed_as_tanh_gelu(tmp_path):
         nn.Conv2d(3, 8, 1), nn.GELU(approximate="tanh"), nn.Conv2d(8, 8, 1), nn.GELU()
     ).eval()
     x = 3 * np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
-    meta = et.export_executorch(_job(module, tmp_path / "g.pte", x))
-    assert meta.details["delegation"]["portable_ops"] == {}, meta.details["delegation"]
-    with torch.no_grad():
-        want = module.double()(torch.from_numpy(x).double()).numpy()
-    got = ExecuTorchRunner(tmp_path / "g.pte")(x)
-    assert compare(want, got, "features")["max_rel"] < 1e-6
+    _assert_all_delegated_and_exact(module, x, tmp_path / "g.pte")
 
 
 def test_a_failed_lowering_is_one_error_and_leaves_nothing(tmp_path):
