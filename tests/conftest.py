@@ -53,6 +53,31 @@ def bare_module_job(module: torch.nn.Module, path, example: np.ndarray, fmt: str
     return ExportJob(module, path, example, "fp32", FORMATS[fmt].options(), meta, spec)
 
 
+class _TwoLogits(torch.nn.Module):
+    """Two channels through a 1x1 convolution, pooled, then a Linear that adds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1, bias=False)
+        self.fc = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(2, 3).reshape(2, 3, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def capped_logits_case() -> tuple[torch.nn.Module, np.ndarray, np.ndarray, list]:
+    """(module, calibration, input, expected logits) where an int8 file whose output is
+    int8 caps the top logit at the largest value calibration saw: calibration lights one
+    channel at a time (a logit of 1 at most) and the input both (2), with every tensor
+    before the last within its calibrated range."""
+    one_hot = np.zeros((2, 3, 8, 8), dtype=np.float32)
+    one_hot[0, 0], one_hot[1, 1] = 1.0, 1.0
+    return _TwoLogits().eval(), np.concatenate([one_hot] * 4), one_hot[:1] + one_hot[1:], [[2, 0]]
+
+
 def test_inputs(name: str, size: int = 64, count: int = 4, seed: int = 0) -> np.ndarray:
     return to_model_input(natural_images(count, size, seed), get_spec(name))
 

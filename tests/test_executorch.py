@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import bare_module_job, stressed, test_inputs
+from conftest import bare_module_job, capped_logits_case, stressed, test_inputs
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 from executorch.exir import ExecutorchProgramManager, to_edge_transform_and_lower
 from torch import nn
@@ -157,6 +157,17 @@ def test_int8_at_batch_2_calibrates_in_batches_of_2(tmp_path):
     )
     x = test_inputs(NAME, SIZE, count=2)
     assert ExecuTorchRunner(artifact.path)(x).shape == (2, 1000)
+
+
+def test_int8_logits_are_not_capped_at_the_calibrated_range(tmp_path):
+    """The op that writes the graph's output keeps that output float (its weights
+    int8, its input quantized at run time), as the ONNX and TFLite int8 files do: an
+    int8 output stops at the largest value calibration saw (0.996 here, not 2)."""
+    module, calibration, x, want = capped_logits_case()
+    job = bare_module_job(module, tmp_path / "c.pte", x, "executorch")
+    et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
+    got = ExecuTorchRunner(tmp_path / "c.pte")(x)
+    assert np.abs(got - want).max() < 0.05, got
 
 
 def test_fp16_leaves_the_callers_module_in_float32(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import bare_module_job, stressed, test_inputs
+from conftest import bare_module_job, capped_logits_case, stressed, test_inputs
 from torch import nn
 from typer.testing import CliRunner
 
@@ -109,37 +109,17 @@ def test_int8(source, fp32, tmp_path, mode):
         assert {"QUANTIZE", "DEQUANTIZE"} <= set(artifact.metadata["tflite_ops"])
 
 
-class _Classifier(nn.Module):
-    """Two channels through a 1x1 convolution, pooled, then a Linear that adds them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 2, 1, bias=False)
-        self.fc = nn.Linear(2, 2, bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(2, 3).reshape(2, 3, 1, 1))
-            self.fc.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
-
-    def forward(self, x):
-        return self.fc(self.conv(x).relu().mean((2, 3)))
-
-
 def test_int8_logits_are_not_capped_at_the_calibrated_range(tmp_path):
     """The op that writes the graph's output keeps that output float (its weights
     int8, its input quantized at run time), as ONNX int8 files do: an int8 output
     stops at the largest value calibration saw. Stressed LeViT-128S's top logit on
-    one of verify's images (0.56, against a calibrated 0.52) lost its lead that way.
-    Here calibration lights one channel at a time (a logit of 1 at most) and the
-    input both (2), every tensor before the last within its calibrated range."""
-    module = _Classifier().eval()
-    one_hot = np.zeros((2, 3, 8, 8), dtype=np.float32)
-    one_hot[0, 0], one_hot[1, 1] = 1.0, 1.0
-    calibration = np.concatenate([one_hot] * 4)
-    x = one_hot[:1] + one_hot[1:]
+    one of verify's images (0.56, against a calibrated 0.52) lost its lead that way
+    (conftest.capped_logits_case)."""
+    module, calibration, x, want = capped_logits_case()
     job = bare_module_job(module, tmp_path / "c.tflite", x, "tflite")
     export_tflite(dataclasses.replace(job, precision="int8", calibration=calibration))
     got = LiteRTRunner(tmp_path / "c.tflite")(x)
-    assert np.abs(got - [[2.0, 0.0]]).max() < 0.05, got
+    assert np.abs(got - want).max() < 0.05, got
 
 
 @pytest.mark.slow

@@ -64,3 +64,28 @@ def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for path, module in model.named_modules()
         if getattr(module, "int8_keeps_float", False)
     ]
+
+
+def output_writers(model: nn.Module, example: np.ndarray) -> set[str]:
+    """Paths of the innermost modules whose forward returned one of the model's outputs
+    (the head's last layer, not the modules around it): the ops whose output int8 files
+    keep float, so that a logit past the calibrated range is not capped."""
+    import torch
+
+    # The tensors themselves are held, not their ids: a freed tensor's id is reused by
+    # a later one, which made modules far from the output look like its writers.
+    returned: list[tuple[str, object]] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out, path=path: returned.append((path, out)))
+        for path, module in model.named_modules()
+        if path
+    ]
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(example))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    outs = out if isinstance(out, tuple) else (out,)
+    producers = {path for path, got in returned if any(got is o for o in outs)}
+    return {p for p in producers if not any(q.startswith(p + ".") for q in producers)}

@@ -43,7 +43,7 @@ from ..errors import MvdError
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.executorch import METADATA_METHOD
-from . import ExportJob, float_modules
+from . import ExportJob, float_modules, output_writers
 from .metadata import ArtifactMetadata
 
 
@@ -193,8 +193,16 @@ def _quantize(
     quantizer = XNNPACKQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=True)
     )
+    declared = [path for path, _ in float_modules(model)]
     for cls in {type(module) for _, module in float_modules(model)}:
         quantizer.set_module_type(cls, None)  # None: left float (and out of the global)
+    # The ops that write the graph's outputs: int8 weights, float output (the input is
+    # quantized at run time), so that no logit is capped at the calibrated maximum.
+    for path in output_writers(model, example.numpy()) - set(keep_float):
+        if not any(path == d or path.startswith(d + ".") for d in declared):
+            quantizer.set_module_name(
+                path, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+            )
     if keep_float:  # set_module_name takes no None (yet): a filter leaves them out instead
         kept = set(keep_float)
         quantizer.set_filter_function(lambda node: _owner(node) not in kept)

@@ -33,7 +33,7 @@ from ..errors import MvdError
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
-from . import ExportJob, float_modules
+from . import ExportJob, float_modules, output_writers
 from .metadata import ArtifactMetadata
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
@@ -109,24 +109,6 @@ def _class_level(cls: type) -> str:
 SIGNATURE_OUTPUT = "^serving_default_"
 
 
-def output_producers(model: nn.Module, example: np.ndarray) -> set[str]:
-    """Paths of the modules whose forward returned one of the model's outputs (the last
-    layer and the modules around it)."""
-    returned: dict[int, set[str]] = defaultdict(set)
-    hooks = [
-        module.register_forward_hook(lambda _m, _i, out, path=path: returned[id(out)].add(path))
-        for path, module in model.named_modules()
-        if path
-    ]
-    try:
-        with torch.no_grad():
-            out = model(torch.from_numpy(example))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return set().union(*(returned[id(o)] for o in (out if isinstance(out, tuple) else (out,))))
-
-
 def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> list[str]:
     """Recipe regexes for the tensors of the modules kept float. litert-torch names each
     tensor by its module chain, one "<module>.<Class>_<attribute>" per level (none for a
@@ -146,9 +128,7 @@ def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> l
                 levels.append(_class_level(type(module)) + part)
         root = re.escape(_class_level(type(model)))
         patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(;|$).*")
-    producers = output_producers(model, example) if paths else set()
-    writers = {p for p in producers if not any(q.startswith(p + ".") for q in producers)}
-    if writers & set(paths):
+    if paths and output_writers(model, example) & set(paths):
         patterns.append(SIGNATURE_OUTPUT)
     return patterns
 
