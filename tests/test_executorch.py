@@ -170,6 +170,34 @@ def test_int8_logits_are_not_capped_at_the_calibrated_range(tmp_path):
     assert np.abs(got - want).max() < 0.05, got
 
 
+class _SliceOfInt8(nn.Module):
+    """A slice (the last token) of a quantized tensor, into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2) + 1.0
+        return self.fc(tokens[:, -1:]).mean(1)
+
+
+def test_int8_slices_share_their_inputs_scale_and_the_program_loads(tmp_path):
+    """XNNPACK copies a slice's int8 values, so its output takes its input's scale;
+    with a scale of its own, `forward` failed to load (error 0x1), as stressed
+    LeViT-128S's padded 7x7 grid did."""
+    module = _SliceOfInt8().eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 7, 7)).astype(np.float32)
+    calibration = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)
+    job = bare_module_job(module, tmp_path / "s.pte", x, "executorch")
+    et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
+    got = ExecuTorchRunner(tmp_path / "s.pte")(x)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 1e-3, (got, want)
+
+
 def test_fp16_leaves_the_callers_module_in_float32(tmp_path):
     model = api.load_model(NAME, image_size=SIZE)
     api.export(

@@ -178,6 +178,47 @@ def _owner(node) -> str | None:
     return stack[-1][0].removeprefix("L['self'].") if stack else None
 
 
+_COPY_OPS = {
+    torch.ops.aten.slice.Tensor,
+    torch.ops.aten.pad.default,
+    torch.ops.aten.constant_pad_nd.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.squeeze.dim,
+}
+
+
+def _share_qparams_through_copies(model: torch.fx.GraphModule) -> None:
+    """XNNPACK copies the int8 values of a slice or a pad unchanged, so their input and
+    output must share one scale. The quantizer shares it through reshapes and
+    permutes, not slices and pads: the program then fails to load (`forward` error
+    0x1; stressed LeViT pads its 7x7 grid, SepViT and SeaFormer slice). Each such op
+    after a quantized tensor takes that tensor's parameters, in graph order so that a
+    chain of copies shares them too."""
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        SharedQuantizationSpec,
+    )
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    for node in model.graph.nodes:
+        if node.op != "call_function" or node.target not in _COPY_OPS:
+            continue
+        source = node.args[0]
+        annotation = getattr(source, "meta", {}).get(Q_ANNOTATION_KEY)
+        if annotation is None or annotation.output_qspec is None:
+            continue
+        if Q_ANNOTATION_KEY in node.meta and node.meta[Q_ANNOTATION_KEY]._annotated:
+            continue
+        shared = SharedQuantizationSpec(source)
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+            input_qspec_map={source: shared}, output_qspec=shared, _annotated=True
+        )
+
+
 def _quantize(
     model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, keep_float=()
 ) -> nn.Module:
@@ -190,9 +231,13 @@ def _quantize(
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(
-        get_symmetric_quantization_config(is_per_channel=True)
-    )
+    class SharedCopies(XNNPACKQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            _share_qparams_through_copies(model)
+            return model
+
+    quantizer = SharedCopies().set_global(get_symmetric_quantization_config(is_per_channel=True))
     declared = [path for path, _ in float_modules(model)]
     for cls in {type(module) for _, module in float_modules(model)}:
         quantizer.set_module_type(cls, None)  # None: left float (and out of the global)
