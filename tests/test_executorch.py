@@ -198,6 +198,19 @@ def test_int8_slices_share_their_inputs_scale_and_the_program_loads(tmp_path):
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 1e-3, (got, want)
 
 
+def test_a_program_the_runtime_cannot_load_is_an_export_error(tmp_path, monkeypatch):
+    """Without the shared scales above, the program lowers and serializes, and only
+    the runtime refuses it: export loads what it wrote, and leaves nothing."""
+    monkeypatch.setattr(et, "_share_qparams_through_copies", lambda _model: None)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 7, 7)).astype(np.float32)
+    job = bare_module_job(_SliceOfInt8().eval(), tmp_path / "s.pte", x, "executorch")
+    calibration = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)
+    with pytest.raises(et.LoweringFailed, match="cannot load"):
+        et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fp16_leaves_the_callers_module_in_float32(tmp_path):
     model = api.load_model(NAME, image_size=SIZE)
     api.export(

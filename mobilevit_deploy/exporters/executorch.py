@@ -352,6 +352,21 @@ def _program(job: ExportJob, example: torch.Tensor):
     return program, metadata
 
 
+def _check_it_loads(path) -> None:
+    """XNNPACK checks a delegated graph only when the runtime builds it: a program it
+    refuses lowers and serializes, then fails at `load_method` with a bare error code.
+    Loading it here makes that an export error, and no file."""
+    from ..runtimes.executorch import ExecuTorchRunner
+
+    try:
+        ExecuTorchRunner(path)
+    except RuntimeError as exc:
+        raise LoweringFailed(
+            f"the ExecuTorch runtime cannot load the lowered program ({exc}); "
+            "XNNPACK refused part of its delegated graph"
+        ) from exc
+
+
 def export_executorch(job: ExportJob) -> ArtifactMetadata:
     """Write `job.output` (+ `.json`): the .pte and its record with the delegation report."""
     with quiet():  # executorch and torchao print banners and warnings at import
@@ -367,5 +382,6 @@ def export_executorch(job: ExportJob) -> ArtifactMetadata:
     record = metadata.to_dict()
     with atomic_path(job.output) as tmp:
         tmp.write_bytes(program.buffer)
+        _check_it_loads(tmp)
     write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
     return metadata
