@@ -74,6 +74,9 @@ def test_an_error_is_pinned_to_its_precision_and_resume_reruns_what_failed(run_m
     calls.clear()
     _, resumed = run("--models", "fastvit_t12", "fastvit_t8", "fastvit_s12", "--resume")
     assert {name for name, _, _ in calls} == {"fastvit_t8", "fastvit_t12", "fastvit_s12"}
+    assert ("fastvit_t8", "onnx", ("fp16",)) in calls, "only the failed cell runs again"
+    assert ("fastvit_t12", "onnx", ("int8",)) in calls
+    assert len(resumed) == 9 and len({(c["model"], c["precision"]) for c in resumed}) == 9
     calls.clear()
     _, kept = run("--models", "fastvit_s12", "--resume")
     assert calls == [], "a format whose cells all passed is not run again"
@@ -99,3 +102,22 @@ def test_shards_split_the_zoo_and_merge_into_one_table(run_matrix, tmp_path):
     order = [c["model"] for c in merged]
     assert order == sorted(order, key=list(models).index)
     assert "fastvit_sa36" in (tmp_path / "MATRIX.md").read_text()
+
+
+def test_resume_reruns_int8_cells_judged_before_the_int8_search(run_matrix, tmp_path):
+    """Cells bounded by the old 15 dB floor were never held to a target or an agreement
+    rule: --resume measures them again, and the table's caveat goes with the last one."""
+    run, calls = run_matrix
+    run("--models", "fastvit_s12")
+    cells = json.loads((tmp_path / "matrix.json").read_text())
+    for cell in cells:
+        if cell["precision"] == "int8":
+            cell["bound"] = ">=15dB"
+    (tmp_path / "matrix.json").write_text(json.dumps(cells))
+    run("--models", "fastvit_s12", "--resume", "--precisions", "fp32")
+    assert "before the int8 search" in (tmp_path / "MATRIX.md").read_text()
+    calls.clear()
+    _, resumed = run("--models", "fastvit_s12", "--resume")
+    assert calls == [("fastvit_s12", "onnx", ("int8",))]
+    assert {c["bound"] for c in resumed} == {"b"} and len(resumed) == 3
+    assert "before the int8 search" not in (tmp_path / "MATRIX.md").read_text()
