@@ -170,16 +170,51 @@ def test_int8_logits_are_not_capped_at_the_calibrated_range(tmp_path):
     assert np.abs(got - want).max() < 0.05, got
 
 
-class _SliceOfInt8(nn.Module):
-    """A slice (the last token) of a quantized tensor, into a Linear."""
+class _UpsampledLogits(nn.Module):
+    """capped_logits_case's two channels as a segmenter writes them: a 1x1 convolution
+    to class logits, then an upsample that is the graph's output (EfficientViT's)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv, self.fc = nn.Conv2d(3, 16, 1), nn.Linear(16, 4)
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        self.classes = nn.Conv2d(2, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(2, 3).reshape(2, 3, 1, 1))
+            self.classes.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]).reshape(2, 2, 1, 1))
+
+    def forward(self, x):
+        logits = self.classes(self.conv(x).relu())
+        return nn.functional.interpolate(logits, scale_factor=2, mode="bilinear")
+
+
+def test_int8_logits_written_by_an_upsample_are_not_capped(tmp_path):
+    """No module writes this output (the upsample is a function), so no module-level
+    config can keep it float: the upsample and the convolution before it run float
+    (was: 1.0 where 2.0 is right)."""
+    _, calibration, x, _ = capped_logits_case()
+    module = _UpsampledLogits().eval()
+    job = bare_module_job(module, tmp_path / "u.pte", x, "executorch")
+    metadata = et.export_executorch(
+        dataclasses.replace(job, precision="int8", calibration=calibration)
+    )
+    got = ExecuTorchRunner(tmp_path / "u.pte")(x)
+    assert got.shape == (1, 2, 16, 16)
+    assert np.abs(got[0, 0] - 2.0).max() < 0.05 and np.abs(got[0, 1]).max() < 0.05, got[0, :, 0, 0]
+    assert metadata.details["delegation"]["portable_nodes"] == 0
+
+
+class _SliceOfInt8(nn.Module):
+    """A slice (the last token) of a quantized tensor, into an int8 Linear (the last
+    Linear and the mean run float: they write the output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 1), nn.Linear(16, 8)
+        self.out = nn.Linear(8, 4)
 
     def forward(self, x):
         tokens = self.conv(x).flatten(2).transpose(1, 2) + 1.0
-        return self.fc(tokens[:, -1:]).mean(1)
+        return self.out(self.fc(tokens[:, -1:]).relu()).mean(1)
 
 
 def test_int8_slices_share_their_inputs_scale_and_the_program_loads(tmp_path):
@@ -190,10 +225,7 @@ def test_int8_slices_share_their_inputs_scale_and_the_program_loads(tmp_path):
     module = _SliceOfInt8().eval()
     rng = np.random.default_rng(0)
     calibration = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)
-    # An input the calibration saw: this output is written by `mean`, no module, so it
-    # stays int8, and an unseen input's logit may pass the calibrated range (CI's did:
-    # 1.40 read as 1.12), which is not what this test is about.
-    x = calibration[:1]
+    x = rng.standard_normal((1, 3, 7, 7)).astype(np.float32)
     job = bare_module_job(module, tmp_path / "s.pte", x, "executorch")
     et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
     got = ExecuTorchRunner(tmp_path / "s.pte")(x)

@@ -219,6 +219,46 @@ def _share_qparams_through_copies(model: torch.fx.GraphModule) -> None:
         )
 
 
+# Ops between the last weighted op and a graph output that compute nothing a scale
+# needs to bound: resizes, pooling and copies (EfficientViT's segmenters end in an
+# upsample, pooled features in a mean).
+_TO_OUTPUT_OPS = _COPY_OPS | {
+    torch.ops.aten.upsample_bilinear2d.vec,
+    torch.ops.aten.upsample_bicubic2d.vec,
+    torch.ops.aten.upsample_nearest2d.vec,
+    torch.ops.aten.mean.dim,
+    torch.ops.aten.adaptive_avg_pool2d.default,
+}
+
+
+def _float_graph_outputs(model: torch.fx.GraphModule) -> None:
+    """An int8 output stops at its calibrated maximum, so an unseen input's top logit
+    can be capped and lose to the runner-up. The modules that write an output get a
+    dynamic config (`_quantize`); an output written by a resize, a mean or a copy has no
+    such module, so here those ops and the op before them run float (XNNPACK has no
+    int8 convolution with a float output: its weights' dequantize would fall to portable
+    kernels, which lack it). That op is a segmentation head's last 1x1 convolution, a
+    small share of the weights. Only chains that feed nothing but the output change: a
+    feature map that also feeds the next stage keeps its scale."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    output = next(n for n in model.graph.nodes if n.op == "output")
+    outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    for node in outs:
+        chain = {output}
+        while isinstance(node, torch.fx.Node) and set(node.users) <= chain:
+            annotation = node.meta.get(Q_ANNOTATION_KEY)
+            if node.op == "call_function" and node.target in _TO_OUTPUT_OPS:
+                node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(_annotated=True)
+                chain.add(node)
+                node = node.args[0]
+                continue
+            if annotation is not None and annotation.output_qspec is not None:
+                node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(_annotated=True)
+            break
+
+
 def _quantize(
     model: nn.Module, example: torch.Tensor, calibration: torch.Tensor, keep_float=()
 ) -> nn.Module:
@@ -235,6 +275,7 @@ def _quantize(
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
             _share_qparams_through_copies(model)
+            _float_graph_outputs(model)
             return model
 
     quantizer = SharedCopies().set_global(get_symmetric_quantization_config(is_per_channel=True))
