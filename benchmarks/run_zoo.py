@@ -14,8 +14,10 @@ precision's bound, and the table names the fastest one that passed. Segmenters r
 at their native resolution and at a mobile-sized one (half the height and width);
 above 512x512 pixels a run takes seconds, so those take 5 runs minimum instead of
 20, and skip eager PyTorch.
-Every model's report is kept in runs/ as it finishes, so an interrupted run resumes.
-Run it on an otherwise idle machine.
+Every model's report is kept in runs/ as it finishes, so an interrupted run resumes;
+runs/ is committed, so a later session resumes too, but only on the same machine and
+stack: a record from another CPU or other library versions is measured again, since
+one table's latencies must come from one machine. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from mobilevit_deploy.bench import BASELINE, DEFAULT_RUNTIMES, PRECISIONS, RUNTIMES, benchmark
 from mobilevit_deploy.info import count_params
+from mobilevit_deploy.machine import machine_stamp
 from mobilevit_deploy.metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION
 from mobilevit_deploy.plots import plot_zoo
 from mobilevit_deploy.reparam import reparameterize
@@ -179,6 +182,15 @@ def asked_of(report: dict) -> dict | None:
     if report.get(ASKED):
         return report[ASKED]
     return asked_dict(DEFAULT_RUNTIMES, ("fp32",)) if "fastest_passing" in report else None
+
+
+# What must match for a kept record's latencies to sit in one table with new ones (the
+# kernel build in `os` changes with every boot of the same machine).
+SAME_MACHINE = ("cpu_model", "arch", "isa", "logical_cores", "versions")
+
+
+def same_machine(stamp: dict, other: dict) -> bool:
+    return all(stamp.get(key) == other.get(key) for key in SAME_MACHINE)
 
 
 def asked_dict(runtimes, precisions) -> dict:
@@ -383,17 +395,22 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     reports, summaries = [], []
+    here = machine_stamp()
     for spec, size in jobs(specs, args.seg_sizes):
         record = runs / f"{spec.name}@{size[0]}x{size[1]}.json"
         kept = None
         if (args.resume or args.report_only) and record.exists():
             kept = json.loads(record.read_text())
-        if kept is not None and (args.report_only or asked_of(kept) == asked):
+        reusable = kept is not None and asked_of(kept) == asked
+        if reusable and not same_machine(kept.get("machine") or {}, here):
+            reusable = False
+            print(f"  {record.name} is from another machine or stack: re-running", file=sys.stderr)
+        if kept is not None and (args.report_only or reusable):
             report = kept
         elif args.report_only:
             continue
         else:
-            if kept is not None:
+            if kept is not None and asked_of(kept) != asked:
                 print(f"  {record.name} measured {asked_of(kept)}: re-running", file=sys.stderr)
             print(f"benchmarking {spec.name} at {size[0]}x{size[1]} ...", file=sys.stderr)
             report = run_job(spec, size, args)

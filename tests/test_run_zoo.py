@@ -232,6 +232,7 @@ def test_resume_reruns_a_record_that_measured_other_candidates(run_zoo, monkeypa
         return {k: v for k, v in fake_report().items() if k != "zoo_candidates"}
 
     monkeypatch.setattr(run_zoo, "benchmark", fake_benchmark)
+    monkeypatch.setattr(run_zoo, "machine_stamp", lambda: NO_BF16)
     base = ["--models", name, "--out", str(tmp_path), "--resume", "--min-time", "0.05"]
     wide = [*base, "--runtimes", "onnxruntime,openvino,torch", "--precisions", "fp32,int8,bf16"]
 
@@ -249,3 +250,27 @@ def test_resume_reruns_a_record_that_measured_other_candidates(run_zoo, monkeypa
     assert calls[-1] == ("fp32", "int8", "bf16"), "other candidates asked: re-run"
     results = (tmp_path / "RESULTS.md").read_text()
     assert "| openvino bf16 | 5.1 (0.51x) | 49.9 |" in results
+
+
+def test_resume_reruns_a_record_from_another_machine(run_zoo, monkeypatch, tmp_path):
+    """One table's latencies come from one machine: a record of the same candidates
+    measured on another CPU (or with other library versions) is measured again, and
+    a rebooted machine (another kernel build) is the same machine."""
+    record = tmp_path / "runs" / "seaformer_tiny@224x224.json"
+    record.parent.mkdir()
+    calls = []
+
+    def fake_benchmark(model, **kwargs):
+        calls.append(model)
+        return {k: v for k, v in fake_report(stamp=SAPPHIRE).items() if k != "zoo_candidates"}
+
+    monkeypatch.setattr(run_zoo, "benchmark", fake_benchmark)
+    monkeypatch.setattr(run_zoo, "machine_stamp", lambda: {**SAPPHIRE, "os": "Linux-reboot"})
+    argv = ["--models", "seaformer_tiny", "--out", str(tmp_path), "--resume"]
+    argv += ["--runtimes", "onnxruntime,openvino,torch", "--precisions", "fp32,int8,bf16"]
+    record.write_text(json.dumps(fake_report(stamp=NO_BF16)))
+    assert run_zoo.main(argv) == 0
+    assert calls == ["seaformer_tiny"]
+    assert json.loads(record.read_text())["machine"] == SAPPHIRE
+    assert run_zoo.main(argv) == 0
+    assert calls == ["seaformer_tiny"], "a record of this machine is reused"
