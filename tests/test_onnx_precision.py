@@ -222,3 +222,33 @@ def test_every_node_reading_float_gives_back_the_whole_int8_noise():
     noise = np.sum((np.stack([_session_outputs(quantized, i) for i in images]) - reference) ** 2)
     gains = int8_module_gain(graph, quantized, lambda _name: "all", x[:3])
     assert gains["all"] == pytest.approx(noise / np.sum(reference**2), rel=1e-4)
+
+
+def test_the_int8_search_calibrates_a_graph_once(monkeypatch):
+    """The search quantizes one graph several times with other nodes kept float; the
+    activation ranges do not depend on which, so the second call reads them from the
+    cache instead of calibrating again, and its file is the one a fresh calibration
+    makes. Other images are calibrated anew."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    from mobilevit_deploy.exporters import onnx_precision
+    from mobilevit_deploy.exporters.onnx_precision import to_int8
+
+    calls = []
+    original = HistogramCalibrater.collect_data
+    monkeypatch.setattr(
+        HistogramCalibrater, "collect_data", lambda self, r: calls.append(1) or original(self, r)
+    )
+    graph = _conv_relu_conv()
+    images = np.random.default_rng(2).normal(size=(4, 1, 3, 16, 16)).astype(np.float32)[:, 0]
+    keep_conv2 = to_int8(graph, images, stays_float=lambda name: name == "conv2")
+    assert len(calls) == 4  # one stride of one image each
+    cached = to_int8(graph, images)
+    assert len(calls) == 4, "the ranges came from the cache"
+    onnx_precision.ranges_cache(graph, images).unlink()
+    fresh = to_int8(graph, images)
+    assert len(calls) == 8
+    assert cached.SerializeToString() == fresh.SerializeToString()
+    assert keep_conv2.SerializeToString() != cached.SerializeToString()
+    to_int8(graph, images[:2])
+    assert len(calls) == 10, "other images: calibrated anew"
