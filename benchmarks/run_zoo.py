@@ -189,8 +189,14 @@ def asked_of(report: dict) -> dict | None:
 SAME_MACHINE = ("cpu_model", "arch", "isa", "logical_cores", "versions")
 
 
-def same_machine(stamp: dict, other: dict) -> bool:
-    return all(stamp.get(key) == other.get(key) for key in SAME_MACHINE)
+def rerun_reason(kept: dict, asked: dict, here: dict) -> str | None:
+    """Why --resume measures a kept record again, or None to reuse it."""
+    if asked_of(kept) != asked:
+        return f"measured {asked_of(kept)}"
+    stamp = kept.get("machine") or {}
+    if any(stamp.get(key) != here.get(key) for key in SAME_MACHINE):
+        return "is from another machine or stack"
+    return None
 
 
 def asked_dict(runtimes, precisions) -> dict:
@@ -401,17 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         kept = None
         if (args.resume or args.report_only) and record.exists():
             kept = json.loads(record.read_text())
-        reusable = kept is not None and asked_of(kept) == asked
-        if reusable and not same_machine(kept.get("machine") or {}, here):
-            reusable = False
-            print(f"  {record.name} is from another machine or stack: re-running", file=sys.stderr)
-        if kept is not None and (args.report_only or reusable):
+        reason = None if kept is None else rerun_reason(kept, asked, here)
+        if kept is not None and (args.report_only or reason is None):
             report = kept
         elif args.report_only:
             continue
         else:
-            if kept is not None and asked_of(kept) != asked:
-                print(f"  {record.name} measured {asked_of(kept)}: re-running", file=sys.stderr)
+            if reason is not None:
+                print(f"  {record.name} {reason}: re-running", file=sys.stderr)
             print(f"benchmarking {spec.name} at {size[0]}x{size[1]} ...", file=sys.stderr)
             report = run_job(spec, size, args)
             record.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
