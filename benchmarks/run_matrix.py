@@ -132,12 +132,11 @@ def main() -> int:
     if args.merge:
         counts = write(merge(args.out / "matrix.json", args.merge), args)
         return 1 if counts["FAIL"] or counts["error"] else 0
-    out_json = args.out / json_name(args.shard)
-    cells = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else []
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
     if args.shard:
         k, n = args.shard
         specs = [s for i, s in enumerate(specs) if i % n == k - 1]
+    cells = resumed_cells(args, {s.name for s in specs}) if args.resume else []
     formats = args.formats.split(",")
     # A cell is settled when it passed under today's rules; a selected model's other
     # asked cells (FAIL, error, skipped, or int8 judged before the int8 search) run
@@ -184,6 +183,20 @@ def main() -> int:
         write(cells, args)  # after every model: a stopped run keeps what it measured
     counts = write(cells, args)
     return 1 if counts["FAIL"] or counts["error"] else 0
+
+
+def resumed_cells(args, shard_models: set[str]) -> list[dict]:
+    """The cells a resumed run starts from: its own JSON; a shard's first run starts
+    from its models' cells in matrix.json, so that shards run side by side on one
+    machine resume what a whole run measured, and each shard's file holds only its own
+    models (a merge would otherwise let one shard's stale copy of another's model win)."""
+    own = args.out / json_name(args.shard)
+    if own.is_file():
+        return json.loads(own.read_text())
+    whole = args.out / "matrix.json"
+    if not args.shard or not whole.is_file():
+        return []
+    return [c for c in json.loads(whole.read_text()) if c["model"] in shard_models]
 
 
 def key(cell: dict) -> tuple[str, str, str]:

@@ -24,6 +24,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for torch, restored afterwards.
+
+    The float64 references of `verify` and `reparam` run depthwise convs through
+    torch's slow per-group conv, whose OpenMP regions crawl when another process
+    shares the cores (measured: seconds become minutes on a busy 2-core machine).
+    `bench` also sets the process-wide thread count; restoring it keeps tests apart.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def stressed(name: str, size: int = 64, seed: int = 0) -> torch.nn.Module:
     """A model of `name` under stress weights calibrated on natural-looking images.
 

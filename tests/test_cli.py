@@ -1,13 +1,10 @@
-"""The `mvd` command line, in process through typer's CliRunner.
+"""The `mvd` command line, in process through typer's CliRunner: what works.
 
 Every command is run the way a user types it and judged by what it leaves behind:
-exit codes (0 ok, 1 verification failed, 2 bad input), JSON on stdout, files and
-their metadata, ONNX graphs, JUnit XML. The key test plants a wrong BatchNorm fold
-(eps 1e-3 instead of the norm's own) and requires `mvd verify` to fail on it.
-
-typer's CliRunner keeps stdout and stderr apart (`result.stdout`, `result.stderr`;
-`result.output` is both interleaved), so `--json` output must parse from stdout
-alone while errors and progress go to stderr.
+exit codes (0 ok, 1 verification failed), JSON on stdout, files and their metadata,
+ONNX graphs, JUnit XML. The key test plants a wrong BatchNorm fold (eps 1e-3 instead
+of the norm's own) and requires `mvd verify` to fail on it. Bad input is in
+test_cli_errors.py.
 """
 
 from __future__ import annotations
@@ -15,24 +12,31 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import (
+    SMALL,
+    VERIFY_SMALL,
+    assert_user_error,
+    json_out,
+    mvd,
+    no_partial_files,
+    ok,
+    onnx_ops,
+    sidecar,
+)
 
 from mobilevit_deploy import cli
-from mobilevit_deploy.cli import app
 from mobilevit_deploy.exporters.onnx import read_metadata
 from mobilevit_deploy.reparam import fuse
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FASTVITS = (
     "fastvit_t8",
@@ -44,66 +48,6 @@ FASTVITS = (
     "fastvit_ma36",
 )
 T8_PARAMS = {"train": 4_026_232, "deploy": 3_996_040, "fused": 3_992_392}
-SMALL = ["--image-size", "64"]  # a valid FastViT size (multiple of 32) that exports fast
-
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for torch, restored afterwards.
-
-    The float64 references of `verify` and `reparam` run depthwise convs through
-    torch's slow per-group conv, whose OpenMP regions crawl when another process
-    shares the cores (measured: seconds become minutes on a busy 2-core machine).
-    `bench` also sets the process-wide thread count; restoring it keeps tests apart.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def mvd(*args: object):
-    """Run `mvd ARGS`; exceptions other than SystemExit surface as test errors."""
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: object):
-    result = mvd(*args)
-    assert result.exit_code == 0, f"mvd {args} -> {result.exit_code}\n{result.output}"
-    return result
-
-
-def json_out(*args: object):
-    """Parse stdout as JSON: nothing else (progress, warnings) may go there."""
-    return json.loads(ok(*args).stdout)
-
-
-def assert_user_error(result, *fragments: str, code: int = 2) -> str:
-    """Exit `code`, one `error:` line on stderr naming `fragments`, no traceback."""
-    assert result.exit_code == code, f"exit {result.exit_code}\n{result.output}"
-    assert isinstance(result.exception, SystemExit)  # handled, not a crash
-    assert "Traceback" not in result.output
-    message = result.stderr.strip()
-    assert message.startswith("error: "), result.output
-    assert "\n" not in message, f"not one line:\n{message}"
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} missing from {message!r}"
-    assert result.stdout == ""
-    return message
-
-
-def onnx_ops(path: Path) -> Counter:
-    return Counter(node.op_type for node in onnx.load(str(path)).graph.node)
-
-
-def sidecar(path: Path) -> dict:
-    return json.loads(path.with_name(path.name + ".json").read_text())
-
-
-def no_partial_files(directory: Path) -> bool:
-    return not [p for p in directory.rglob("*") if p.name.endswith(".partial")]
 
 
 # --- list, info, doctor -----------------------------------------------------------
@@ -361,8 +305,6 @@ def test_export_no_reparam_keeps_the_training_structure(tmp_path):
 
 # --- verify ---------------------------------------------------------------------
 
-VERIFY_SMALL = ["verify", "fastvit_t8", *SMALL, "--num-images", "2"]
-
 
 def junit_suite(path: Path) -> ET.Element:
     suite = ET.parse(path).getroot()
@@ -449,270 +391,3 @@ def test_bench_json(tmp_path):
         assert r["median_ms"] > 0
         assert r["ratio_to_baseline"] > 0
     assert data["macs_per_image"] > 0
-
-
-# --- errors: exit 2 and one line, never a traceback ---------------------------------
-
-
-def test_unknown_model_suggests_close_names():
-    message = assert_user_error(mvd("info", "fastvit_sa13"), "fastvit_sa13", "Did you mean")
-    assert "fastvit_sa12" in message
-    # The closest name comes first.
-    assert message.index("fastvit_sa12") < message.index("fastvit_sa36")
-
-
-@pytest.mark.parametrize("command", ["export", "reparam", "verify", "bench"])
-def test_unknown_model_in_every_command(tmp_path, command):
-    extra = ["-o", tmp_path / "out.pt"] if command == "reparam" else []
-    assert_user_error(mvd(command, "fastvit_sa13", *extra), "Did you mean fastvit_sa12")
-
-
-def test_missing_weights_file(tmp_path):
-    missing = tmp_path / "nope.pt"
-    assert_user_error(
-        mvd("export", "fastvit_t8", "--weights", missing, "-o", tmp_path / "m.onnx", *SMALL),
-        str(missing),
-        "no such file",
-    )
-    assert not (tmp_path / "m.onnx").exists()
-
-
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_corrupt_checkpoint(tmp_path, suffix):
-    junk = tmp_path / f"junk{suffix}"
-    junk.write_bytes(np.random.default_rng(0).bytes(4096))
-    out = tmp_path / "m.onnx"
-    assert_user_error(mvd("export", "fastvit_t8", "--weights", junk, "-o", out), str(junk))
-    assert not out.exists()
-
-
-def test_random_bytes_are_not_called_pickled_code(tmp_path):
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(np.random.default_rng(0).bytes(4096))
-    message = assert_user_error(mvd("export", "fastvit_t8", "--weights", junk))
-    assert "pickled code" not in message
-
-
-def test_checkpoint_that_does_not_fit(tmp_path):
-    ckpt = tmp_path / "foreign.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({"stem.0.weight": torch.zeros(1)}, str(ckpt))
-    assert_user_error(
-        mvd("export", "fastvit_t8", "--weights", ckpt, "-o", tmp_path / "m.onnx"),
-        "does not fit the model",
-        "missing keys",
-        "unexpected keys: stem.0.weight",
-    )
-
-
-def test_output_under_a_file(tmp_path):
-    """Works as root too: no permission bit makes a file a directory."""
-    blocker = tmp_path / "file.txt"
-    blocker.write_text("not a directory")
-    assert_user_error(
-        mvd("export", "fastvit_t8", *SMALL, "-o", blocker / "out.onnx"),
-        "file.txt exists and is not a directory",
-    )
-    assert blocker.read_text() == "not a directory"
-    assert no_partial_files(tmp_path)
-
-
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only dirs"
-)
-def test_unwritable_output_directory(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        result = mvd("export", "fastvit_t8", *SMALL, "-o", locked / "out.onnx")
-        assert_user_error(result, str(locked), "not writable")
-        assert list(locked.iterdir()) == []
-    finally:
-        locked.chmod(0o700)
-
-
-def test_unwritable_output_directory_as_seen_by_access(tmp_path, monkeypatch):
-    """The same check where root ignores permission bits: os.access says no for one dir."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    real_access = os.access
-
-    def access(path, mode, *args, **kwargs):
-        if Path(path) == locked and mode & os.W_OK:
-            return False
-        return real_access(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
-    result = mvd("reparam", "fastvit_t8", "-o", locked / "x.pt")
-    assert_user_error(result, f"output directory {locked} is not writable")
-    assert list(locked.iterdir()) == []
-
-
-@pytest.mark.parametrize("command", ["export", "info", "verify", "bench"])
-def test_image_size_not_a_multiple_of_the_stride(command):
-    assert_user_error(
-        mvd(command, "fastvit_t8", "--image-size", "250"), "250x250", "multiples of 32"
-    )
-
-
-def test_image_size_not_a_number():
-    assert_user_error(mvd("export", "fastvit_t8", "--image-size", "big"), "'big'", "HxW")
-
-
-def test_unknown_format():
-    assert_user_error(
-        mvd("export", "fastvit_t8", "--format", "tensorrt"), "unknown format 'tensorrt'", "onnx"
-    )
-
-
-def test_a_missing_backend_names_the_extra_and_exits_3(monkeypatch):
-    import dataclasses
-
-    from mobilevit_deploy.exporters import formats
-
-    gone = dataclasses.replace(formats.FORMATS["coreml"], python_modules=("no_such_module_x",))
-    monkeypatch.setitem(formats.FORMATS, "coreml", gone)
-    result = mvd("export", "fastvit_t8", "--format", "coreml")
-    assert result.exit_code == 3, result.output
-    assert "pip install 'mobilevit_deploy[coreml]'" in result.stderr
-    assert "Traceback" not in result.output
-
-
-def test_unsupported_precision():
-    assert_user_error(mvd("export", "fastvit_t8", "--precision", "fp8"), "fp8", "fp32, fp16, int8")
-
-
-def test_unknown_runtime():
-    assert_user_error(
-        mvd("bench", "fastvit_t8", "--runtime", "tensorrt"), "tensorrt", "onnxruntime"
-    )
-
-
-def test_unknown_pretrained_tag():
-    assert_user_error(
-        mvd("export", "fastvit_t8", "--pretrained", "nosuch"), "'nosuch'", "in1k_reparam"
-    )
-
-
-def test_weights_and_pretrained_together(tmp_path):
-    assert_user_error(
-        mvd("export", "fastvit_t8", "--pretrained", "in1k", "--weights", tmp_path / "x.pt"),
-        "either --weights or --pretrained",
-    )
-
-
-def test_reparam_output_suffix(tmp_path):
-    out = tmp_path / "x.onnx"
-    assert_user_error(mvd("reparam", "fastvit_t8", "-o", out), str(out), ".safetensors")
-    assert not out.exists()
-
-
-def test_out_of_range_opset():
-    assert_user_error(mvd("export", "fastvit_t8", "--opset", "99"), "opset 99", "13 to 20")
-
-
-def test_directory_as_weights(tmp_path):
-    assert_user_error(mvd("export", "fastvit_t8", "--weights", tmp_path), "is a directory")
-
-
-def test_unknown_family():
-    assert_user_error(mvd("list", "--family", "resnet"), "unknown family 'resnet'", "fastvit")
-
-
-def test_zero_images():
-    assert_user_error(mvd("verify", "fastvit_t8", "--num-images", "0"), "at least 1")
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("verify", "fastvit_t8", "--formats", "onnx,tensorrt"),
-        ("verify", "fastvit_t8", "--json", "{dir}"),
-        ("bench", "fastvit_t8", "--markdown", "{dir}"),
-        ("export", "fastvit_t8", "-o", "{dir}/model.tflite"),
-    ],
-)
-def test_bad_requests_fail_before_any_work(tmp_path, monkeypatch, args):
-    """Found late, these errors came after minutes of exporting and timing."""
-    import mobilevit_deploy.api as api_module
-
-    def no_loading(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the request was checked")
-
-    monkeypatch.setattr(api_module, "load_model", no_loading)
-    result = mvd(*(str(a).format(dir=tmp_path) for a in args))
-    assert_user_error(result)
-
-
-def test_missing_images_folder(tmp_path):
-    assert_user_error(mvd(*VERIFY_SMALL, "--images", tmp_path / "none"), "not a directory")
-
-
-def test_missing_argument_is_a_usage_error():
-    result = mvd("export")
-    assert result.exit_code == 2
-    assert "Missing argument" in result.stderr
-
-
-# --- entry points ---------------------------------------------------------------
-
-
-def test_python_dash_m_help():
-    proc = subprocess.run(
-        [sys.executable, "-m", "mobilevit_deploy", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    for command in ("list", "info", "reparam", "export", "verify", "bench", "doctor"):
-        assert command in proc.stdout
-
-
-_IMPORT_SPY = """
-import json, sys
-
-HEAVY = ("torch", "onnx", "onnxruntime", "onnxslim", "coremltools", "litert_torch",
-         "ai_edge_litert")
-attempted = []
-
-class Spy:  # sees every import attempt, including of packages not installed here
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in HEAVY:
-            attempted.append(name)
-        return None
-
-sys.meta_path.insert(0, Spy())
-from typer.testing import CliRunner
-from mobilevit_deploy.cli import app
-
-codes = [CliRunner().invoke(app, args).exit_code for args in (["--help"], ["export", "--help"])]
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
-print(json.dumps({"codes": codes, "attempted": sorted(set(attempted)), "loaded": loaded,
-                  "coremltools": "coremltools" in sys.modules}))
-"""
-
-
-def test_help_imports_no_heavy_or_optional_backend():
-    proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_SPY], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert data["codes"] == [0, 0]
-    assert data["coremltools"] is False
-    assert data["attempted"] == []
-    assert data["loaded"] == []
-
-
-def test_an_option_is_none_only_where_none_is_its_default():
-    """`min_target=None` used to pass the choices check and reach the exporter."""
-    from mobilevit_deploy import api
-    from mobilevit_deploy.errors import BadInput
-
-    with pytest.raises(BadInput, match="--min-target None is not supported"):
-        api.export("fastvit_t8", "coreml", min_target=None)
-    with pytest.raises(BadInput, match="--opset None"):
-        api.export("fastvit_t8", "onnx", opset=None)

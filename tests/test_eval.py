@@ -14,8 +14,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_user_error, mvd, ok
 from PIL import Image
-from test_cli import assert_user_error, mvd, ok
 from test_user_models import fine_tuned
 
 from mobilevit_deploy import api

@@ -121,3 +121,30 @@ def test_resume_reruns_int8_cells_judged_before_the_int8_search(run_matrix, tmp_
     assert calls == [("fastvit_s12", "onnx", ("int8",))]
     assert {c["bound"] for c in resumed} == {"b"} and len(resumed) == 3
     assert "before the int8 search" not in (tmp_path / "MATRIX.md").read_text()
+
+
+def test_a_shards_first_resume_starts_from_matrix_json(run_matrix, tmp_path):
+    """Two shards side by side on one machine: each resumes its own models' cells of the
+    whole run's matrix.json and writes only those, so the merge keeps every new cell."""
+    run, calls = run_matrix
+    models = ("fastvit_t8", "fastvit_t12", "fastvit_s12", "fastvit_sa12")
+    run("--models", *models[:2], "--precisions", "fp32")
+    calls.clear()
+    for k in (1, 2):
+        _, cells = run(
+            "--models",
+            *models,
+            "--shard",
+            f"{k}/2",
+            "--resume",
+            "--precisions",
+            "fp32",
+            out=f"matrix.shard-{k}-of-2.json",
+        )
+        assert {c["model"] for c in cells} == set(models[k - 1 :: 2])
+    assert sorted(name for name, _, _ in calls) == ["fastvit_s12", "fastvit_sa12"], (
+        "the cells matrix.json had are not measured again"
+    )
+    files = [str(tmp_path / f"matrix.shard-{k}-of-2.json") for k in (1, 2)]
+    _, merged = run("--merge", *files)
+    assert sorted(c["model"] for c in merged) == sorted(models)

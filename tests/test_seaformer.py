@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import mobilevit_deploy.models.seaformer as sf
+import mobilevit_deploy.models.seaformer_zoo as sfz
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput
 from mobilevit_deploy.reparam import fuse, reparameterize, training_leftovers
@@ -286,7 +287,7 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked
 def official_keys(variant: str, seg: bool) -> list[str]:
     """Every key an official state dict has, enumerated from the official code's structure
     (seaformer-cls/seaformer.py, seaformer-seg backbone + light_head.py), not from ours."""
-    cfg = sf.CONFIGS[variant]
+    cfg = sfz.CONFIGS[variant]
     pre = "backbone." if seg else ""
     keys: list[str] = []
 
@@ -323,7 +324,7 @@ def official_keys(variant: str, seg: bool) -> list[str]:
         return [*keys, "linear.weight", "linear.bias"]
     keys += ["decode_head.conv_seg.weight", "decode_head.conv_seg.bias"]
     conv_bn("decode_head.linear_fuse", "conv")
-    for i in range(len(sf.CONFIGS[variant]["depths"])):
+    for i in range(len(sfz.CONFIGS[variant]["depths"])):
         for part in ("local_embedding", "global_act"):
             conv_bn(f"decode_head.fuse{i + 1}.{part}", "conv")
     return keys
@@ -405,7 +406,7 @@ def test_official_mmseg_checkpoint_with_syncbn_keys(tmp_path):
 
 def test_remap_drops_only_the_auxiliary_head():
     state = {"backbone.a": torch.zeros(1), "auxiliary_head.b": torch.zeros(1), "linear.w": 1}
-    assert list(sf.remap_official(state)) == ["backbone.a", "linear.w"]
+    assert list(sfz.remap_official(state)) == ["backbone.a", "linear.w"]
 
 
 @pytest.mark.parametrize("name", ["seaformer_tiny", SEG[0]])

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_user_error, mvd, ok, sidecar
+from cli_helpers import assert_user_error, mvd, ok, sidecar
 from test_user_models import fine_tuned
 
 from mobilevit_deploy import api

@@ -8,6 +8,7 @@ from . import (
     levit_zoo,
     seaformer,
     seaformer_seg,
+    seaformer_zoo,
     sepvit,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "levit_zoo",
     "seaformer",
     "seaformer_seg",
+    "seaformer_zoo",
     "sepvit",
 ]

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..registry import ModelSpec, Preprocessing, register
-from .seaformer import CONFIGS, NAMES, HSigmoid, SeaFormer, hw, remap_official
+from .seaformer import HSigmoid, SeaFormer
+from .seaformer_zoo import CONFIGS, NAMES, hw, remap_official
 
 SEG_SIZE = 512
 
