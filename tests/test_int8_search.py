@@ -4,6 +4,7 @@ int8 file to its target and fails a collapsed one. Under stress weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import stressed, test_inputs
+from conftest import bare_module_job, stressed, test_inputs
 from typer.testing import CliRunner
 
 from mobilevit_deploy import api
@@ -269,6 +270,32 @@ def test_the_output_writer_is_the_heads_last_layer_alone(model):
     stage 0 on, were taken for writers of its output (and got its float output)."""
     fused = reparameterize(model, image_size=(SIZE, SIZE))
     assert output_writers(fused, test_inputs(NAME, SIZE, count=1)) == {"head.fc"}
+
+
+def test_one_ranking_serves_every_format_of_a_process(model, tmp_path, monkeypatch):
+    """verify ranks the same graph for ONNX, TFLite and ExecuTorch; only the first
+    measures (one onnxruntime session per module), the others get its numbers. Another
+    calibration is another ranking."""
+    from mobilevit_deploy.exporters import onnx_precision
+
+    fused = reparameterize(model, image_size=(SIZE, SIZE))
+    example = test_inputs(NAME, SIZE, count=1)
+    job = bare_module_job(fused, tmp_path / "unused.onnx", example, "onnx")
+    job = dataclasses.replace(job, precision="int8", calibration=test_inputs(NAME, SIZE, 4, 7))
+    measured = []
+    real_gain = onnx_precision.int8_module_gain
+    monkeypatch.setattr(
+        onnx_precision,
+        "int8_module_gain",
+        lambda *args, **kwargs: measured.append(1) or real_gain(*args, **kwargs),
+    )
+    held_out = test_inputs(NAME, SIZE, 4, 8)
+    first = int8_search.rank_modules(job, held_out, tmp_path, lambda _msg: None)
+    again = int8_search.rank_modules(job, held_out, tmp_path, lambda _msg: None)
+    assert again == first and len(first) > 10 and len(measured) == 1
+    other = dataclasses.replace(job, calibration=test_inputs(NAME, SIZE, 4, 9))
+    int8_search.rank_modules(other, held_out, tmp_path, lambda _msg: None)
+    assert len(measured) == 2
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "executorch"])

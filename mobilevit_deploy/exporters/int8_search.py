@@ -34,6 +34,7 @@ can; ExecuTorch, whose record is a method of the program, exports it once more.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -94,14 +95,35 @@ def rank_modules(
     export_onnx(onnx_job)
     graph = onnx.load(str(onnx_job.output))
     declared = tuple(node_scope(job.model, path) for path, _ in float_modules(job.model))
-    quantized = to_int8(graph, job.calibration, lambda name: name.startswith(declared))
-    scopes = owner_scopes(job.model)
+    trials = images[:RANKING_IMAGES]
+    key = _ranking_key(graph, job.calibration, trials, declared)
+    if key not in _RANKINGS:
+        quantized = to_int8(graph, job.calibration, lambda name: name.startswith(declared))
+        scopes = owner_scopes(job.model)
 
-    def owner(name: str) -> str | None:
-        return None if name.startswith(declared) else node_owner(scopes, name)
+        def owner(name: str) -> str | None:
+            return None if name.startswith(declared) else node_owner(scopes, name)
 
-    gains = int8_module_gain(graph, quantized, owner, images[:RANKING_IMAGES], progress)
-    return sorted(gains.items(), key=lambda item: -item[1])
+        gains = int8_module_gain(graph, quantized, owner, trials, progress)
+        _RANKINGS[key] = sorted(gains.items(), key=lambda item: -item[1])
+    return list(_RANKINGS[key])
+
+
+# Rankings measured in this process, by _ranking_key. The ranking depends on the float
+# graph, the calibration, its images and the declared float modules, not on the format
+# being searched, so `verify --formats onnx,tflite,executorch` (and each model of the
+# matrix) ranks once instead of once per format: one onnxruntime session per module,
+# most of an int8 search's time.
+_RANKINGS: dict[str, list[tuple[str, float]]] = {}
+
+
+def _ranking_key(graph, calibration: np.ndarray, images: np.ndarray, declared) -> str:
+    digest = hashlib.sha256(graph.SerializeToString())
+    for array in (calibration, images):
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(repr(declared).encode())
+    return digest.hexdigest()
 
 
 def weight_share(model: nn.Module, declared: list[str], kept: list[str]) -> float:
