@@ -234,6 +234,25 @@ def test_int8_slices_share_their_inputs_scale_and_the_program_loads(tmp_path):
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 1e-3, (got, want)
 
 
+def test_int8_attention_chunks_q_k_v_and_the_program_loads(tmp_path):
+    """FastViT's attention chunks q, k and v out of one int8 tensor. The parts took
+    scales of their own, and the program failed to load (stressed FastViT-SA12, every
+    step of the int8 search); they share their input's now, which loses nothing."""
+    from mobilevit_deploy.models.fastvit import Attention
+
+    torch.manual_seed(0)
+    module = Attention(64).eval()
+    rng = np.random.default_rng(0)
+    calibration = rng.standard_normal((8, 64, 4, 4)).astype(np.float32)
+    x = rng.standard_normal((1, 64, 4, 4)).astype(np.float32)
+    job = bare_module_job(module, tmp_path / "a.pte", x, "executorch")
+    et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
+    got = ExecuTorchRunner(tmp_path / "a.pte")(x)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    assert compare(want, got, "features")["psnr_db"] > 25
+
+
 def test_a_program_the_runtime_cannot_load_is_an_export_error(tmp_path, monkeypatch):
     """Without the shared scales above, the program lowers and serializes, and only
     the runtime refuses it: export loads what it wrote, and leaves nothing."""

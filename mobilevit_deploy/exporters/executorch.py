@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import json
 import math
+import operator
 import re
 import warnings
 from typing import NamedTuple
@@ -194,10 +195,12 @@ _COPY_OPS = {
 def _share_qparams_through_copies(model: torch.fx.GraphModule) -> None:
     """XNNPACK copies the int8 values of a slice or a pad unchanged, so their input and
     output must share one scale. The quantizer shares it through reshapes and
-    permutes, not slices and pads: the program then fails to load (`forward` error
-    0x1; stressed LeViT pads its 7x7 grid, SepViT and SeaFormer slice). Each such op
-    after a quantized tensor takes that tensor's parameters, in graph order so that a
-    chain of copies shares them too."""
+    permutes, not slices, pads and splits: the program then fails to load (`forward`
+    error 0x1; stressed LeViT pads its 7x7 grid, SepViT and SeaFormer slice, and
+    FastViT's attention chunks q, k and v out of one tensor). Each such op after a
+    quantized tensor takes that tensor's parameters, in graph order so that a chain of
+    copies shares them too; a split's parts (its getitems) take its input's. Their
+    values are that input's dequantized ones, so the shared scale loses nothing."""
     from torchao.quantization.pt2e.quantizer import (
         QuantizationAnnotation,
         SharedQuantizationSpec,
@@ -205,9 +208,12 @@ def _share_qparams_through_copies(model: torch.fx.GraphModule) -> None:
     from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
     for node in model.graph.nodes:
-        if node.op != "call_function" or node.target not in _COPY_OPS:
+        if node.op != "call_function":
             continue
-        source = node.args[0]
+        part = node.target is operator.getitem and _is_split(node.args[0])
+        if node.target not in _COPY_OPS and not part:
+            continue
+        source = node.args[0].args[0] if part else node.args[0]
         annotation = getattr(source, "meta", {}).get(Q_ANNOTATION_KEY)
         if annotation is None or annotation.output_qspec is None:
             continue
@@ -215,8 +221,26 @@ def _share_qparams_through_copies(model: torch.fx.GraphModule) -> None:
             continue
         shared = SharedQuantizationSpec(source)
         node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
-            input_qspec_map={source: shared}, output_qspec=shared, _annotated=True
+            input_qspec_map={} if part else {source: shared},
+            output_qspec=shared,
+            _annotated=True,
         )
+
+
+_SPLIT_OPS = {
+    torch.ops.aten.chunk.default,
+    torch.ops.aten.split.Tensor,
+    torch.ops.aten.split_with_sizes.default,
+    torch.ops.aten.unbind.int,
+}
+
+
+def _is_split(node) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_function"
+        and (node.target in _SPLIT_OPS)
+    )
 
 
 # Ops between the last weighted op and a graph output that compute nothing a scale
