@@ -217,20 +217,25 @@ class _SliceOfInt8(nn.Module):
         return self.out(self.fc(tokens[:, -1:]).relu()).mean(1)
 
 
+def _int8_program_output(module: nn.Module, shape: tuple, tmp_path) -> tuple:
+    """(the module's output, its int8 program's) on one random input, calibrated on
+    eight others."""
+    rng = np.random.default_rng(0)
+    calibration = rng.standard_normal((8, *shape)).astype(np.float32)
+    x = rng.standard_normal((1, *shape)).astype(np.float32)
+    job = bare_module_job(module, tmp_path / "m.pte", x, "executorch")
+    et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    return want, ExecuTorchRunner(tmp_path / "m.pte")(x)
+
+
 def test_int8_slices_share_their_inputs_scale_and_the_program_loads(tmp_path):
     """XNNPACK copies a slice's int8 values, so its output takes its input's scale;
     with a scale of its own, `forward` failed to load (error 0x1), as stressed
     LeViT-128S's padded 7x7 grid did."""
     torch.manual_seed(0)
-    module = _SliceOfInt8().eval()
-    rng = np.random.default_rng(0)
-    calibration = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)
-    x = rng.standard_normal((1, 3, 7, 7)).astype(np.float32)
-    job = bare_module_job(module, tmp_path / "s.pte", x, "executorch")
-    et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
-    got = ExecuTorchRunner(tmp_path / "s.pte")(x)
-    with torch.no_grad():
-        want = module(torch.from_numpy(x)).numpy()
+    want, got = _int8_program_output(_SliceOfInt8().eval(), (3, 7, 7), tmp_path)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 1e-3, (got, want)
 
 
@@ -241,15 +246,7 @@ def test_int8_attention_chunks_q_k_v_and_the_program_loads(tmp_path):
     from mobilevit_deploy.models.fastvit import Attention
 
     torch.manual_seed(0)
-    module = Attention(64).eval()
-    rng = np.random.default_rng(0)
-    calibration = rng.standard_normal((8, 64, 4, 4)).astype(np.float32)
-    x = rng.standard_normal((1, 64, 4, 4)).astype(np.float32)
-    job = bare_module_job(module, tmp_path / "a.pte", x, "executorch")
-    et.export_executorch(dataclasses.replace(job, precision="int8", calibration=calibration))
-    got = ExecuTorchRunner(tmp_path / "a.pte")(x)
-    with torch.no_grad():
-        want = module(torch.from_numpy(x)).numpy()
+    want, got = _int8_program_output(Attention(64).eval(), (64, 4, 4), tmp_path)
     assert compare(want, got, "features")["psnr_db"] > 25
 
 
