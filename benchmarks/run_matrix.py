@@ -140,19 +140,9 @@ def main() -> int:
     formats = args.formats.split(",")
     # A cell is settled when it passed under today's rules; a selected model's other
     # asked cells (FAIL, error, skipped, or int8 judged before the int8 search) run
-    # again, alone. Cells of models outside this run's selection stay as they are.
-    selected = {s.name for s in specs}
+    # again, alone, and an old cell stays in the table until its new one replaces it.
     asked = args.precisions.split(",")
-    rerun = {
-        key(c)
-        for c in cells
-        if not settled(c)
-        and c["model"] in selected
-        and c["format"] in formats
-        and c["precision"] in asked
-    }
-    cells = [c for c in cells if key(c) not in rerun]
-    done = {key(c) for c in cells}
+    done = {key(c) for c in cells if settled(c)}
     for spec in specs:
         for fmt in formats:
             info = FORMATS[fmt]
@@ -162,24 +152,24 @@ def main() -> int:
             if not precisions:
                 continue
             if not info.available():
-                cells += [
-                    {
-                        "model": spec.name,
-                        "format": fmt,
-                        "precision": p,
-                        "status": "skipped",
-                        "detail": f"needs {info.install_hint()}",
-                    }
-                    for p in precisions
-                ]
+                cells = replaced(
+                    cells,
+                    [
+                        {
+                            "model": spec.name,
+                            "format": fmt,
+                            "precision": p,
+                            "status": "skipped",
+                            "detail": f"needs {info.install_hint()}",
+                        }
+                        for p in precisions
+                    ],
+                )
                 continue
             print(f"{spec.name} {fmt} {','.join(precisions)} ...", file=sys.stderr, flush=True)
-            cells += run_format(spec.name, fmt, precisions, args)
-            print(
-                "  " + " ".join(c["status"] for c in cells[-len(precisions) :]),
-                file=sys.stderr,
-                flush=True,
-            )
+            fresh = run_format(spec.name, fmt, precisions, args)
+            cells = replaced(cells, fresh)
+            print("  " + " ".join(c["status"] for c in fresh), file=sys.stderr, flush=True)
         write(cells, args)  # after every model: a stopped run keeps what it measured
     counts = write(cells, args)
     return 1 if counts["FAIL"] or counts["error"] else 0
@@ -197,6 +187,13 @@ def resumed_cells(args, shard_models: set[str]) -> list[dict]:
     if not args.shard or not whole.is_file():
         return []
     return [c for c in json.loads(whole.read_text()) if c["model"] in shard_models]
+
+
+def replaced(cells: list[dict], fresh: list[dict]) -> list[dict]:
+    """`cells` with `fresh` in place of the cells of the same model, format and
+    precision."""
+    new = {key(c) for c in fresh}
+    return [c for c in cells if key(c) not in new] + fresh
 
 
 def key(cell: dict) -> tuple[str, str, str]:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "run_matrix.py"
+INTERRUPTED_AT: set[str] = set()  # models whose verify is stopped (Ctrl-C, a session's end)
 
 
 @pytest.fixture
@@ -23,6 +24,8 @@ def run_matrix(monkeypatch, tmp_path):
     calls = []
 
     def fake_verify(name, formats, precisions, **_kwargs):
+        if name in INTERRUPTED_AT:
+            raise KeyboardInterrupt
         calls.append((name, formats[0], tuple(precisions)))
         if "int8" in precisions and name == "fastvit_t12":
             raise RuntimeError("DIV failed to invoke\nmore lines")
@@ -148,3 +151,25 @@ def test_a_shards_first_resume_starts_from_matrix_json(run_matrix, tmp_path):
     files = [str(tmp_path / f"matrix.shard-{k}-of-2.json") for k in (1, 2)]
     _, merged = run("--merge", *files)
     assert sorted(c["model"] for c in merged) == sorted(models)
+
+
+def test_a_stopped_resume_keeps_the_old_cells_it_had_not_replaced(run_matrix, tmp_path):
+    """A resumed run that stops before a model keeps that model's old cells: before, the
+    cells to measure again left the table at the start, and a session's end lost them."""
+    run, _calls = run_matrix
+    run("--models", "fastvit_t12", "fastvit_s12")
+    cells = json.loads((tmp_path / "matrix.json").read_text())
+    for cell in cells:
+        if cell["precision"] == "int8":
+            cell["bound"] = ">=15dB"
+    (tmp_path / "matrix.json").write_text(json.dumps(cells))
+    INTERRUPTED_AT.add("fastvit_s12")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run("--models", "fastvit_t12", "fastvit_s12", "--resume")
+    finally:
+        INTERRUPTED_AT.clear()
+    kept = json.loads((tmp_path / "matrix.json").read_text())
+    assert len(kept) == 6
+    old = [c for c in kept if c["model"] == "fastvit_s12" and c["precision"] == "int8"]
+    assert [c["bound"] for c in old] == [">=15dB"]
