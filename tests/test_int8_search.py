@@ -133,7 +133,22 @@ def _held_out_psnr(path, fused, fmt="onnx"):
     return compare(reference, run_per_sample(FORMATS[fmt].open_runner(path), x))["psnr_db"]
 
 
-def test_onnx_search_keeps_the_fewest_modules_float_for_the_target(model, tmp_path):
+def test_onnx_search_keeps_the_fewest_modules_float_for_the_target(model, tmp_path, monkeypatch):
+    from mobilevit_deploy.exporters import onnx_precision
+
+    calibrated = []  # one entry per calibration onnxruntime ran (its cache missed)
+    cache = onnx_precision.ranges_cache
+
+    def counting(graph, calibration):
+        path = cache(graph, calibration)
+        if not path.exists():
+            calibrated.append(path)
+        return path
+
+    monkeypatch.setattr(onnx_precision, "ranges_cache", counting)
+    (tmp_path / "ranges").mkdir()  # nothing cached by the tests before this one
+    monkeypatch.setattr(onnx_precision, "_ranges_dir", lambda: tmp_path / "ranges")
+    monkeypatch.setattr(int8_search, "_RANKINGS", {})
     fused = reparameterize(model, image_size=(SIZE, SIZE))
     plain = _int8(model, tmp_path / "plain.onnx", int8_target=0)
     base = plain.metadata["int8_search"]
@@ -147,6 +162,9 @@ def test_onnx_search_keeps_the_fewest_modules_float_for_the_target(model, tmp_pa
     assert search["steps"][-1]["psnr_db"] >= target  # every step is recorded
     assert 0 < search["float_weight_share"] < 1
     assert search["bytes"] > search["bytes_all_int8"]  # float weights take room
+    # The ranking's graph carries the record of its file, the steps' do not: the same
+    # graph for the calibration cache all the same.
+    assert len(calibrated) == 1, calibrated
     assert search["latency_ms"] > 0 and search["latency_ms_all_int8"] > 0
     # The kept modules' own convolutions read float weights; the others dequantized int8.
     graph = onnx.load(str(art.path)).graph

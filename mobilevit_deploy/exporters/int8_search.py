@@ -34,7 +34,6 @@ can; ExecuTorch, whose record is a method of the program, exports it once more.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -118,7 +117,9 @@ _RANKINGS: dict[str, list[tuple[str, float]]] = {}
 
 
 def _ranking_key(graph, calibration: np.ndarray, images: np.ndarray, declared) -> str:
-    digest = hashlib.sha256(graph.SerializeToString())
+    from .onnx_precision import graph_digest
+
+    digest = graph_digest(graph)
     for array in (calibration, images):
         digest.update(repr((array.shape, array.dtype.str)).encode())
         digest.update(np.ascontiguousarray(array).tobytes())

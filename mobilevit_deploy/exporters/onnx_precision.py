@@ -129,10 +129,20 @@ def ranges_cache(model: onnx.ModelProto, calibration: np.ndarray) -> Path:
     `nodes_to_exclude` says. Calibrating is most of an int8 export (the histogram
     percentile: 60% of FastViT-S12's zoo benchmark), so it runs once a search, not once
     a step."""
-    digest = hashlib.sha256(model.SerializeToString())
+    digest = graph_digest(model)
     digest.update(repr((calibration.shape, calibration.dtype.str)).encode())
     digest.update(np.ascontiguousarray(calibration).tobytes())
     return _ranges_dir() / f"{digest.hexdigest()}.json"
+
+
+def graph_digest(model: onnx.ModelProto) -> hashlib._Hash:
+    """A hash of what computes: the graph and its opsets, not the record embedded in
+    the file (metadata_props, producer). The int8 search's ranking loads a file that
+    carries a record, the search's steps a bare export: hashed whole, the two missed
+    each other's calibration, and the ranking calibrated again (minutes at 512x1024)."""
+    digest = hashlib.sha256(model.graph.SerializeToString())
+    digest.update(repr(sorted((o.domain, o.version) for o in model.opset_import)).encode())
+    return digest
 
 
 def _prepared(model: onnx.ModelProto, tmp: Path) -> Path:
