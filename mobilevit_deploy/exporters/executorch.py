@@ -236,11 +236,7 @@ _SPLIT_OPS = {
 
 
 def _is_split(node) -> bool:
-    return (
-        isinstance(node, torch.fx.Node)
-        and node.op == "call_function"
-        and (node.target in _SPLIT_OPS)
-    )
+    return isinstance(node, torch.fx.Node) and node.target in _SPLIT_OPS
 
 
 # Ops between the last weighted op and a graph output that compute nothing a scale

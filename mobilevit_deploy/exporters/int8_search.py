@@ -82,7 +82,7 @@ def rank_modules(
     import onnx
 
     from .onnx import export_onnx, node_owner, node_scope, owner_scopes
-    from .onnx_precision import int8_module_gain, to_int8
+    from .onnx_precision import graph_digest, int8_module_gain, to_int8
 
     onnx_job = dataclasses.replace(
         job,
@@ -95,7 +95,7 @@ def rank_modules(
     graph = onnx.load(str(onnx_job.output))
     declared = tuple(node_scope(job.model, path) for path, _ in float_modules(job.model))
     trials = images[:RANKING_IMAGES]
-    key = _ranking_key(graph, job.calibration, trials, declared)
+    key = graph_digest(graph, job.calibration, trials, extra=repr(declared))
     if key not in _RANKINGS:
         quantized = to_int8(graph, job.calibration, lambda name: name.startswith(declared))
         scopes = owner_scopes(job.model)
@@ -108,23 +108,12 @@ def rank_modules(
     return list(_RANKINGS[key])
 
 
-# Rankings measured in this process, by _ranking_key. The ranking depends on the float
-# graph, the calibration, its images and the declared float modules, not on the format
-# being searched, so `verify --formats onnx,tflite,executorch` (and each model of the
-# matrix) ranks once instead of once per format: one onnxruntime session per module,
-# most of an int8 search's time.
+# Rankings measured in this process, by onnx_precision.graph_digest. The ranking
+# depends on the float graph, the calibration, its images and the declared float
+# modules, not on the format being searched, so `verify --formats
+# onnx,tflite,executorch` (and each model of the matrix) ranks once instead of once per
+# format: one onnxruntime session per module, most of an int8 search's time.
 _RANKINGS: dict[str, list[tuple[str, float]]] = {}
-
-
-def _ranking_key(graph, calibration: np.ndarray, images: np.ndarray, declared) -> str:
-    from .onnx_precision import graph_digest
-
-    digest = graph_digest(graph)
-    for array in (calibration, images):
-        digest.update(repr((array.shape, array.dtype.str)).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(repr(declared).encode())
-    return digest.hexdigest()
 
 
 def weight_share(model: nn.Module, declared: list[str], kept: list[str]) -> float:

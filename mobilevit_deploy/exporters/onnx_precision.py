@@ -129,20 +129,22 @@ def ranges_cache(model: onnx.ModelProto, calibration: np.ndarray) -> Path:
     `nodes_to_exclude` says. Calibrating is most of an int8 export (the histogram
     percentile: 60% of FastViT-S12's zoo benchmark), so it runs once a search, not once
     a step."""
-    digest = graph_digest(model)
-    digest.update(repr((calibration.shape, calibration.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(calibration).tobytes())
-    return _ranges_dir() / f"{digest.hexdigest()}.json"
+    return _ranges_dir() / f"{graph_digest(model, calibration)}.json"
 
 
-def graph_digest(model: onnx.ModelProto) -> hashlib._Hash:
-    """A hash of what computes: the graph and its opsets, not the record embedded in
-    the file (metadata_props, producer). The int8 search's ranking loads a file that
-    carries a record, the search's steps a bare export: hashed whole, the two missed
-    each other's calibration, and the ranking calibrated again (minutes at 512x1024)."""
+def graph_digest(model: onnx.ModelProto, *arrays: np.ndarray, extra: str = "") -> str:
+    """A hash of what computes, and of the `arrays` (and `extra`) it computes on: the
+    graph and its opsets, not the record embedded in the file (metadata_props,
+    producer). The int8 search's ranking loads a file that carries a record, the
+    search's steps a bare export: hashed whole, the two missed each other's
+    calibration, and the ranking calibrated again (minutes at 512x1024)."""
     digest = hashlib.sha256(model.graph.SerializeToString())
     digest.update(repr(sorted((o.domain, o.version) for o in model.opset_import)).encode())
-    return digest
+    for array in arrays:
+        digest.update(repr((array.shape, array.dtype.str)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(extra.encode())
+    return digest.hexdigest()
 
 
 def _prepared(model: onnx.ModelProto, tmp: Path) -> Path:
