@@ -97,6 +97,40 @@ def compare(reference: Outputs, candidate: Outputs, task: str = "classification"
     return _compare_one(reference, candidate, task)
 
 
+def set_psnr_quantile(
+    reference: Outputs, candidate: Outputs, set_size: int, quantile: float, draws: int = 500
+) -> float:
+    """The `quantile` of the PSNR of sets of `set_size` images drawn from these (fixed
+    draws, without replacement within a set): what a PSNR measured on another set of
+    that many images of the kind can be expected to be at least, at that quantile. A
+    set's PSNR is compare's (its own peak over its RMS error, each output's, the worst),
+    from per-image peaks and squared errors."""
+    refs, outs = (o if isinstance(o, tuple) else (o,) for o in (reference, candidate))
+    pairs = list(zip(refs, outs, strict=True))
+    count = len(pairs[0][0])
+    peaks, errors = [], []
+    for ref, out in pairs:
+        ref = np.asarray(ref, dtype=np.float64).reshape(count, -1)
+        out = np.asarray(out, dtype=np.float64).reshape(count, -1)
+        peaks.append(np.abs(ref).max(axis=1))
+        errors.append(np.mean((ref - out) ** 2, axis=1))
+    size = min(set_size, count)
+    rng = np.random.default_rng(0)
+    sets = (
+        [np.arange(count)]
+        if size == count
+        else [rng.choice(count, size, replace=False) for _ in range(draws)]
+    )
+    values = [
+        min(
+            _psnr(max(float(peak[rows].max()), 1e-30), math.sqrt(float(error[rows].mean())))
+            for peak, error in zip(peaks, errors, strict=True)
+        )
+        for rows in sets
+    ]
+    return float(np.quantile(values, quantile, method="lower"))  # -inf stays -inf
+
+
 def _psnr(scale: float, rmse: float) -> float:
     """dB of the scale over the RMS error; -inf where the candidate has inf or NaN (a
     broken fp16 graph's overflow), so it fails every bound instead of raising."""

@@ -20,10 +20,13 @@ to float until a bound holds. This module does that for every int8 format:
    keeping the block float with its children cost every weight (FastViT at 64x64).
 3. The float set grows through the ranking (1, 2, 4, ... modules), then bisects between
    the last miss and the first hit; each step is a real file of the format, run by its
-   runtime. The search aims `SEARCH_MARGIN_DB` above the target, as headroom for other
-   images of the kind (verify's): a PSNR's peak is its batch's, so sets of 8
-   natural-looking images spread by 4 dB on stressed FastViT-T8 at 64x64, and verify of
-   the zoo's int8 files at their own sizes landed within 2 dB of the search's figure.
+   runtime. A step is judged on the worst of its sets of `JUDGED_SET` held-out images
+   (verify's default count), `SEARCH_MARGIN_DB` above the target: a PSNR over a few
+   images is the set's (its error and its peak), and a file must hold its target on
+   the next such set, verify's. Judged on 8 images and aiming 1 dB above the target,
+   the all-int8 EfficientViT-B1 TFLite file (stressed) passed at 26.9 dB; on 64 images
+   it scores 24.6 dB, and its sets of 8 range from 21.7 to 26.4 dB, so verify failed it
+   (23.8 dB on its 8).
 
 The record says which modules stayed float, the PSNR of every step, and what the
 float modules cost against the all-int8 file in size and latency. The chosen file is
@@ -46,7 +49,7 @@ from torch import nn
 
 from ..errors import VerificationFailed
 from ..files import artifact_size, atomic_path, write_json_atomic
-from ..metrics import compare, judge
+from ..metrics import compare, judge, set_psnr_quantile
 from ..runtimes import run_per_sample
 from ..runtimes.torch_runtime import TorchRunner
 from ..timing import interleaved
@@ -55,6 +58,10 @@ from .formats import FORMATS, Format
 from .metadata import ArtifactMetadata
 
 SEARCH_MARGIN_DB = 1.0
+# A step's PSNR is the one that this share of the sets of JUDGED_SET held-out images
+# (verify's default count) reach: its 10th percentile (metrics.set_psnr_quantile).
+JUDGED_SET = 8
+JUDGED_QUANTILE = 0.1
 # Steps of bisection after the doubling found a hit: each is one export and run.
 BISECT_STEPS = 3
 # Images each module's trial runs in the ranking (one onnxruntime session per module).
@@ -137,7 +144,7 @@ def search_int8(
     search (module docstring). VerificationFailed if even every ranked module float
     misses the target."""
     export = fmt.load("exporter")
-    reference = TorchRunner(job.model.eval(), torch.float32)(held_out)
+    reference = run_per_sample(TorchRunner(job.model.eval(), torch.float32), held_out, JUDGED_SET)
     goal = target_db + SEARCH_MARGIN_DB
     declared = [path for path, _ in float_modules(job.model)]
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -149,7 +156,9 @@ def search_int8(
             out = tmp / f"candidate{len(attempts)}{fmt.suffix}"
             made = export(dataclasses.replace(job, output=out, keep_float=keep))
             got = run_per_sample(fmt.open_runner(out), held_out, len(job.example))
+            # Agreement over every held-out image; the PSNR is that of most sets of 8.
             metrics = compare(reference, got, job.spec.output_kind)
+            metrics["psnr_db"] = set_psnr_quantile(reference, got, JUDGED_SET, JUDGED_QUANTILE)
             hit = judge(metrics, "int8", goal)[0]
             agreement = metrics.get("decisive_agreement")
             tried = Attempt(keep, metrics["psnr_db"], agreement, out, hit, made)
@@ -175,6 +184,8 @@ def search_int8(
             "target_db": target_db,
             "aimed_db": goal,
             "held_out_images": len(held_out),
+            "judged_set": min(JUDGED_SET, len(held_out)),
+            "judged_quantile": JUDGED_QUANTILE,
             "psnr_db": chosen.psnr_db,
             "psnr_db_all_int8": base.psnr_db,
             "kept_float": list(chosen.keep),
@@ -222,8 +233,14 @@ def first_guess(scores: list[tuple[str, float]], psnr_db: float, goal: float) ->
 
 def describe(search: dict) -> str:
     """The search in one line, for export and verify output."""
+    held_out, size = search["held_out_images"], search.get("judged_set", 0)
+    judged = (
+        f"{search['judged_quantile']:.0%} of the sets of {size} of its {held_out}"
+        if size and size < held_out
+        else str(held_out)
+    )
     line = (
-        f"int8 at {search['psnr_db']:.1f} dB on {search['held_out_images']} held-out images "
+        f"int8 at {search['psnr_db']:.1f} dB on {judged} held-out images "
         f"(target {search['target_db']:g}; all-int8 {search['psnr_db_all_int8']:.1f} dB)"
     )
     if not search["kept_float"]:
