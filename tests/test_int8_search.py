@@ -348,9 +348,15 @@ def test_search_keeps_modules_float_in_tflite_and_executorch(model, tmp_path, fm
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: [(conv, 1.0)])
     hits = iter([False, True])
     monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    from mobilevit_deploy.exporters import tflite
+
+    conversions = []  # TFLite: the steps quantize one fp32 flatbuffer (ExportJob.scratch)
+    convert = tflite._convert_fp32
+    monkeypatch.setattr(tflite, "_convert_fp32", lambda *a: conversions.append(convert(*a)))
     art = _int8(model, tmp_path / f"q{FORMATS[fmt].suffix}", fmt)
     search = art.metadata["int8_search"]
     assert search["kept_float"] == [conv] and len(search["steps"]) == 2
+    assert len(conversions) == (1 if fmt == "tflite" else 0)
     weights = sum(p.numel() for p in model.get_submodule(conv).parameters(False))
     assert 2.5 * weights < search["bytes"] - search["bytes_all_int8"] < 4.5 * weights
     assert abs(art.path.stat().st_size - search["bytes"]) < 4096  # + the final record

@@ -149,12 +149,14 @@ def search_int8(
     declared = [path for path, _ in float_modules(job.model)]
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
+        shared = tmp / "shared"  # what the steps' exports share (ExportJob.scratch)
+        shared.mkdir()
         attempts: list[Attempt] = []
 
         def attempt(keep: tuple[str, ...]) -> Attempt:
             progress(f"int8 with {len(keep)} more modules float: exporting and measuring")
             out = tmp / f"candidate{len(attempts)}{fmt.suffix}"
-            made = export(dataclasses.replace(job, output=out, keep_float=keep))
+            made = export(dataclasses.replace(job, output=out, keep_float=keep, scratch=shared))
             got = run_per_sample(fmt.open_runner(out), held_out, len(job.example))
             # Agreement over every held-out image; the PSNR is that of most sets of 8.
             metrics = compare(reference, got, job.spec.output_kind)

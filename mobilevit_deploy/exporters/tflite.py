@@ -278,13 +278,16 @@ def export_tflite(job: ExportJob) -> ArtifactMetadata:
         if precision == "fp32":
             _convert_fp32(model, example, tmp)
         else:
-            fp32 = tmp.with_name(tmp.name + ".fp32")
+            shared = job.scratch is not None
+            fp32 = job.scratch / "fp32.tflite" if shared else tmp.with_name(tmp.name + ".fp32")
             try:
-                _convert_fp32(model, example, fp32)
+                if not (shared and fp32.exists()):
+                    _convert_fp32(model, example, fp32)
                 patterns = float_patterns(job.model, list(job.keep_float), job.example)
                 _quantize(fp32, tmp, precision, options.int8_mode, calibration, patterns)
             finally:
-                fp32.unlink(missing_ok=True)
+                if not shared:
+                    fp32.unlink(missing_ok=True)
         found = inspect_tflite(tmp)
         report = found.pop("delegate_report")
         details.update(found)
