@@ -6,8 +6,8 @@
 One classifier of each family at its default size, under stress weights (no weights
 are reachable here), exported int8 at the target (default: metrics.DEFAULT_INT8_TARGET_DB)
 in each format. Each row is the export's own record (`int8_search`): PSNR on held-out
-images before and after the search, the modules kept float and their share of the
-weights, and size and latency against the all-int8 file; then `mvd verify`'s judgement
+images before and after the search (the one that 90% of their sets of 8 reach), the
+modules kept float and their share of the weights, and size and latency against the all-int8 file; then `mvd verify`'s judgement
 of the same file on other images. Results are kept in int8.json after each row, so a
 stopped run resumes.
 """
@@ -131,7 +131,8 @@ def render(rows: list[dict], stamp: dict) -> str:
         "Each row: one classifier at its default size under stress weights (adversarial "
         "for quantization: random-sign scales widen every activation range), exported "
         "int8 with the search of `exporters/int8_search.py`. *all-int8* and *searched* "
-        "are PSNR on the export's held-out images before and after the search; *kept "
+        "are PSNR on the export's 32 held-out images before and after the search, the "
+        "one that 90% of their sets of 8 reach (verify's default count); *kept "
         "float* the modules it returned to float, *float weights* their share of the "
         "weights with the declared ones; *size* and *latency* against the all-int8 file "
         "(latency timed briefly in the export). *verify* is `mvd verify` of the same "
