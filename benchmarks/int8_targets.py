@@ -7,9 +7,9 @@ One classifier of each family at its default size, under stress weights (no weig
 are reachable here), exported int8 at the target (default: metrics.DEFAULT_INT8_TARGET_DB)
 in each format. Each row is the export's own record (`int8_search`): PSNR on held-out
 images before and after the search (the one that 90% of their sets of 8 reach), the
-modules kept float and their share of the weights, and size and latency against the all-int8 file; then `mvd verify`'s judgement
-of the same file on other images. Results are kept in int8.json after each row, so a
-stopped run resumes.
+modules kept float and their share of the weights, and size and latency against the
+all-int8 file; then `mvd verify`'s judgement of the same file on other images. Results
+are kept in int8.json after each row, so a stopped run resumes.
 """
 
 from __future__ import annotations
