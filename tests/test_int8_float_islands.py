@@ -18,7 +18,7 @@ import torch
 from conftest import stressed, test_inputs
 
 from mobilevit_deploy import api
-from mobilevit_deploy.exporters import float_modules
+from mobilevit_deploy.exporters import called_modules, float_modules
 from mobilevit_deploy.exporters.onnx import node_scope
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.models.efficientvit import LiteMLA
@@ -42,13 +42,14 @@ def _psnr(runner, x, reference) -> float:
 
 
 def test_node_scope_is_the_prefix_torch_onnx_gives_the_module(source, tmp_path):
-    model = source[0]
+    model, x = source[0], source[1]
+    called = called_modules(model, x[:1])
     path = "backbone.stages.2.op_list.1.context_module.main"
-    assert node_scope(model, path) == "/backbone/stages.2/op_list.1/context_module/main/"
+    assert node_scope(model, path, called) == "/backbone/stages.2/op_list.1/context_module/main/"
     art = api.export(NAME, model=model, output=tmp_path / "m.onnx", image_size=SIZE)
     names = [n.name for n in onnx.load(str(art.path)).graph.node]
     for path, _ in float_modules(model):
-        assert sum(n.startswith(node_scope(model, path)) for n in names) > 10, path
+        assert sum(n.startswith(node_scope(model, path, called)) for n in names) > 10, path
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,8 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source_b1, tmp_path, m
     assert len(paths) == 7  # B1: 3 + 4 attention blocks
     graph = onnx.load(str(art.path)).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
-    scopes = tuple(node_scope(model, p) for p in paths)
+    called = called_modules(model, x[:1])
+    scopes = tuple(node_scope(model, p, called) for p in paths)
     compute = [n for n in graph.node if n.op_type in {"Conv", "MatMul"}]
     inside = [n for n in compute if n.name.startswith(scopes)]
     assert inside, "the float modules' nodes must be found by their scope"

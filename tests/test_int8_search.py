@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BadInput, VerificationFailed
-from mobilevit_deploy.exporters import int8_search, output_writers
+from mobilevit_deploy.exporters import called_modules, int8_search, output_writers
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.exporters.int8_search import SEARCH_MARGIN_DB, Attempt, first_guess
 from mobilevit_deploy.exporters.onnx import node_owner, node_scope, owner_scopes
@@ -45,27 +45,38 @@ def model():
         ("seaformer_tiny", 64),
         ("efficientvit_b0", 64),
         ("sepvit_lite", 64),
+        ("efficientvit_seg_b0_cityscapes", 64),
+        ("seaformer_seg_small_ade20k", 64),
     ],
 )
 def test_every_module_with_weights_owns_nodes_in_the_onnx_graph(name, size, tmp_path):
     """A Sequential's children are named "<sequential>.<index>" by torch.onnx: FastViT's
     stem, LeViT's stem and SeaFormer's blocks had scopes that matched no node, so
-    neither a declared float module there nor the search could leave them float."""
+    neither a declared float module there nor the search could leave them float.
+    EfficientViT-Seg calls its backbone's forward_stages, so no node has a "/backbone/"
+    level: no scope below it matched, its attention (declared float) was quantized, and
+    its int8 reached 8.7 dB with every ranked module float."""
     fused = reparameterize(stressed(name, size), image_size=(size, size))
     art = api.export(name, model=fused, output=tmp_path / "m.onnx", image_size=size, reparam=False)
     names = [n.name for n in onnx.load(str(art.path)).graph.node]
+    called = called_modules(fused, test_inputs(name, size, count=1))
     leaves = [
         path
         for path, module in fused.named_modules()
-        if path and not list(module.children()) and list(module.parameters())
+        if path in called and not list(module.children()) and list(module.parameters())
     ]
-    missing = [p for p in leaves if not any(n.startswith(node_scope(fused, p)) for n in names)]
+    scopes = {p: node_scope(fused, p, called) for p in leaves}
+    missing = [p for p in leaves if not any(n.startswith(scopes[p]) for n in names)]
     assert leaves and not missing
+    assert len(leaves) > 0.9 * sum(
+        1 for _, m in fused.named_modules() if not list(m.children()) and list(m.parameters())
+    )
 
 
 def test_node_scope_names_a_sequential_child_after_its_sequential(model):
-    assert node_scope(model, "stem.0.act") == "/stem/stem.0/act/"
-    assert node_scope(model, "stages.1.blocks.0.mlp.conv.conv") == (
+    called = called_modules(model, test_inputs(NAME, SIZE, count=1))
+    assert node_scope(model, "stem.0.act", called) == "/stem/stem.0/act/"
+    assert node_scope(model, "stages.1.blocks.0.mlp.conv.conv", called) == (
         "/stages/stages.1/blocks/blocks.0/mlp/conv/conv/"
     )
 
@@ -169,7 +180,8 @@ def test_onnx_search_keeps_the_fewest_modules_float_for_the_target(model, tmp_pa
     # The kept modules' own convolutions read float weights; the others dequantized int8.
     graph = onnx.load(str(art.path)).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
-    scopes, kept = owner_scopes(fused), set(search["kept_float"])
+    called = called_modules(fused, test_inputs(NAME, SIZE, count=1))
+    scopes, kept = owner_scopes(fused, called), set(search["kept_float"])
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert all(
         made_by.get(n.input[1]) != "DequantizeLinear"
@@ -204,6 +216,22 @@ def test_a_step_is_judged_on_most_sets_of_eight_images_not_on_all_together():
     assert set_psnr_quantile(reference, broken, 8, 0.1) == -np.inf
 
 
+def test_the_search_line_says_which_share_of_the_sets_reach_its_psnr():
+    search = {
+        "psnr_db": 26.04,
+        "held_out_images": 32,
+        "judged_set": 8,
+        "judged_quantile": 0.1,
+        "target_db": 25.0,
+        "psnr_db_all_int8": 26.04,
+        "kept_float": [],
+    }
+    line = int8_search.describe(search)
+    assert line.startswith("int8 at 26.0 dB on 90% of the sets of 8 of its 32 held-out images")
+    few = {**search, "held_out_images": 2, "judged_set": 2}  # a user's folder of 8
+    assert int8_search.describe(few).startswith("int8 at 26.0 dB on 2 held-out images")
+
+
 def test_a_kept_module_keeps_its_own_nodes_float_not_its_childrens(model, tmp_path, monkeypatch):
     """A block owns its residual add. Kept float with its children, three blocks and
     modules like them kept every weight float (FastViT-T8 TFLite at 64x64: 100% of the
@@ -220,7 +248,8 @@ def test_a_kept_module_keeps_its_own_nodes_float_not_its_childrens(model, tmp_pa
     fused = reparameterize(model, image_size=(SIZE, SIZE))
     graph = onnx.load(str(art.path)).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
-    scopes, scope = owner_scopes(fused), node_scope(fused, block)
+    called = called_modules(fused, test_inputs(NAME, SIZE, count=1))
+    scopes, scope = owner_scopes(fused, called), node_scope(fused, block, called)
     inside = [n for n in graph.node if n.name.startswith(scope)]
     own_adds = [n for n in inside if n.op_type == "Add" and node_owner(scopes, n.name) == block]
     child_convs = [n for n in inside if n.op_type == "Conv"]

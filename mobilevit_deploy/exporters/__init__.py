@@ -70,6 +70,30 @@ def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def called_modules(model: nn.Module, example: np.ndarray) -> set[str]:
+    """Paths of the modules whose forward runs (through their __call__) on `example`:
+    those that get a level of their own in exported node names (torch.onnx scopes,
+    litert-torch's module chains). A module whose parent calls its methods instead runs
+    no forward: EfficientViT-Seg calls `backbone.forward_stages`, so its nodes are
+    named "/stages.3/..." with no "/backbone/" level, and scopes built from module
+    paths alone matched nothing below it (not even the modules that declare float)."""
+    import torch
+
+    ran: set[str] = set()
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, _i, path=path: ran.add(path))
+        for path, module in model.named_modules()
+        if path
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(example))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ran
+
+
 def output_writers(model: nn.Module, example: np.ndarray) -> set[str]:
     """Paths of the innermost modules whose forward returned one of the model's outputs
     (the head's last layer, not the modules around it): the ops whose output int8 files

@@ -53,7 +53,7 @@ from ..metrics import compare, judge, set_psnr_quantile
 from ..runtimes import run_per_sample
 from ..runtimes.torch_runtime import TorchRunner
 from ..timing import interleaved
-from . import ExportJob, float_modules
+from . import ExportJob, called_modules, float_modules
 from .formats import FORMATS, Format
 from .metadata import ArtifactMetadata
 
@@ -88,7 +88,7 @@ def rank_modules(
     a block owns only its residual add, so keeping it float costs no weights."""
     import onnx
 
-    from .onnx import export_onnx, node_owner, node_scope, owner_scopes
+    from .onnx import declared_scopes, export_onnx, node_owner, owner_scopes
     from .onnx_precision import graph_digest, int8_module_gain, to_int8
 
     onnx_job = dataclasses.replace(
@@ -100,12 +100,13 @@ def rank_modules(
     )
     export_onnx(onnx_job)
     graph = onnx.load(str(onnx_job.output))
-    declared = tuple(node_scope(job.model, path) for path, _ in float_modules(job.model))
+    called = called_modules(job.model, job.example)
+    declared = declared_scopes(job.model, called)
     trials = images[:RANKING_IMAGES]
     key = graph_digest(graph, job.calibration, trials, extra=repr(declared))
     if key not in _RANKINGS:
         quantized = to_int8(graph, job.calibration, lambda name: name.startswith(declared))
-        scopes = owner_scopes(job.model)
+        scopes = owner_scopes(job.model, called)
 
         def owner(name: str) -> str | None:
             return None if name.startswith(declared) else node_owner(scopes, name)
@@ -237,7 +238,7 @@ def describe(search: dict) -> str:
     """The search in one line, for export and verify output."""
     held_out, size = search["held_out_images"], search.get("judged_set", 0)
     judged = (
-        f"{search['judged_quantile']:.0%} of the sets of {size} of its {held_out}"
+        f"{1 - search['judged_quantile']:.0%} of the sets of {size} of its {held_out}"
         if size and size < held_out
         else str(held_out)
     )

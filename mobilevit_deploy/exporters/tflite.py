@@ -33,7 +33,7 @@ from ..errors import MvdError
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
-from . import ExportJob, float_modules, output_writers
+from . import ExportJob, called_modules, float_modules, output_writers
 from .metadata import ArtifactMetadata
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
@@ -117,14 +117,17 @@ def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> l
     wraps it) ending there: its own ops, not its children's (int8_search.rank_modules).
     A class that declares float is matched by its one level, with all below it; a kept
     module whose own op writes a graph output also by the signature's name for it
-    (SIGNATURE_OUTPUT)."""
+    (SIGNATURE_OUTPUT). Only modules whose forward ran have a level (called_modules)."""
     declared = sorted({type(m) for _, m in float_modules(model)}, key=str)
     patterns = [f".*{re.escape(_class_level(cls))}.*" for cls in declared]
+    called = called_modules(model, example) if paths else set()
     for path in paths:
-        levels, module = [], model
+        levels, module, prefix = [], model, ""
         for part in path.split("."):
             module = module.get_submodule(part)
-            if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # no level of their own
+            prefix = f"{prefix}.{part}" if prefix else part
+            # A list has no level of its own, nor has a module whose forward did not run.
+            if prefix in called and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
                 levels.append(_class_level(type(module)) + part)
         root = re.escape(_class_level(type(model)))
         patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(;|$).*")
