@@ -78,7 +78,6 @@ def summarize(report: dict, spec) -> dict:
         "fused_ms": by[FUSED_ORT]["median_ms"],
         "ratio": by[FUSED_ORT]["ratio_to_baseline"],
         "fused_gflops": by[FUSED_ORT]["gflops"],
-        "percent_of_peak": by[FUSED_ORT]["percent_of_peak"],
         "eager_ms": [by[k]["median_ms"] if k in by else None for k in EAGER],
         **fastest_verified(report, by),
     }
@@ -105,7 +104,7 @@ def fastest_verified(report: dict, by: dict[str, dict]) -> dict:
     }
 
 
-def table_row(s: dict) -> list[str]:
+def table_row(s: dict, peak_gflops: float) -> list[str]:
     return [
         s["name"],
         s["input"],
@@ -114,7 +113,7 @@ def table_row(s: dict) -> list[str]:
         f"{s['unfused_ms']:.1f}",
         f"{s['fused_ms']:.1f}",
         f"**{s['ratio']:.2f}**",
-        f"{s['fused_gflops']:.0f} ({s['percent_of_peak']:.0f}%)",
+        f"{s['fused_gflops']:.0f} ({100 * s['fused_gflops'] / peak_gflops:.0f}%)",
         *(f"{ms:.1f}" if ms is not None else "-" for ms in s["eager_ms"]),
         s["fastest"],
         "-" if s["fastest_ms"] is None else f"{s['fastest_ms']:.1f} ({s['fastest_ratio']:.2f}x)",
@@ -143,8 +142,12 @@ def results_markdown(
     first = reports[0]
     min_time = min(r.get("stopping", {}).get("min_time_s", min_time) for r in reports)
     runtimes, precisions = asked_union(reports)
-    classifiers = [table_row(s) for s in summaries if s["task"] == "classification"]
-    segmenters = [table_row(s) for s in summaries if s["task"] == "segmentation"]
+    # The machine's rate is the highest a job measured: a job's own measurement comes out
+    # low when something else ran (records of 109-207 GFLOP/s here), which showed
+    # models at 100% of "the peak".
+    peak = max(r["matmul_peak_gflops"] for r in reports)
+    classifiers = [table_row(s, peak) for s in summaries if s["task"] == "classification"]
+    segmenters = [table_row(s, peak) for s in summaries if s["task"] == "segmentation"]
     machine = " ".join(
         [
             f"Machine: {first['machine_line']}.",
@@ -161,8 +164,9 @@ def results_markdown(
         f"{min_time:g} s and 20 runs each, 5 above 512x512 pixels; slow outliers above "
         "median + 3 x 1.4826 x MAD dropped). *fused / unfused* is the fused export's median "
         "over the plain unfused export's, measured in the same run: below 1 is faster. "
-        "GFLOP/s counts the fused model's MACs; the peak is this machine's measured fp32 "
-        f"matmul rate ({first['matmul_peak_gflops']:.0f} GFLOP/s).{' ' + note if note else ''}"
+        "GFLOP/s counts the fused model's MACs; the peak is this machine's fp32 matmul "
+        f"rate, the highest that a job measured ({peak:.0f} GFLOP/s)."
+        f"{' ' + note if note else ''}"
         f"\n\n{verified_paragraph(reports, runtimes, precisions)}\n\n"
         "## Classification\n\n" + markdown_table(HEADERS, classifiers)
     )

@@ -36,7 +36,6 @@ def row(label, runtime, precision, ms, *, passed=True, psnr=120.0, agreement=1.0
         "median_ms": ms,
         "ratio_to_baseline": ms / 10.0,
         "gflops": 50.0,
-        "percent_of_peak": 25.0,
         "psnr_db": psnr,
         "agreement": agreement,
         "passed": passed,
@@ -92,7 +91,7 @@ SPEC = SimpleNamespace(
 
 def test_the_fastest_verified_candidate_is_named_beside_the_plain_export(run_zoo):
     summary = run_zoo.summarize(fake_report(), SPEC)
-    cells = dict(zip(run_zoo.HEADERS, run_zoo.table_row(summary), strict=True))
+    cells = dict(zip(run_zoo.HEADERS, run_zoo.table_row(summary, 200.0), strict=True))
     # Torch eager (3 ms) is never chosen and int8 (4 ms) failed its bound.
     assert cells["fastest verified"] == "openvino bf16"
     assert cells["verified ms (vs plain)"] == "5.1 (0.51x)"
@@ -112,18 +111,18 @@ def test_none_passed_and_not_measured(run_zoo):
             r["passed"] = False
     report["fastest_passing"] = fastest_passing(report["results"])
     assert report["fastest_passing"] is None
-    cells = run_zoo.table_row(run_zoo.summarize(report, SPEC))
+    cells = run_zoo.table_row(run_zoo.summarize(report, SPEC), 200.0)
     assert cells[-3:] == ["none passed", "-", "-"]
 
     old = fake_report()
     del old["fastest_passing"], old["zoo_candidates"]
-    assert run_zoo.table_row(run_zoo.summarize(old, SPEC))[-3:] == ["not measured", "-", "-"]
+    assert run_zoo.table_row(run_zoo.summarize(old, SPEC), 200.0)[-3:] == ["not measured", "-", "-"]
 
 
 def test_the_plain_export_as_fastest_is_said_to_be_it(run_zoo):
     report = fake_report(openvino_passes=False, fused_passes=False)
     assert report["fastest_passing"] == BASELINE
-    cells = run_zoo.table_row(run_zoo.summarize(report, SPEC))
+    cells = run_zoo.table_row(run_zoo.summarize(report, SPEC), 200.0)
     assert cells[-3:] == ["onnxruntime fp32 (plain export)", "10.0 (1.00x)", "120.0"]
 
 
@@ -146,6 +145,17 @@ def test_isa_sentence_with_and_without_bf16_and_vnni(run_zoo):
         "has no BF16" in arm and "has no VNNI (x86's; ARM int8 dot products here: DOTPROD)" in arm
     )
     assert "unknown" in run_zoo.isa_sentence({"arch": "x86_64"})
+
+
+def test_the_share_of_peak_is_of_the_highest_rate_a_job_measured(run_zoo):
+    """A job's own matmul measurement ran low when the machine was busy (109 of 207
+    GFLOP/s), which put a model at 101% of "the peak"."""
+    quiet, busy = fake_report(), {**fake_report(), "matmul_peak_gflops": 50.0}
+    summaries = [run_zoo.summarize(r, SPEC) for r in (quiet, busy)]
+    text = run_zoo.results_markdown([busy, quiet], summaries, 3.0)
+    assert "the highest that a job measured (188 GFLOP/s)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2 and all("| 50 (27%) |" in line for line in rows)
 
 
 def test_results_header_says_the_candidates_their_bounds_and_the_cpu(run_zoo):
