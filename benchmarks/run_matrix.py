@@ -271,7 +271,7 @@ def caveats(cells: list[dict]) -> str:
         )
     fewer = sum("images" not in c for c in cells if "metrics" in c)
     if fewer:
-        text += f"{fewer} cells of runs before 2026-12-05 were judged on 4 images, not 8. "
+        text += f"{fewer} cells of earlier runs were judged on 4 images, not 8. "
     return text
 
 
