@@ -52,6 +52,28 @@ def test_node_scope_is_the_prefix_torch_onnx_gives_the_module(source, tmp_path):
         assert sum(n.startswith(node_scope(model, path, called)) for n in names) > 10, path
 
 
+def test_an_activation_kept_float_reads_float_though_its_nodes_were_inlined(source, tmp_path):
+    """onnxruntime's quant_pre_process expands HardSwish into a HardSigmoid and a Mul
+    with no names: no scope matched them, so a ConvLayer's act kept float stayed int8
+    (and owned nothing the search could rank). They are named in the act's scope."""
+    from mobilevit_deploy.exporters import onnx_precision
+
+    model, x = source[0], source[1]
+    art = api.export(NAME, model=model, output=tmp_path / "m.onnx", image_size=SIZE)
+    graph = onnx.load(str(art.path))
+    prepared = onnx.load(str(onnx_precision._prepared(graph, tmp_path)))
+    assert all(node.name for node in prepared.graph.node)
+    scope = node_scope(model, "backbone.input_stem.op_list.0.act", called_modules(model, x[:1]))
+    inside = [n.op_type for n in prepared.graph.node if n.name.startswith(scope)]
+    assert sorted(inside) == ["HardSigmoid", "Mul"]
+    quantized = onnx_precision.to_int8(graph, x, lambda name: name.startswith(scope))
+    made_by = {out: n.op_type for n in quantized.graph.node for out in n.output}
+    act = [n for n in quantized.graph.node if n.op_type in ("HardSigmoid", "Mul")]
+    act = [n for n in act if n.name.startswith(scope)]
+    assert len(act) == 2
+    assert all(made_by.get(i) != "DequantizeLinear" for n in act for i in n.input), act
+
+
 @pytest.fixture(scope="module")
 def source_b1():
     """B1, where the README's measurement is: with the stress weights that calibrate only

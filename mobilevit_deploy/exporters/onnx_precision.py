@@ -155,7 +155,34 @@ def _prepared(model: onnx.ModelProto, tmp: Path) -> Path:
     raw, prepared = tmp / "raw.onnx", tmp / "pre.onnx"
     onnx.save(model, str(raw))
     quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared))
+    if _name_inlined_nodes(graph):
+        onnx.save(graph, str(prepared))
     return prepared
+
+
+def _name_inlined_nodes(model: onnx.ModelProto) -> int:
+    """quant_pre_process expands function ops into nodes without names (EfficientViT's
+    HardSwish into HardSigmoid and Mul), which no module's scope matches: they stayed
+    int8 inside modules kept float, and an activation module owned nothing to rank. Each
+    is named in the scope of the tensor it writes ("/stem/op_list.0/act/HardSwish_output_0")
+    or, where that has none, of a named node that reads it. Returns how many were named."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    named, progress = 0, True
+    while progress:
+        progress = False
+        for node in model.graph.node:
+            if node.name:
+                continue
+            scoped = [o for o in node.output if o.startswith("/")]
+            scoped += [r.name for o in node.output for r in readers.get(o, []) if r.name]
+            if scoped:
+                node.name = f"{scoped[0].rsplit('/', 1)[0]}/{node.op_type}_inlined_{named}"
+                named, progress = named + 1, True
+    return named
 
 
 def to_int8(
