@@ -45,11 +45,11 @@ def test_node_scope_is_the_prefix_torch_onnx_gives_the_module(source, tmp_path):
     model, x = source[0], source[1]
     called = called_modules(model, x[:1])
     path = "backbone.stages.2.op_list.1.context_module.main"
-    assert node_scope(model, path, called) == "/backbone/stages.2/op_list.1/context_module/main/"
+    assert node_scope(path, called) == "/backbone/stages.2/op_list.1/context_module/main/"
     art = api.export(NAME, model=model, output=tmp_path / "m.onnx", image_size=SIZE)
     names = [n.name for n in onnx.load(str(art.path)).graph.node]
     for path, _ in float_modules(model):
-        assert sum(n.startswith(node_scope(model, path, called)) for n in names) > 10, path
+        assert sum(n.startswith(node_scope(path, called)) for n in names) > 10, path
 
 
 def test_an_activation_kept_float_reads_float_though_its_nodes_were_inlined(source, tmp_path):
@@ -63,7 +63,7 @@ def test_an_activation_kept_float_reads_float_though_its_nodes_were_inlined(sour
     graph = onnx.load(str(art.path))
     prepared = onnx.load(str(onnx_precision._prepared(graph, tmp_path)))
     assert all(node.name for node in prepared.graph.node)
-    scope = node_scope(model, "backbone.input_stem.op_list.0.act", called_modules(model, x[:1]))
+    scope = node_scope("backbone.input_stem.op_list.0.act", called_modules(model, x[:1]))
     inside = [n.op_type for n in prepared.graph.node if n.name.startswith(scope)]
     assert sorted(inside) == ["HardSigmoid", "Mul"]
     quantized = onnx_precision.to_int8(graph, x, lambda name: name.startswith(scope))
@@ -104,7 +104,7 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source_b1, tmp_path, m
     graph = onnx.load(str(art.path)).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
     called = called_modules(model, x[:1])
-    scopes = tuple(node_scope(model, p, called) for p in paths)
+    scopes = tuple(node_scope(p, called) for p in paths)
     compute = [n for n in graph.node if n.op_type in {"Conv", "MatMul"}]
     inside = [n for n in compute if n.name.startswith(scopes)]
     assert inside, "the float modules' nodes must be found by their scope"

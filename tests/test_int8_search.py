@@ -65,7 +65,7 @@ def test_every_module_with_weights_owns_nodes_in_the_onnx_graph(name, size, tmp_
         for path, module in fused.named_modules()
         if path in called and not list(module.children()) and list(module.parameters())
     ]
-    scopes = {p: node_scope(fused, p, called) for p in leaves}
+    scopes = {p: node_scope(p, called) for p in leaves}
     missing = [p for p in leaves if not any(n.startswith(scopes[p]) for n in names)]
     assert leaves and not missing
     assert len(leaves) > 0.9 * sum(
@@ -75,8 +75,8 @@ def test_every_module_with_weights_owns_nodes_in_the_onnx_graph(name, size, tmp_
 
 def test_node_scope_names_a_sequential_child_after_its_sequential(model):
     called = called_modules(model, test_inputs(NAME, SIZE, count=1))
-    assert node_scope(model, "stem.0.act", called) == "/stem/stem.0/act/"
-    assert node_scope(model, "stages.1.blocks.0.mlp.conv.conv", called) == (
+    assert node_scope("stem.0.act", called) == "/stem/stem.0/act/"
+    assert node_scope("stages.1.blocks.0.mlp.conv.conv", called) == (
         "/stages/stages.1/blocks/blocks.0/mlp/conv/conv/"
     )
 
@@ -249,7 +249,7 @@ def test_a_kept_module_keeps_its_own_nodes_float_not_its_childrens(model, tmp_pa
     graph = onnx.load(str(art.path)).graph
     made_by = {out: n.op_type for n in graph.node for out in n.output}
     called = called_modules(fused, test_inputs(NAME, SIZE, count=1))
-    scopes, scope = owner_scopes(fused, called), node_scope(fused, block, called)
+    scopes, scope = owner_scopes(fused, called), node_scope(block, called)
     inside = [n for n in graph.node if n.name.startswith(scope)]
     own_adds = [n for n in inside if n.op_type == "Add" and node_owner(scopes, n.name) == block]
     child_convs = [n for n in inside if n.op_type == "Conv"]

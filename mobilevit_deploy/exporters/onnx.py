@@ -76,20 +76,19 @@ def _simplify(raw_path: Path, graph: onnx.ModelProto, example: np.ndarray) -> on
     return slim
 
 
-def node_scope(model: nn.Module, path: str, called: set[str]) -> str:
+def node_scope(path: str, called: set[str]) -> str:
     """The prefix torch.onnx gives the nodes of the module at `path`: one level per
     module whose forward ran (`called`, exporters.called_modules; a ModuleList or
-    ModuleDict has none), and an index named after its parent, "<parent>.<index>":
-    "backbone.stages.2.op_list.1.main" -> "/backbone/stages.2/op_list.1/main/" (two
-    ModuleLists), "stem.0.act" -> "/stem/stem.0/act/" (a Sequential, which runs, so it
-    has its own level too); in EfficientViT-Seg, whose backbone's forward does not run,
-    "/stages.2/op_list.1/main/"."""
-    levels, module, parent, prefix = [], model, "", ""
+    ModuleDict never runs one, so it has none), and an index named after its parent,
+    "<parent>.<index>": "backbone.stages.2.op_list.1.main" ->
+    "/backbone/stages.2/op_list.1/main/" (two ModuleLists), "stem.0.act" ->
+    "/stem/stem.0/act/" (a Sequential, which runs, so it has its own level too); in
+    EfficientViT-Seg, whose backbone's forward does not run, "/stages.2/op_list.1/main/"."""
+    levels, parent, prefix = [], "", ""
     for part in path.split("."):
-        module = module._modules[part]
         prefix = f"{prefix}.{part}" if prefix else part
         name = f"{parent}.{part}" if part.isdigit() and parent else part
-        if prefix in called and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        if prefix in called:
             levels.append(name)
         parent = name
     return "/" + "/".join(levels) + "/"
@@ -97,20 +96,18 @@ def node_scope(model: nn.Module, path: str, called: set[str]) -> str:
 
 def owner_scopes(model: nn.Module, called: set[str]) -> list[tuple[str, str]]:
     """(node-name scope, module path) of every module that can own a node, deepest
-    scopes first, for node_owner: a module whose forward ran (`called`); a ModuleList or
-    ModuleDict owns none: it has no scope level of its own, and a top-level one ("/")
-    would own every node outside the modules."""
+    scopes first, for node_owner: a module whose forward ran (`called`). A ModuleList
+    or ModuleDict runs none, and the model itself is not a candidate: a top-level scope
+    ("/") would own every node outside the modules."""
     scopes = [
-        (node_scope(model, path, called), path)
-        for path, module in model.named_modules()
-        if path in called and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        (node_scope(path, called), path) for path, _ in model.named_modules() if path in called
     ]
     return sorted(scopes, key=lambda pair: -len(pair[0]))
 
 
 def declared_scopes(model: nn.Module, called: set[str]) -> tuple[str, ...]:
     """The scopes of the modules that declare float (exporters.float_modules) and ran."""
-    return tuple(node_scope(model, p, called) for p, _ in float_modules(model) if p in called)
+    return tuple(node_scope(p, called) for p, _ in float_modules(model) if p in called)
 
 
 def node_owner(scopes: list[tuple[str, str]], name: str) -> str | None:

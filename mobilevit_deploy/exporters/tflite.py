@@ -126,8 +126,8 @@ def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> l
         for part in path.split("."):
             module = module.get_submodule(part)
             prefix = f"{prefix}.{part}" if prefix else part
-            # A list has no level of its own, nor has a module whose forward did not run.
-            if prefix in called and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            # A module whose forward did not run has no level (a ModuleList never runs).
+            if prefix in called:
                 levels.append(_class_level(type(module)) + part)
         root = re.escape(_class_level(type(model)))
         patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(;|$).*")
