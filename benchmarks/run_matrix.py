@@ -152,38 +152,44 @@ def main() -> int:
     # A cell is settled when it passed under today's rules; a selected model's other
     # asked cells (FAIL, error, skipped, or int8 judged before the int8 search) run
     # again, alone, and an old cell stays in the table until its new one replaces it.
+    # Cells never measured run first, so that a run cut short by a session's end fills
+    # the table's holes before it measures stale cells again.
     asked = args.precisions.split(",")
-    done = {key(c) for c in cells if settled(c)}
-    for spec in specs:
-        for fmt in formats:
-            info = FORMATS[fmt]
-            precisions = [
-                p for p in asked if p in info.precisions and (spec.name, fmt, p) not in done
-            ]
-            if not precisions:
-                continue
-            if not info.available():
-                cells = replaced(
-                    cells,
-                    [
-                        {
-                            "model": spec.name,
-                            "format": fmt,
-                            "precision": p,
-                            "status": "skipped",
-                            "detail": f"needs {info.install_hint()}",
-                        }
-                        for p in precisions
-                    ],
-                )
-                continue
-            print(f"{spec.name} {fmt} {','.join(precisions)} ...", file=sys.stderr, flush=True)
-            fresh = run_format(spec.name, fmt, precisions, args)
-            cells = replaced(cells, fresh)
-            print("  " + " ".join(c["status"] for c in fresh), file=sys.stderr, flush=True)
-        write(cells, args)  # after every model: a stopped run keeps what it measured
+    done = {key(c) for c in cells if settled(c)}  # and, below, each cell this run measured
+    for missing_only in (True, False):
+        measured = {key(c) for c in cells}
+        for spec in specs:
+            for fmt in formats:
+                precisions = [
+                    p
+                    for p in asked
+                    if p in FORMATS[fmt].precisions
+                    and (spec.name, fmt, p) not in done
+                    and not (missing_only and (spec.name, fmt, p) in measured)
+                ]
+                if precisions:
+                    fresh = measure(spec.name, fmt, precisions, args)
+                    cells = replaced(cells, fresh)
+                    done |= {key(c) for c in fresh}
+            write(cells, args)  # after every model: a stopped run keeps what it measured
     counts = write(cells, args)
     return 1 if counts["FAIL"] or counts["error"] else 0
+
+
+def measure(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
+    """The cells of one model in one format: verified, or skipped when the format's
+    backend is not installed (listed, rather than silently left out)."""
+    info = FORMATS[fmt]
+    if not info.available():
+        detail = f"needs {info.install_hint()}"
+        return [
+            {"model": name, "format": fmt, "precision": p, "status": "skipped", "detail": detail}
+            for p in precisions
+        ]
+    print(f"{name} {fmt} {','.join(precisions)} ...", file=sys.stderr, flush=True)
+    fresh = run_format(name, fmt, precisions, args)
+    print("  " + " ".join(c["status"] for c in fresh), file=sys.stderr, flush=True)
+    return fresh
 
 
 def resumed_cells(args, shard_models: set[str]) -> list[dict]:

@@ -158,17 +158,22 @@ def test_a_shards_first_resume_starts_from_matrix_json(run_matrix, tmp_path):
     assert sorted(c["model"] for c in merged) == sorted(models)
 
 
+def age_int8_cells(path: Path) -> None:
+    """Make the int8 cells of `path` look measured before the int8 search (15 dB floor)."""
+    cells = json.loads(path.read_text())
+    for cell in cells:
+        if cell["precision"] == "int8":
+            cell["bound"] = ">=15dB"
+            cell.pop("int8_rule", None)
+    path.write_text(json.dumps(cells))
+
+
 def test_a_stopped_resume_keeps_the_old_cells_it_had_not_replaced(run_matrix, tmp_path):
     """A resumed run that stops before a model keeps that model's old cells: before, the
     cells to measure again left the table at the start, and a session's end lost them."""
     run, _calls = run_matrix
     run("--models", "fastvit_t12", "fastvit_s12")
-    cells = json.loads((tmp_path / "matrix.json").read_text())
-    for cell in cells:
-        if cell["precision"] == "int8":
-            cell["bound"] = ">=15dB"
-            cell.pop("int8_rule", None)
-    (tmp_path / "matrix.json").write_text(json.dumps(cells))
+    age_int8_cells(tmp_path / "matrix.json")
     INTERRUPTED_AT.add("fastvit_s12")
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -179,3 +184,23 @@ def test_a_stopped_resume_keeps_the_old_cells_it_had_not_replaced(run_matrix, tm
     assert len(kept) == 6
     old = [c for c in kept if c["model"] == "fastvit_s12" and c["precision"] == "int8"]
     assert [c["bound"] for c in old] == [">=15dB"]
+
+
+def test_resume_fills_the_tables_holes_before_it_measures_stale_cells(run_matrix, tmp_path):
+    """A session's end cuts a resumed run short: the cells never measured (a model not
+    reached) come before stale cells of models earlier in the zoo, and a cell measured
+    once in a run (here an error) is not measured twice."""
+    run, calls = run_matrix
+    run("--models", "fastvit_t8", "fastvit_s12", "--precisions", "fp32,int8")
+    age_int8_cells(tmp_path / "matrix.json")
+    calls.clear()
+    models = ("fastvit_t8", "fastvit_t12", "fastvit_s12")
+    code, resumed = run("--models", *models, "--resume", "--precisions", "fp32,int8")
+    assert calls == [
+        ("fastvit_t12", "onnx", ("fp32", "int8")),
+        ("fastvit_t12", "onnx", ("fp32",)),
+        ("fastvit_t12", "onnx", ("int8",)),
+        ("fastvit_t8", "onnx", ("int8",)),
+        ("fastvit_s12", "onnx", ("int8",)),
+    ]
+    assert code == 1 and len(resumed) == 6
