@@ -27,6 +27,11 @@ class BackendUnavailable(MvdError):
     exit_code = 3
 
 
+class ExportFailed(MvdError):
+    """A format's converter could not make a file of the model (or made one that its
+    runtime cannot run): the message names the op or the stage where it can."""
+
+
 class VerificationFailed(MvdError):
     """A deployable artifact does not compute the same function as the original."""
 

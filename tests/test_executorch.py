@@ -263,6 +263,23 @@ def test_a_program_the_runtime_cannot_load_is_an_export_error(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_program_that_loads_but_cannot_run_is_an_export_error(tmp_path, monkeypatch):
+    """XNNPACK checks some of a delegated graph only when it first runs (stressed
+    EfficientViT-B1 int8, one float set of its search: "Propagating input shapes
+    failed"): export runs what it wrote once, and leaves nothing."""
+    from mobilevit_deploy.runtimes import executorch as runtime
+
+    def refuses(_self, _x):
+        raise RuntimeError("method->execute() failed with error 0x1")
+
+    monkeypatch.setattr(runtime.ExecuTorchRunner, "__call__", refuses)
+    x = np.random.default_rng(0).standard_normal((1, 3, 7, 7)).astype(np.float32)
+    job = bare_module_job(_SliceOfInt8().eval(), tmp_path / "s.pte", x, "executorch")
+    with pytest.raises(et.LoweringFailed, match=r"cannot run the lowered program .*0x1"):
+        et.export_executorch(job)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fp16_leaves_the_callers_module_in_float32(tmp_path):
     model = api.load_model(NAME, image_size=SIZE)
     api.export(

@@ -260,6 +260,34 @@ def test_a_kept_module_keeps_its_own_nodes_float_not_its_childrens(model, tmp_pa
     assert art.metadata["int8_float_modules"] == [block]
 
 
+def test_a_step_the_format_cannot_make_is_a_miss_and_the_search_goes_on(
+    model, tmp_path, monkeypatch
+):
+    """XNNPACK refused one float set of stressed EfficientViT-B1 (the program lowered,
+    loaded, and failed to run): the search stopped there with an error, and the matrix
+    cell with it. Such a step is a miss now, and the record says why."""
+    from mobilevit_deploy.errors import ExportFailed
+    from mobilevit_deploy.exporters import onnx as onnx_exporter
+
+    ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5)]
+    monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
+    monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
+    hits = iter([False, True])  # all-int8 misses, both modules float hit
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    real = onnx_exporter.export_onnx
+
+    def refusing(job):
+        if job.keep_float == ("stem.0.reparam_conv",):
+            raise ExportFailed("the runtime cannot run the lowered program (error 0x1)")
+        return real(job)
+
+    monkeypatch.setattr(onnx_exporter, "export_onnx", refusing)
+    search = _int8(model, tmp_path / "q.onnx").metadata["int8_search"]
+    assert search["kept_float"] == [path for path, _ in ranked]
+    refused = search["steps"][1]
+    assert refused["psnr_db"] is None and "cannot run" in refused["error"]
+
+
 def test_an_unreachable_target_is_an_error_naming_the_best(model, tmp_path, monkeypatch):
     monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
     ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5)]

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..errors import MvdError
+from ..errors import ExportFailed
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.executorch import METADATA_METHOD
@@ -48,7 +48,7 @@ from . import ExportJob, float_modules, output_writers
 from .metadata import ArtifactMetadata
 
 
-class LoweringFailed(MvdError):
+class LoweringFailed(ExportFailed):
     """torch.export or the XNNPACK lowering could not take the model."""
 
 
@@ -413,17 +413,22 @@ def _program(job: ExportJob, example: torch.Tensor):
     return program, metadata
 
 
-def _check_it_loads(path) -> None:
-    """XNNPACK checks a delegated graph only when the runtime builds it: a program it
-    refuses lowers and serializes, then fails at `load_method` with a bare error code.
-    Loading it here makes that an export error, and no file."""
+def _check_it_runs(path, example: torch.Tensor) -> None:
+    """XNNPACK checks a delegated graph only when the runtime builds it, and some of it
+    only when it first runs: a program it refuses lowers and serializes, then fails at
+    `load_method`, or at `execute` ("Propagating input shapes failed"), with a bare
+    error code. Loading and running it once here makes either an export error, and no
+    file."""
     from ..runtimes.executorch import ExecuTorchRunner
 
+    stage = "load"
     try:
-        ExecuTorchRunner(path)
+        runner = ExecuTorchRunner(path)
+        stage = "run"
+        runner(example.numpy())
     except RuntimeError as exc:
         raise LoweringFailed(
-            f"the ExecuTorch runtime cannot load the lowered program ({exc}); "
+            f"the ExecuTorch runtime cannot {stage} the lowered program ({exc}); "
             "XNNPACK refused part of its delegated graph"
         ) from exc
 
@@ -443,6 +448,6 @@ def export_executorch(job: ExportJob) -> ArtifactMetadata:
     record = metadata.to_dict()
     with atomic_path(job.output) as tmp:
         tmp.write_bytes(program.buffer)
-        _check_it_loads(tmp)
+        _check_it_runs(tmp, example)
     write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
     return metadata

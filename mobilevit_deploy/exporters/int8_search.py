@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import VerificationFailed
+from ..errors import ExportFailed, VerificationFailed
 from ..files import artifact_size, atomic_path, write_json_atomic
 from ..metrics import compare, judge, set_psnr_quantile
 from ..runtimes import run_per_sample
@@ -76,6 +76,7 @@ class Attempt:
     path: Path
     hit: bool  # judged as verify judges int8 (metrics.judge), at the aimed PSNR
     metadata: ArtifactMetadata | None = None  # as the exporter recorded the file
+    error: str | None = None  # the format could not make this step's file: a miss
 
 
 def rank_modules(
@@ -157,7 +158,18 @@ def search_int8(
         def attempt(keep: tuple[str, ...]) -> Attempt:
             progress(f"int8 with {len(keep)} more modules float: exporting and measuring")
             out = tmp / f"candidate{len(attempts)}{fmt.suffix}"
-            made = export(dataclasses.replace(job, output=out, keep_float=keep, scratch=shared))
+            try:
+                made = export(dataclasses.replace(job, output=out, keep_float=keep, scratch=shared))
+            except ExportFailed as exc:
+                if not keep:  # the all-int8 file: the format cannot take the model at all
+                    raise
+                # Some float sets make a graph the format refuses (XNNPACK, for one of
+                # EfficientViT-B1's: it lowers and loads, then fails to run); the
+                # search goes on past it as past a miss.
+                progress(f"int8 with {len(keep)} more modules float: {exc}; counted a miss")
+                tried = Attempt(keep, float("-inf"), None, out, False, error=str(exc))
+                attempts.append(tried)
+                return tried
             got = run_per_sample(fmt.open_runner(out), held_out, len(job.example))
             # Agreement over every held-out image; the PSNR is that of most sets of 8.
             metrics = compare(reference, got, job.spec.output_kind)
@@ -196,7 +208,8 @@ def search_int8(
             "ranked_modules": len(ranked),
             "float_weight_share": weight_share(job.model, declared, list(chosen.keep)),
             "steps": [
-                {"extra_float": len(a.keep), "psnr_db": a.psnr_db, "agreement": a.agreement}
+                {"extra_float": len(a.keep), "agreement": a.agreement}
+                | ({"psnr_db": None, "error": a.error} if a.error else {"psnr_db": a.psnr_db})
                 for a in attempts
             ],
             **cost,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import MvdError
+from ..errors import ExportFailed
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
@@ -39,7 +39,7 @@ from .metadata import ArtifactMetadata
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
 
 
-class ConversionFailed(MvdError):
+class ConversionFailed(ExportFailed):
     """litert-torch could not lower the model; the message names the op where it can."""
 
 
