@@ -171,7 +171,7 @@ def main() -> int:
                     fresh = measure(spec.name, fmt, precisions, args)
                     cells = replaced(cells, fresh)
                     done |= {key(c) for c in fresh}
-            write(cells, args)  # after every model: a stopped run keeps what it measured
+                    write(cells, args)  # a stopped run keeps what it measured
     counts = write(cells, args)
     return 1 if counts["FAIL"] or counts["error"] else 0
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "run_matrix.py"
-INTERRUPTED_AT: set[str] = set()  # models whose verify is stopped (Ctrl-C, a session's end)
+# models, or (model, format)s, whose verify is stopped (Ctrl-C, a session's end)
+INTERRUPTED_AT: set = set()
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def run_matrix(monkeypatch, tmp_path):
     calls = []
 
     def fake_verify(name, formats, precisions, **_kwargs):
-        if name in INTERRUPTED_AT:
+        if name in INTERRUPTED_AT or (name, formats[0]) in INTERRUPTED_AT:
             raise KeyboardInterrupt
         calls.append((name, formats[0], tuple(precisions)))
         if "int8" in precisions and name == "fastvit_t12":
@@ -204,3 +205,21 @@ def test_resume_fills_the_tables_holes_before_it_measures_stale_cells(run_matrix
         ("fastvit_s12", "onnx", ("int8",)),
     ]
     assert code == 1 and len(resumed) == 6
+
+
+def test_a_stopped_run_keeps_the_formats_it_measured_of_a_model(run_matrix, tmp_path):
+    """A big segmenter takes an hour a format: a run stopped in its second format keeps
+    the first's cells (the table was written once a model was done)."""
+    run, _calls = run_matrix
+    INTERRUPTED_AT.add(("fastvit_s12", "tflite"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run("--models", "fastvit_s12", "--formats", "onnx,tflite")
+    finally:
+        INTERRUPTED_AT.clear()
+    kept = json.loads((tmp_path / "matrix.json").read_text())
+    assert {(c["format"], c["precision"]) for c in kept} == {
+        ("onnx", "fp32"),
+        ("onnx", "fp16"),
+        ("onnx", "int8"),
+    }
