@@ -70,38 +70,15 @@ def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def called_modules(model: nn.Module, example: np.ndarray) -> set[str]:
-    """Paths of the modules whose forward runs (through their __call__) on `example`:
-    those that get a level of their own in exported node names (torch.onnx scopes,
-    litert-torch's module chains). A module whose parent calls its methods instead runs
-    no forward: EfficientViT-Seg calls `backbone.forward_stages`, so its nodes are
-    named "/stages.3/..." with no "/backbone/" level, and scopes built from module
-    paths alone matched nothing below it (not even the modules that declare float)."""
+def module_outputs(
+    model: nn.Module, example: np.ndarray
+) -> tuple[list[tuple[str, object]], object]:
+    """(path, output) of every module whose forward ran (through its __call__) on
+    `example`, in the order they returned, and the model's output. The outputs are held
+    themselves, not their ids: a freed tensor's id is reused by a later one, which made
+    modules far from the output look like its writers."""
     import torch
 
-    ran: set[str] = set()
-    hooks = [
-        module.register_forward_pre_hook(lambda _m, _i, path=path: ran.add(path))
-        for path, module in model.named_modules()
-        if path
-    ]
-    try:
-        with torch.no_grad():
-            model(torch.from_numpy(example))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return ran
-
-
-def output_writers(model: nn.Module, example: np.ndarray) -> set[str]:
-    """Paths of the innermost modules whose forward returned one of the model's outputs
-    (the head's last layer, not the modules around it): the ops whose output int8 files
-    keep float, so that a logit past the calibrated range is not capped."""
-    import torch
-
-    # The tensors themselves are held, not their ids: a freed tensor's id is reused by
-    # a later one, which made modules far from the output look like its writers.
     returned: list[tuple[str, object]] = []
     hooks = [
         module.register_forward_hook(lambda _m, _i, out, path=path: returned.append((path, out)))
@@ -114,6 +91,24 @@ def output_writers(model: nn.Module, example: np.ndarray) -> set[str]:
     finally:
         for hook in hooks:
             hook.remove()
+    return returned, out
+
+
+def called_modules(model: nn.Module, example: np.ndarray) -> set[str]:
+    """Paths of the modules whose forward runs on `example`: those that get a level of
+    their own in exported node names (torch.onnx scopes, litert-torch's module chains).
+    A module whose parent calls its methods instead runs no forward: EfficientViT-Seg
+    calls `backbone.forward_stages`, so its nodes are named "/stages.3/..." with no
+    "/backbone/" level, and scopes built from module paths alone matched nothing below
+    it (not even the modules that declare float)."""
+    return {path for path, _ in module_outputs(model, example)[0]}
+
+
+def output_writers(model: nn.Module, example: np.ndarray) -> set[str]:
+    """Paths of the innermost modules whose forward returned one of the model's outputs
+    (the head's last layer, not the modules around it): the ops whose output int8 files
+    keep float, so that a logit past the calibrated range is not capped."""
+    returned, out = module_outputs(model, example)
     outs = out if isinstance(out, tuple) else (out,)
     producers = {path for path, got in returned if any(got is o for o in outs)}
     return {p for p in producers if not any(q.startswith(p + ".") for q in producers)}
