@@ -250,6 +250,63 @@ def test_int8_attention_chunks_q_k_v_and_the_program_loads(tmp_path):
     assert compare(want, got, "features")["psnr_db"] > 25
 
 
+class _FloatBlock(nn.Module):
+    """Declared float, like LiteMLA; its max is left to portable kernels (as LiteMLA's
+    amax is), which splits the XNNPACK graph in two."""
+
+    int8_keeps_float = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.proj = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x).relu()
+        return self.proj(y / (y.amax(dim=(2, 3), keepdim=True) + 1))
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = _FloatBlock()
+
+    def forward(self, x):
+        return self.main(x) + x
+
+
+class _FloatReadersOfInt8(nn.Module):
+    """An int8 tensor that two float ops read, one on each side of a portable op: the
+    float block's first convolution and its residual add, kept float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 8, 1), _Residual(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_an_int8_tensor_read_by_float_ops_across_subgraphs_computes_what_pt2e_does(tmp_path):
+    """PT2E gives float readers of an int8 tensor one shared dequantize; split across two
+    XNNPACK subgraphs, it became the first's output, and XNNPACK computed something
+    else there (0.15 off PT2E's own simulation of the program, at 0.86 output scale)
+    or failed to run (EfficientViT-B0/B1 with a LiteMLA block's add kept float: a step
+    of their int8 search). Each reader has its own dequantize now."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    calibration = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    model = _FloatReadersOfInt8().eval()
+    job = bare_module_job(model, tmp_path / "m.pte", x, "executorch")
+    job = dataclasses.replace(job, precision="int8", calibration=calibration)
+    et.export_executorch(dataclasses.replace(job, keep_float=("block",)))
+    simulated = et._quantize(model, torch.from_numpy(x), torch.from_numpy(calibration), ("block",))
+    with torch.no_grad():
+        want = simulated(torch.from_numpy(x)).numpy()
+    got = ExecuTorchRunner(tmp_path / "m.pte")(x)
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max(), np.abs(got - want).max()
+
+
 def test_a_program_the_runtime_cannot_load_is_an_export_error(tmp_path, monkeypatch):
     """Without the shared scales above, the program lowers and serializes, and only
     the runtime refuses it: export loads what it wrote, and leaves nothing."""

@@ -321,7 +321,30 @@ def _quantize(
     with torch.no_grad():
         for i in range(0, len(images) - batch + 1, batch):
             prepared(images[i : i + batch])
-    return convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
+    _one_dequantize_per_user(converted)
+    return converted
+
+
+def _one_dequantize_per_user(model: torch.fx.GraphModule) -> None:
+    """Give each reader of a dequantized tensor its own dequantize. PT2E shares one
+    among its readers when one of them runs float (a residual add kept float reads
+    the block's int8 input beside the block's first convolution). When a portable op
+    splits them into two XNNPACK subgraphs, the shared dequantize becomes an output of
+    the first, and XNNPACK fails to size it at run time ("Failed to resize output
+    tensor"; EfficientViT-B0 and B1 with a LiteMLA block's add kept float, a step of
+    their int8 search). With a copy each, the int8 tensor crosses the boundary, as it
+    does when all its readers are int8. A dequantize is exact: the values are equal."""
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target != dequantize:
+            continue
+        for user in list(node.users)[1:]:
+            with model.graph.inserting_after(node):
+                copy = model.graph.call_function(node.target, node.args, node.kwargs)
+            copy.meta = dict(node.meta)
+            user.replace_input_with(node, copy)
+    model.recompile()
 
 
 def delegation_report(graph_module) -> dict:
