@@ -15,6 +15,7 @@ import pytest
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "run_matrix.py"
 # models, or (model, format)s, whose verify is stopped (Ctrl-C, a session's end)
 INTERRUPTED_AT: set = set()
+RAISES: dict[str, Exception] = {}  # model -> what its verify raises
 
 
 @pytest.fixture
@@ -27,6 +28,8 @@ def run_matrix(monkeypatch, tmp_path):
     def fake_verify(name, formats, precisions, **_kwargs):
         if name in INTERRUPTED_AT or (name, formats[0]) in INTERRUPTED_AT:
             raise KeyboardInterrupt
+        if name in RAISES:
+            raise RAISES[name]
         calls.append((name, formats[0], tuple(precisions)))
         if "int8" in precisions and name == "fastvit_t12":
             raise RuntimeError("DIV failed to invoke\nmore lines")
@@ -223,3 +226,16 @@ def test_a_stopped_run_keeps_the_formats_it_measured_of_a_model(run_matrix, tmp_
         ("onnx", "fp16"),
         ("onnx", "int8"),
     }
+
+
+def test_a_long_errors_cause_at_its_end_stays_in_the_table(run_matrix, monkeypatch):
+    """ai-edge-quantizer names a tensor by its whole module chain, then gives the cause:
+    the first 300 characters held only the name (EfficientViT-L3's TFLite int8)."""
+    run, _calls = run_matrix
+    name = "a/" * 300
+    message = f"Failed to get quantization parameters for tensor: {name}. Error: the cause"
+    monkeypatch.setitem(RAISES, "fastvit_t8", ValueError(message))
+    _, cells = run("--models", "fastvit_t8", "--precisions", "fp32")
+    detail = cells[0]["detail"]
+    assert detail.startswith("ValueError: Failed to get quantization parameters")
+    assert detail.endswith("Error: the cause") and len(detail) <= 300
