@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
+from mobilevit_deploy.exporters import tflite
 from mobilevit_deploy.exporters.tflite import ConversionFailed, export_tflite
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.reparam import reparameterize
@@ -175,3 +176,28 @@ def test_cli_export_tflite(tmp_path):
     assert result.exit_code == 0, result.output
     assert "fp32" in result.stdout and out.is_file()
     assert json.loads((tmp_path / "t8.tflite.json").read_text())["input_layout"] == "NHWC"
+
+
+def test_a_weight_above_32_mib_quantizes_per_channel():
+    """ai-edge-quantizer chunks a tensor above 32 MiB and there fails to broadcast its
+    per-channel scales (EfficientViT-L3's largest 1x1 convolution: its int8 export
+    failed). The exporter quantizes such a weight in slices: the values per-channel
+    rounding gives."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+
+    weight = np.random.default_rng(0).standard_normal((4097, 1, 1, 2048)).astype(np.float32)
+    assert weight.nbytes > tflite._CHUNKED_BYTES
+    scale = (np.abs(weight).max(axis=(1, 2, 3)) / 127).astype(np.float32)
+    params = qtyping.UniformQuantParams(
+        num_bits=8,
+        quantized_dimension=0,
+        scale=scale,
+        zero_point=np.zeros(len(scale), np.int32),
+        symmetric=True,
+    )
+    with tflite._large_weights_in_slices():
+        got = uqt.uniform_quantize(weight, params)
+    want = np.clip(np.round(weight / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    assert got.dtype == np.int8 and np.array_equal(got, want)
+    assert uqt.uniform_quantize.__name__ == "uniform_quantize"  # put back on leaving

@@ -18,6 +18,7 @@ model's metadata entry `mvd` (JSON), as well as in the sidecar.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -186,9 +187,54 @@ def _quantize(
         if not calibration_result:  # every op it would calibrate is kept float
             out.write_bytes(fp32.read_bytes())
             return
-    with quiet():
+    with quiet(), _large_weights_in_slices():
         result = q.quantize(calibration_result)
     out.write_bytes(result.quantized_model)
+
+
+# ai-edge-quantizer quantizes a tensor above 32 MiB in chunks, and there it broadcasts
+# per-channel scales of shape (O, 1, 1, 1) to the tensor flattened to 2-D, which
+# fails ("input operand has more dimensions than allowed by the axis remapping";
+# google-ai-edge/ai-edge-quantizer#512, open in 0.10.0). EfficientViT-L3's largest
+# 1x1 convolution is such a weight, so its int8 export failed.
+_CHUNKED_BYTES = 32 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _large_weights_in_slices():
+    """While open, a tensor above the threshold is quantized in slices along its first
+    axis, each below it, with the scales of its rows: the library's own per-element
+    arithmetic, on the path that broadcasts correctly."""
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+
+    original = uqt.uniform_quantize
+
+    def sliced(tensor, params, is_blockwise_quant=False):
+        if is_blockwise_quant or tensor.ndim < 2 or tensor.nbytes <= _CHUNKED_BYTES:
+            return original(tensor, params, is_blockwise_quant)
+        params = uqt.fix_quantization_params_rank(tensor, params)
+        step = max(1, _CHUNKED_BYTES // tensor[0].nbytes)
+
+        def rows(values, i):
+            return values[i : i + step] if values.shape[0] == len(tensor) else values
+
+        return np.concatenate(
+            [
+                original(
+                    tensor[i : i + step],
+                    dataclasses.replace(
+                        params, scale=rows(params.scale, i), zero_point=rows(params.zero_point, i)
+                    ),
+                )
+                for i in range(0, len(tensor), step)
+            ]
+        )
+
+    uqt.uniform_quantize = sliced
+    try:
+        yield
+    finally:
+        uqt.uniform_quantize = original
 
 
 def _searched(pattern: str) -> str:
