@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mobilevit_deploy.api import HELD_OUT_IMAGES
-from mobilevit_deploy.errors import MvdError
+from mobilevit_deploy.errors import MvdError, one_line
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.exporters.int8_search import JUDGED_QUANTILE, JUDGED_SET, SEARCH_MARGIN_DB
 from mobilevit_deploy.machine import machine_stamp, stamp_line
@@ -62,7 +62,7 @@ def _verify_cells(name: str, fmt: str, precisions: list[str], args) -> list[dict
         )
     except Exception as exc:  # recorded in the table; the run goes on
         detail = str(exc) if isinstance(exc, MvdError) else f"{type(exc).__name__}: {exc}"
-        return [{**c, "status": "error", "detail": shortened(detail)} for c in cells]
+        return [{**c, "status": "error", "detail": one_line(detail)} for c in cells]
     seconds = (time.perf_counter() - start) / len(cells)
     artifacts = [p for p in report.pairs if p.format == fmt]
     for cell, pair in zip(cells, artifacts, strict=True):
@@ -81,17 +81,6 @@ def _verify_cells(name: str, fmt: str, precisions: list[str], args) -> list[dict
         if cell["precision"] == "int8":
             cell["int8_rule"] = INT8_RULE
     return cells
-
-
-def shortened(detail: str, limit: int = 300) -> str:
-    """The error's first line, within `limit`: its start and its end, where converters
-    put the cause ("Failed to get quantization parameters for tensor: <a 500-character
-    name>. Error: <the cause>")."""
-    line = detail.splitlines()[0] if detail.strip() else detail
-    if len(line) <= limit:
-        return line
-    half = (limit - 5) // 2
-    return f"{line[:half]} ... {line[-half:]}"
 
 
 def matrix_size(spec, seg_size: str) -> tuple[int, int]:

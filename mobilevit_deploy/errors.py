@@ -36,3 +36,15 @@ class VerificationFailed(MvdError):
     """A deployable artifact does not compute the same function as the original."""
 
     exit_code = 1
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """A converter's message in one line within `limit`: its first line, cut in the
+    middle if need be, since converters put the cause last ("Failed to get quantization
+    parameters for tensor: <a 500-character name>. Error: <the cause>")."""
+    lines = text.strip().splitlines()
+    line = lines[0] if lines else ""
+    if len(line) <= limit:
+        return line
+    half = (limit - 5) // 2
+    return f"{line[:half]} ... {line[-half:]}"

@@ -168,6 +168,27 @@ def test_a_model_that_does_not_lower_is_one_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_quantizer_failure_is_one_error_that_keeps_its_cause(tmp_path, monkeypatch):
+    """ai-edge-quantizer's errors went out raw, their cause after a 500-character
+    tensor name (EfficientViT-L3): now an export error, as the converter's are, whose
+    line keeps the cause, and no file."""
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+
+    def fails(*_args, **_kwargs):
+        raise ValueError(f"Failed for tensor: {'a/' * 300}. Error: the cause")
+
+    monkeypatch.setattr(uqt, "uniform_quantize", fails)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    job = _job(
+        nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)), tmp_path / "q.tflite", x
+    )
+    calibration = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(ConversionFailed, match=r"quantize the model: .*Error: the cause$"):
+        export_tflite(dataclasses.replace(job, precision="int8", calibration=calibration))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_export_tflite(tmp_path):
     out = tmp_path / "t8.tflite"
     result = CliRunner().invoke(

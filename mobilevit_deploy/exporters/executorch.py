@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..errors import ExportFailed
+from ..errors import ExportFailed, one_line
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.executorch import METADATA_METHOD
@@ -465,8 +465,7 @@ def export_executorch(job: ExportJob) -> ArtifactMetadata:
     try:
         program, metadata = _program(job, example)
     except Exception as exc:  # many exception types; the first line is the news
-        text = str(exc).strip().splitlines()
-        first = text[0][:300] if text else type(exc).__name__
+        first = one_line(str(exc)) or type(exc).__name__
         raise LoweringFailed(f"ExecuTorch could not lower the model: {first}") from exc
     record = metadata.to_dict()
     with atomic_path(job.output) as tmp:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ExportFailed
+from ..errors import ExportFailed, one_line
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
@@ -85,7 +85,7 @@ def _convert_fp32(model: nn.Module, example: np.ndarray, path: Path) -> None:
 def _reason(exc: Exception) -> str:
     """One line: the torch op the converter stopped at, when its message names one."""
     text = str(exc).strip()
-    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    first = one_line(text) if text else type(exc).__name__
     op = re.search(r"\baten\.[A-Za-z0-9_]+", text)
     if op is None or op.group(0) in first:
         return first
@@ -183,12 +183,12 @@ def _quantize(
         samples = [{name: calibration[i : i + 1]} for i in range(len(calibration))]
         with quiet(), warnings.catch_warnings():  # its own debug-mode interpreter warns
             warnings.simplefilter("ignore")
-            calibration_result = q.calibrate({key: samples})
+            calibration_result = _quantizer_step(q.calibrate, {key: samples})
         if not calibration_result:  # every op it would calibrate is kept float
             out.write_bytes(fp32.read_bytes())
             return
     with quiet(), _large_weights_in_slices():
-        result = q.quantize(calibration_result)
+        result = _quantizer_step(q.quantize, calibration_result)
     out.write_bytes(result.quantized_model)
 
 
@@ -235,6 +235,17 @@ def _large_weights_in_slices():
         yield
     finally:
         uqt.uniform_quantize = original
+
+
+def _quantizer_step(step, *args):
+    """A step of ai-edge-quantizer, whose failures are an export error that names the
+    cause (the int8 search counts a step that fails so as a miss)."""
+    try:
+        return step(*args)
+    except Exception as exc:  # it raises many types; the cause is at its message's end
+        raise ConversionFailed(
+            f"ai-edge-quantizer could not quantize the model: {_reason(exc)}"
+        ) from exc
 
 
 def _searched(pattern: str) -> str:
