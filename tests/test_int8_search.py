@@ -286,6 +286,10 @@ def test_a_step_the_format_cannot_make_is_a_miss_and_the_search_goes_on(
     assert search["kept_float"] == [path for path, _ in ranked]
     refused = search["steps"][1]
     assert refused["psnr_db"] is None and "cannot run" in refused["error"]
+    # When no step hits, the error says which files the format could not make.
+    hits = iter([False, False])
+    with pytest.raises(VerificationFailed, match="could not make 1 of its 3 files"):
+        _int8(model, tmp_path / "q2.onnx")
 
 
 def test_an_unreachable_target_is_an_error_naming_the_best(model, tmp_path, monkeypatch):

@@ -189,10 +189,17 @@ def search_int8(
             chosen = _grow(ranked, attempt, first_guess(scores, base.psnr_db, goal))
         if chosen is None:
             best = max(attempts, key=lambda a: a.psnr_db)
+            refused = [a for a in attempts if a.error]
+            why = (
+                f"; {fmt.name} could not make {len(refused)} of its {len(attempts)} files, "
+                f"the last with {len(refused[-1].keep)} modules float: {refused[-1].error}"
+                if refused
+                else ""
+            )
             raise VerificationFailed(
                 f"int8 {fmt.name} does not reach {target_db:g} dB even with all "
                 f"{len(ranked)} ranked modules float (best {best.psnr_db:.1f} dB on held-out "
-                "images); lower --int8-target or export fp16"
+                f"images); lower --int8-target or export fp16{why}"
             )
         cost = _cost(fmt, base, chosen, job.example)
         search = {
