@@ -302,7 +302,7 @@ def _quantize(
             return model
 
     quantizer = SharedCopies().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    for cls in {type(module) for _, module in float_modules(model)}:
+    for cls in {type(model.get_submodule(path)) for path in declared}:
         quantizer.set_module_type(cls, None)  # None: left float (and out of the global)
     # The ops that write the graph's outputs: int8 weights, float output (the input is
     # quantized at run time), so that no logit is capped at the calibrated maximum.
@@ -351,9 +351,10 @@ def _one_dequantize_per_user(model: torch.fx.GraphModule) -> None:
     among its readers when one of them runs float (a residual add kept float reads
     the block's int8 input beside the block's first convolution). When a portable op
     splits them into two XNNPACK subgraphs, the shared dequantize becomes an output of
-    the first, and XNNPACK fails to size it at run time ("Failed to resize output
-    tensor"; EfficientViT-B0 and B1 with a LiteMLA block's add kept float, a step of
-    their int8 search). With a copy each, the int8 tensor crosses the boundary, as it
+    the first, which XNNPACK computed wrong (0.15 off PT2E's simulation, at an output
+    scale of 0.86) or failed to size at run time ("Failed to resize output tensor";
+    EfficientViT-B0 and B1 with a LiteMLA block's add kept float, a step of their int8
+    search). With a copy each, the int8 tensor crosses the boundary, as it
     does when all its readers are int8. A dequantize is exact: the values are equal."""
     dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
     for node in list(model.graph.nodes):
