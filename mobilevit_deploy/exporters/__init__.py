@@ -108,7 +108,11 @@ def output_writers(model: nn.Module, example: np.ndarray) -> set[str]:
     """Paths of the innermost modules whose forward returned one of the model's outputs
     (the head's last layer, not the modules around it): the ops whose output int8 files
     keep float, so that a logit past the calibrated range is not capped."""
-    returned, out = module_outputs(model, example)
+    return writers(*module_outputs(model, example))
+
+
+def writers(returned: list[tuple[str, object]], out: object) -> set[str]:
+    """output_writers, from a module_outputs pass a caller already ran."""
     outs = out if isinstance(out, tuple) else (out,)
     producers = {path for path, got in returned if any(got is o for o in outs)}
     return {p for p in producers if not any(q.startswith(p + ".") for q in producers)}

@@ -307,7 +307,7 @@ def _quantize(
     # The ops that write the graph's outputs: int8 weights, float output (the input is
     # quantized at run time), so that no logit is capped at the calibrated maximum.
     for path in output_writers(model, example.numpy()) - set(keep_float):
-        if not any(path == d or path.startswith(d + ".") for d in declared):
+        if not _inside(path, declared):
             quantizer.set_module_name(
                 path, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
             )
@@ -342,8 +342,13 @@ def _float_cats(model: torch.fx.GraphModule, declared: list[str], kept: set[str]
         if node.op != "call_function" or node.target != torch.ops.aten.cat.default:
             continue
         owner = _owner(node) or ""
-        if owner in kept or any(owner == d or owner.startswith(d + ".") for d in declared):
+        if owner in kept or _inside(owner, declared):
             node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(_annotated=True)
+
+
+def _inside(path: str, modules: list[str]) -> bool:
+    """Whether the module at `path` is one of `modules` or below one of them."""
+    return any(path == m or path.startswith(m + ".") for m in modules)
 
 
 def _one_dequantize_per_user(model: torch.fx.GraphModule) -> None:

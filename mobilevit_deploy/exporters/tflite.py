@@ -34,7 +34,7 @@ from ..errors import ExportFailed, one_line
 from ..files import atomic_path, write_json_atomic
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
-from . import ExportJob, called_modules, float_modules, output_writers
+from . import ExportJob, float_modules, module_outputs, writers
 from .metadata import ArtifactMetadata
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
@@ -121,7 +121,8 @@ def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> l
     (SIGNATURE_OUTPUT). Only modules whose forward ran have a level (called_modules)."""
     declared = sorted({type(m) for _, m in float_modules(model)}, key=str)
     patterns = [f".*{re.escape(_class_level(cls))}.*" for cls in declared]
-    called = called_modules(model, example) if paths else set()
+    returned, out = module_outputs(model, example) if paths else ([], None)
+    called = {path for path, _ in returned}
     for path in paths:
         levels, module, prefix = [], model, ""
         for part in path.split("."):
@@ -132,7 +133,7 @@ def float_patterns(model: nn.Module, paths: list[str], example: np.ndarray) -> l
                 levels.append(_class_level(type(module)) + part)
         root = re.escape(_class_level(type(model)))
         patterns.append(f".*{root}[^/]*/{re.escape('/'.join(levels))}(;|$).*")
-    if paths and output_writers(model, example) & set(paths):
+    if paths and writers(returned, out) & set(paths):
         patterns.append(SIGNATURE_OUTPUT)
     return patterns
 
