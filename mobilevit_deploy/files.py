@@ -12,11 +12,17 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput
+
+# Held while an artifact and its sidecar move into place (atomic_artifact).
+_HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 def ensure_writable_dir(directory: Path) -> Path:
@@ -104,13 +110,18 @@ def _disk_full_is_bad_input(final: Path) -> Iterator[None]:
         raise
 
 
+def _temp_beside(final: Path) -> Path:
+    """An empty hidden file in `final`'s directory (a rename there is atomic)."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it to `final` on success only."""
     ensure_writable_dir(final.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temp_beside(final)
     try:
         with _disk_full_is_bad_input(final):
             yield tmp
@@ -141,5 +152,75 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def write_json_atomic(path: Path, data: object) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(_json_text(data))
     return path
+
+
+def _json_text(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def sidecar_path(artifact: Path) -> Path:
+    """The metadata JSON beside an artifact: `model.onnx` -> `model.onnx.json`."""
+    return artifact.with_name(artifact.name + ".json")
+
+
+@dataclass
+class Staged:
+    """An artifact being written: the body writes `path` and sets `record`."""
+
+    path: Path
+    record: dict | None = None
+
+
+@contextlib.contextmanager
+def atomic_artifact(final: Path, package: bool = False) -> Iterator[Staged]:
+    """atomic_path (atomic_dir for a `package`) for an artifact and its sidecar together.
+
+    The runtimes read the sidecar first (the input layout, the output names), so a new
+    file beside the previous export's sidecar would be fed and read wrongly. Both are
+    complete on disk before either is renamed; the old sidecar goes, then the artifact
+    and the new sidecar move into place with SIGINT and SIGTERM held, so an interrupt
+    leaves the old pair or the new one. A crash between the renames leaves the
+    artifact without its sidecar (its record is embedded too), never beside another's.
+    """
+    sidecar = sidecar_path(final)
+    side_tmp: Path | None = None
+    with contextlib.ExitStack() as held:
+        try:
+            with (atomic_dir if package else atomic_path)(final) as tmp:
+                staged = Staged(tmp)
+                yield staged
+                if staged.record is None:
+                    raise ValueError(f"{final.name}: the exporter set no record for its sidecar")
+                side_tmp = _temp_beside(sidecar)
+                side_tmp.write_text(_json_text(staged.record))
+                os.chmod(side_tmp, 0o666 & ~_umask())
+                held.enter_context(_signals_held())
+                sidecar.unlink(missing_ok=True)
+            os.replace(side_tmp, sidecar)
+            side_tmp = None
+        finally:
+            if side_tmp is not None:
+                side_tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside are delivered on the way out. A handler,
+    not a blocked mask: a process-directed signal goes to any thread that does not
+    block it (torch's pool has several), and Python runs its handler in the main
+    thread regardless. Off the main thread, where handlers cannot be set, nothing is
+    held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _f: caught.append(n)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number in caught:
+            signal.raise_signal(number)

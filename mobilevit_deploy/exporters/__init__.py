@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files import sidecar_path
+
 if TYPE_CHECKING:  # `mvd --help` imports the format table, and must not import torch
     import numpy as np
     from torch import nn
@@ -56,7 +58,7 @@ class Artifact:
 
     @property
     def sidecar(self) -> Path:
-        return self.path.with_name(self.path.name + ".json")
+        return sidecar_path(self.path)
 
 
 def float_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..files import atomic_dir, write_json_atomic
+from ..files import atomic_artifact
 from ..registry import ModelSpec
 from ..runtimes.coreml import import_coremltools
 from . import ExportJob
@@ -185,7 +185,7 @@ def export_coreml(job: ExportJob) -> ArtifactMetadata:
         f"weights: {metadata.weights}"
     )
     mlmodel.version = metadata.tool_versions.get("mobilevit_deploy") or "unknown"
-    with atomic_dir(job.output) as tmp:
-        mlmodel.save(str(tmp))
-    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+    with atomic_artifact(job.output, package=True) as staged:
+        mlmodel.save(str(staged.path))
+        staged.record = record
     return metadata

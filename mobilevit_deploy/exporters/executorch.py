@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportFailed, one_line
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_artifact
 from ..quiet import quiet
 from ..runtimes.executorch import METADATA_METHOD
 from . import ExportJob, float_modules, output_writers
@@ -493,9 +493,8 @@ def export_executorch(job: ExportJob) -> ArtifactMetadata:
     except Exception as exc:  # many exception types; the first line is the news
         first = one_line(str(exc)) or type(exc).__name__
         raise LoweringFailed(f"ExecuTorch could not lower the model: {first}") from exc
-    record = metadata.to_dict()
-    with atomic_path(job.output) as tmp:
-        tmp.write_bytes(program.buffer)
-        _check_it_runs(tmp, example)
-    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+    with atomic_artifact(job.output) as staged:
+        staged.path.write_bytes(program.buffer)
+        _check_it_runs(staged.path, example)
+        staged.record = metadata.to_dict()
     return metadata

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportFailed, VerificationFailed
-from ..files import artifact_size, atomic_path, write_json_atomic
+from ..files import artifact_size, atomic_artifact
 from ..metrics import compare, judge, set_psnr_quantile
 from ..runtimes import run_per_sample
 from ..runtimes.torch_runtime import TorchRunner
@@ -232,11 +232,10 @@ def search_int8(
         metadata = dataclasses.replace(
             made, **final, details={**made.details, "int8_search": search}
         )
-        record = metadata.to_dict()
-        with atomic_path(job.output) as out:
-            shutil.copyfile(chosen.path, out)
-            fmt.load("restamp")(out, record)
-        write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+        with atomic_artifact(job.output) as staged:
+            shutil.copyfile(chosen.path, staged.path)
+            staged.record = metadata.to_dict()
+            fmt.load("restamp")(staged.path, staged.record)
         return metadata
 
 

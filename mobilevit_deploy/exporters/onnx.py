@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import VerificationFailed
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_artifact
 from ..runtimes.onnxruntime import OrtRunner
 from . import ExportJob, called_modules, float_modules
 from .metadata import ArtifactMetadata
@@ -122,7 +122,8 @@ def export_onnx(job: ExportJob) -> ArtifactMetadata:
     leaves the modules that ask for it in float, and the nodes that the modules at
     `job.keep_float` own (node_owner)."""
     model, options, metadata = job.model.eval(), job.options, job.metadata
-    with atomic_path(job.output) as tmp:
+    with atomic_artifact(job.output) as staged:
+        tmp = staged.path
         outputs = metadata.output_names
         example = job.example
         _torch_export(
@@ -143,10 +144,9 @@ def export_onnx(job: ExportJob) -> ArtifactMetadata:
                 job.calibration,
                 lambda name: name.startswith(declared) or node_owner(scopes, name) in kept,
             )
-        record = metadata.to_dict()
-        _embed(graph, record)
+        staged.record = metadata.to_dict()
+        _embed(graph, staged.record)
         onnx.save(graph, str(tmp))
-    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
     return metadata
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportFailed, one_line
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_artifact
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
 from . import ExportJob, float_modules, module_outputs, writers
@@ -343,7 +343,8 @@ def export_tflite(job: ExportJob) -> ArtifactMetadata:
         details["int8_mode"] = options.int8_mode
         if options.nhwc:
             calibration = np.ascontiguousarray(calibration.transpose(0, 2, 3, 1))
-    with atomic_path(job.output) as tmp:
+    with atomic_artifact(job.output) as staged:
+        tmp = staged.path
         if precision == "fp32":
             _convert_fp32(model, example, tmp)
         else:
@@ -363,7 +364,6 @@ def export_tflite(job: ExportJob) -> ArtifactMetadata:
         metadata = dataclasses.replace(
             metadata, delegate_report=report, details={**metadata.details, **details}
         )
-        record = metadata.to_dict()
-        embed_metadata(tmp, record)
-    write_json_atomic(job.output.with_name(job.output.name + ".json"), record)
+        staged.record = metadata.to_dict()
+        embed_metadata(tmp, staged.record)
     return metadata

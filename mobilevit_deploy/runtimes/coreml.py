@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import sidecar_path
+
 _FEATURE_TYPES = {"multiArrayType": "tensor", "imageType": "image", "stringType": "string"}
 
 
@@ -92,7 +94,7 @@ def check_package(path: Path, expected_output_shapes: list[tuple[int, ...]]) -> 
     """A report of the static checks; `problems` lists every failed one in words.
     `expected_output_shapes`: one per tensor output, in order (unused for classifiers)."""
     path = Path(path)
-    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    meta = json.loads(sidecar_path(path).read_text())
     spec = _load_spec(path)
     inputs = [_feature(d) for d in spec.description.input]
     outputs = [_feature(d) for d in spec.description.output]
@@ -147,7 +149,7 @@ class CoreMLRunner:
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
         ct = import_coremltools()
         self.model = ct.models.MLModel(str(path))
-        self.meta = json.loads(Path(str(path) + ".json").read_text())
+        self.meta = json.loads(sidecar_path(Path(path)).read_text())
 
     def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         rows = []

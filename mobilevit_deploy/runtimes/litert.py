@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import sidecar_path
 from ..quiet import quiet
 
 # The name of the metadata entry the exporter embeds the record under.
@@ -37,7 +38,7 @@ class LiteRTRunner:
             from ai_edge_litert.interpreter import Interpreter
 
         path = Path(path)
-        sidecar = path.with_name(path.name + ".json")
+        sidecar = sidecar_path(path)
         meta = json.loads(sidecar.read_text()) if sidecar.is_file() else read_metadata(path)
         with quiet():  # the XNNPACK banner is printed from C++ when tensors are allocated
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
