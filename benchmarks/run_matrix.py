@@ -24,6 +24,7 @@ from mobilevit_deploy.api import HELD_OUT_IMAGES
 from mobilevit_deploy.errors import MvdError, one_line
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.exporters.int8_search import JUDGED_QUANTILE, JUDGED_SET, SEARCH_MARGIN_DB
+from mobilevit_deploy.files import atomic_path, write_json_atomic
 from mobilevit_deploy.machine import machine_stamp, stamp_line
 from mobilevit_deploy.report import markdown_table
 from mobilevit_deploy.verify import verify
@@ -119,7 +120,9 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=8, help="as verify's default")
     parser.add_argument("--seg-size", choices=("mobile", "native"), default="mobile")
     parser.add_argument(
-        "--resume", action="store_true", help="keep the cells of matrix.json, run the rest"
+        "--resume",
+        action="store_true",
+        help="keep the cells of matrix.json that passed as today, run the rest",
     )
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument(
@@ -147,15 +150,18 @@ def main() -> int:
     if args.shard:
         k, n = args.shard
         specs = [s for i, s in enumerate(specs) if i % n == k - 1]
-    cells = resumed_cells(args, {s.name for s in specs}) if args.resume else []
+    cells = starting_cells(args, {s.name for s in specs})
     formats = args.formats.split(",")
-    # A cell is settled when it passed under today's rules; a selected model's other
-    # asked cells (FAIL, error, skipped, or int8 judged before the int8 search) run
-    # again, alone, and an old cell stays in the table until its new one replaces it.
+    # With --resume a cell is settled when it passed under today's rules at the asked
+    # input size; a selected model's other asked cells (FAIL, error, skipped, or int8
+    # judged before the int8 search) run again, alone. Without it every asked cell runs
+    # again. Either way an old cell stays in the table until its new one replaces it,
+    # and the cells not asked for stay as they are.
     # Cells never measured run first, so that a run cut short by a session's end fills
     # the table's holes before it measures stale cells again.
     asked = args.precisions.split(",")
-    done = {key(c) for c in cells if settled(c)}  # and, below, each cell this run measured
+    # and, below, each cell this run measured
+    done = {key(c) for c in cells if args.resume and settled(c, args.seg_size)}
     for missing_only in (True, False):
         measured = {key(c) for c in cells}
         for spec in specs:
@@ -192,11 +198,13 @@ def measure(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
     return fresh
 
 
-def resumed_cells(args, shard_models: set[str]) -> list[dict]:
-    """The cells a resumed run starts from: its own JSON; a shard's first run starts
-    from its models' cells in matrix.json, so that shards run side by side on one
-    machine resume what a whole run measured, and each shard's file holds only its own
-    models (a merge would otherwise let one shard's stale copy of another's model win)."""
+def starting_cells(args, shard_models: set[str]) -> list[dict]:
+    """The cells a run starts from, so that a run of a few models (`--family levit`)
+    replaces theirs and keeps the rest of the table: its own JSON; a shard's first run
+    starts from its models' cells in matrix.json, so that shards run side by side on
+    one machine resume what a whole run measured, and each shard's file holds only its
+    own models (a merge would otherwise let one shard's stale copy of another's model
+    win)."""
     own = args.out / json_name(args.shard)
     if own.is_file():
         return json.loads(own.read_text())
@@ -217,12 +225,16 @@ def key(cell: dict) -> tuple[str, str, str]:
     return cell["model"], cell["format"], cell["precision"]
 
 
-def settled(cell: dict) -> bool:
-    """Passed, and made and judged as today: an int8 cell searched by another rule
-    (INT8_RULE), or bounded by the old 15 dB floor from before the int8 search, is
-    measured again."""
-    stale = cell["precision"] == "int8" and cell.get("int8_rule") != INT8_RULE
-    return cell["status"] == "pass" and not stale
+def settled(cell: dict, seg_size: str) -> bool:
+    """Passed, at the input size this run asks for, and made and judged as today."""
+    size = "x".join(map(str, matrix_size(get_spec(cell["model"]), seg_size)))
+    return cell["status"] == "pass" and cell.get("input") == size and not old_int8(cell)
+
+
+def old_int8(cell: dict) -> bool:
+    """An int8 cell searched by another rule (INT8_RULE), or bounded by the old 15 dB
+    floor from before the int8 search: measured again."""
+    return cell["precision"] == "int8" and cell.get("int8_rule") != INT8_RULE
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -265,14 +277,14 @@ def zoo_order(cells: list[dict]) -> list[dict]:
 
 def caveats(cells: list[dict]) -> str:
     """What the table's older cells were measured by, where it differs from today."""
-    old_int8 = [c for c in cells if c["status"] == "pass" and not settled(c)]
-    floor = sum(str(c.get("bound", "")).startswith(">=15dB") for c in old_int8)
+    old = [c for c in cells if c["status"] == "pass" and old_int8(c)]
+    floor = sum(str(c.get("bound", "")).startswith(">=15dB") for c in old)
     text = ""
-    if old_int8:
+    if old:
         text += (
-            f"{len(old_int8)} int8 cells predate today's int8 search ({INT8_RULE}): "
+            f"{len(old)} int8 cells predate today's int8 search ({INT8_RULE}): "
             f"{floor} with a bound of >=15dB were held to a 15 dB floor and their agreement "
-            f"was not judged; {len(old_int8) - floor} were searched on one set of 8 "
+            f"was not judged; {len(old) - floor} were searched on one set of 8 "
             "held-out images, 1 dB above the target. --resume measures them again. "
         )
     fewer = sum("images" not in c for c in cells if "metrics" in c)
@@ -287,7 +299,7 @@ def write(cells: list[dict], args) -> dict[str, int]:
     cells = zoo_order(cells)
     counts = {s: sum(c["status"] == s for c in cells) for s in ("pass", "FAIL", "error", "skipped")}
     out_json = args.out / json_name(args.shard)
-    out_json.write_text(json.dumps(cells, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out_json, cells)  # a run stopped mid-write keeps the last table
     if args.shard:
         return counts
     headers = [
@@ -322,7 +334,8 @@ def write(cells: list[dict], args) -> dict[str, int]:
         + "\n\n"
         + markdown_table(headers, [row(c) for c in cells])
     )
-    (args.out / "MATRIX.md").write_text(text)
+    with atomic_path(args.out / "MATRIX.md") as tmp:
+        tmp.write_text(text)
     return counts
 
 

@@ -25,7 +25,7 @@ def run_matrix(monkeypatch, tmp_path):
     spec.loader.exec_module(module)
     calls = []
 
-    def fake_verify(name, formats, precisions, **_kwargs):
+    def fake_verify(name, formats, precisions, image_size, **_kwargs):
         if name in INTERRUPTED_AT or (name, formats[0]) in INTERRUPTED_AT:
             raise KeyboardInterrupt
         if name in RAISES:
@@ -44,7 +44,7 @@ def run_matrix(monkeypatch, tmp_path):
             )
             for p in precisions
         ]
-        return SimpleNamespace(pairs=pairs, problems=[], image_size=(64, 64))
+        return SimpleNamespace(pairs=pairs, problems=[], image_size=image_size)
 
     monkeypatch.setattr(module, "verify", fake_verify)
 
@@ -239,3 +239,28 @@ def test_a_long_errors_cause_at_its_end_stays_in_the_table(run_matrix, monkeypat
     detail = cells[0]["detail"]
     assert detail.startswith("ValueError: Failed to get quantization parameters")
     assert detail.endswith("Error: the cause") and len(detail) <= 300
+
+
+def test_a_run_of_a_few_models_keeps_the_rest_of_the_table(run_matrix, tmp_path):
+    """The docstring's own example (`--family levit --formats onnx`) without --resume
+    wrote a table of its few cells over the whole zoo's."""
+    run, calls = run_matrix
+    run("--models", "fastvit_t8", "fastvit_s12", "--precisions", "fp32")
+    calls.clear()
+    _, cells = run("--models", "fastvit_s12", "--precisions", "fp32")
+    assert calls == [("fastvit_s12", "onnx", ("fp32",))], "without --resume it measures again"
+    assert sorted(c["model"] for c in cells) == ["fastvit_s12", "fastvit_t8"]
+
+
+def test_resume_at_another_segmenter_size_measures_again(run_matrix, tmp_path):
+    """A cell passed at the mobile size says nothing of the native one: --resume
+    --seg-size native used to keep it as settled, under a header saying native."""
+    run, calls = run_matrix
+    model = "seaformer_seg_tiny_ade20k"
+    _, mobile = run("--models", model, "--precisions", "fp32")
+    calls.clear()
+    _, native = run("--models", model, "--precisions", "fp32", "--resume", "--seg-size", "native")
+    assert calls == [(model, "onnx", ("fp32",))]
+    assert [c["input"] for c in mobile] == ["256x256"] and [c["input"] for c in native] == [
+        "512x512"
+    ]
