@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import api
-from .errors import BackendUnavailable, BadInput, VerificationFailed
+from .errors import BackendUnavailable, BadInput, ExportFailed, VerificationFailed
 from .exporters.formats import FORMATS, check_format
 from .files import artifact_size
 from .images import natural_images, to_model_input
@@ -38,6 +38,7 @@ from .machine import machine_stamp, stamp_line
 from .metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION, compare, judge
 from .reparam import reparameterize
 from .runtimes import openvino as ov_runtime
+from .runtimes import run_per_sample
 from .runtimes.onnxruntime import OrtRunner
 from .runtimes.torch_runtime import TorchRunner, torch_threads
 from .stress import apply_stress_weights
@@ -241,7 +242,8 @@ class _FormatFiles:
     """The fused file of one format at each precision, exported once (onnxruntime and
     OpenVINO run the same ONNX files). An int8 export that cannot meet its accuracy
     target (VerificationFailed) is a candidate that does not exist, not a failed
-    benchmark: it is None, `skipped` says why, and the rest is timed."""
+    benchmark: it is None, `skipped` says why, and the rest is timed. So is a file the
+    format cannot make (ExportFailed: XNNPACK refusing one precision's graph)."""
 
     def __init__(self, fmt, name, model, size, batch, tmp: Path, progress, skipped) -> None:
         self.fmt, self.name, self.model, self.size, self.batch = fmt, name, model, size, batch
@@ -261,7 +263,7 @@ class _FormatFiles:
                     batch=self.batch,
                     precision=precision,
                 )
-            except VerificationFailed as failure:
+            except (ExportFailed, VerificationFailed) as failure:
                 self.skipped.append(f"{self.fmt.name} {precision}: {failure}")
                 self.files[precision] = None
         return self.files[precision]
@@ -325,15 +327,6 @@ def _accuracy_count(batch: int) -> int:
     return batch * math.ceil(ACCURACY_IMAGES / batch)
 
 
-def _in_batches(run: Callable, images: np.ndarray, batch: int):
-    """The outputs of `batch` images at a time (the files' static batch), joined; a
-    model with several outputs gives a tuple, each joined across the batches."""
-    runs = [run(images[i : i + batch]) for i in range(0, len(images), batch)]
-    if isinstance(runs[0], tuple):
-        return tuple(np.concatenate(column) for column in zip(*runs, strict=True))
-    return np.concatenate(runs)
-
-
 def _accuracy(model, spec, size, batch: int, candidates: dict[str, Candidate]) -> dict:
     """Each candidate against the unfused model in float64, judged as verify judges:
     fp32 to 1e-5 of the scale (or twice the unfused model's own fp32 error, where
@@ -351,7 +344,7 @@ def _accuracy(model, spec, size, batch: int, candidates: dict[str, Candidate]) -
     bilinear = _bilinear_reference(model, formats, images)
     out = {}
     for label, candidate in candidates.items():
-        output = _in_batches(candidate.run, images, batch)
+        output = run_per_sample(candidate.run, images, batch)
         fmt = candidate.metadata.get("format")
         target = reference
         if bilinear is not None and fmt is not None and not FORMATS[fmt].has_bicubic:

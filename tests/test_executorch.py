@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
+from mobilevit_deploy.errors import BackendUnavailable
 from mobilevit_deploy.exporters import executorch as et
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.reparam import reparameterize
@@ -157,6 +158,20 @@ def test_int8_at_batch_2_calibrates_in_batches_of_2(tmp_path):
     )
     x = test_inputs(NAME, SIZE, count=2)
     assert ExecuTorchRunner(artifact.path)(x).shape == (2, 1000)
+
+
+def test_int8_calibration_sees_every_image_when_the_batch_does_not_divide_them():
+    """Calibrated two at a time, the third of three images was never seen: 32 images
+    at batch 3 calibrated on 30. Here the third is the widest: the input's range must
+    reach well past the others' 1 (the histogram observer trims toward its bulk)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    calibration = torch.ones(3, 3, 4, 4)
+    calibration[2] *= 50
+    with torch.no_grad():
+        converted = et._quantize(model, torch.zeros(2, 3, 4, 4), calibration)
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    first = next(n for n in converted.graph.nodes if n.target == quantize)
+    assert first.args[1] * 127 > 10, f"input scale {first.args[1]} is calibrated on [0, 1]"
 
 
 def test_int8_logits_are_not_capped_at_the_calibrated_range(tmp_path):
@@ -347,19 +362,49 @@ def test_a_program_the_runtime_cannot_load_is_an_export_error(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_program_that_loads_but_cannot_run_is_an_export_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (RuntimeError("method->execute() failed with error 0x1"), r".*0x1"),
+        (ValueError("input 0 has the wrong\nnumber of dimensions"), r"\(input 0 has"),
+    ],
+    ids=["runtime-error", "another-type"],
+)
+def test_a_program_that_loads_but_cannot_run_is_an_export_error(tmp_path, monkeypatch, error, said):
     """XNNPACK checks some of a delegated graph only when it first runs (stressed
     EfficientViT-B1 int8, one float set of its search: "Propagating input shapes
-    failed"): export runs what it wrote once, and leaves nothing."""
+    failed"): export runs what it wrote once, and leaves nothing. The runtime raises
+    RuntimeError for its own failures, and its Python checks other types, which leaked
+    a traceback."""
     from mobilevit_deploy.runtimes import executorch as runtime
 
     def refuses(_self, _x):
-        raise RuntimeError("method->execute() failed with error 0x1")
+        raise error
 
     monkeypatch.setattr(runtime.ExecuTorchRunner, "__call__", refuses)
     x = np.random.default_rng(0).standard_normal((1, 3, 7, 7)).astype(np.float32)
     job = bare_module_job(_SliceOfInt8().eval(), tmp_path / "s.pte", x, "executorch")
-    with pytest.raises(et.LoweringFailed, match=r"cannot run the lowered program .*0x1"):
+    with pytest.raises(et.LoweringFailed, match=r"cannot run the lowered program " + said):
+        et.export_executorch(job)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backend_that_does_not_import_is_backend_unavailable(tmp_path, monkeypatch):
+    """executorch installed beside another torch than its wheel's fails at import with
+    an ImportError or an OSError from its C++ library: one line naming the fix."""
+    import importlib
+
+    real = importlib.import_module
+
+    def broken(name, *args, **kwargs):
+        if name == "executorch.exir":
+            raise OSError("libtorch_cpu.so: undefined symbol: _ZN3c104impl")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    x = np.random.default_rng(0).standard_normal((1, 3, 7, 7)).astype(np.float32)
+    job = bare_module_job(_SliceOfInt8().eval(), tmp_path / "s.pte", x, "executorch")
+    with pytest.raises(BackendUnavailable, match=r"executorch.exir is installed but does not"):
         et.export_executorch(job)
     assert list(tmp_path.iterdir()) == []
 
@@ -426,3 +471,30 @@ def test_doctor_lists_executorch():
     rows = {f["name"]: f for f in json.loads(result.stdout)["formats"]}
     assert rows["executorch"]["export"] == "yes" and rows["executorch"]["run"] == "yes"
     assert rows["executorch"]["install"] == "pip install 'mobilevit_deploy[executorch]'"
+
+
+def test_bench_times_the_rest_when_the_format_cannot_make_one_precision(monkeypatch):
+    """A precision XNNPACK refuses (LoweringFailed) is a candidate that does not exist,
+    as an int8 file that misses its target is: it ended the whole benchmark."""
+    from mobilevit_deploy.bench import benchmark
+
+    real = et.export_executorch
+
+    def refuses_int8(job):
+        if job.precision == "int8":
+            raise et.LoweringFailed("ExecuTorch could not lower the model: refused")
+        return real(job)
+
+    monkeypatch.setattr(et, "export_executorch", refuses_int8)
+    report = benchmark(
+        NAME,
+        image_size=SIZE,
+        runtimes=("executorch",),
+        precisions=("fp32", "int8"),
+        min_time_s=0.05,
+        min_runs=2,
+    )
+    assert report["skipped"] == ["executorch int8: ExecuTorch could not lower the model: refused"]
+    timed = [r["runtime"] for r in report["results"]]
+    assert any(r.startswith("executorch") for r in timed), timed
+    assert not any("int8" in r for r in timed), timed

@@ -292,6 +292,34 @@ def test_a_step_the_format_cannot_make_is_a_miss_and_the_search_goes_on(
         _int8(model, tmp_path / "q2.onnx")
 
 
+def test_a_format_without_restamp_ships_the_file_it_measured(model, tmp_path, monkeypatch):
+    """ExecuTorch's record is part of its program, so the chosen float set is exported
+    again with it; a second export that computes otherwise (a lowering that changed
+    between runs) must be an error, not a file whose record describes another."""
+    from mobilevit_deploy.errors import ExportFailed
+    from mobilevit_deploy.exporters import onnx as onnx_exporter
+
+    monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(FORMATS["onnx"], restamp=None))
+    ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5)]
+    monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
+    monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 2)
+    monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
+    hits = iter([False, True, False, True])  # two searches: all-int8 misses, then a hit
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    art = _int8(model, tmp_path / "q.onnx")
+    assert art.metadata["int8_float_modules"] == [path for path, _ in ranked]
+    real = onnx_exporter.export_onnx
+
+    def forgets_the_float_set(job):
+        made_again = job.output.name.startswith("final")
+        return real(dataclasses.replace(job, keep_float=()) if made_again else job)
+
+    monkeypatch.setattr(onnx_exporter, "export_onnx", forgets_the_float_set)
+    with pytest.raises(ExportFailed, match="made again with the chosen float set computes"):
+        _int8(model, tmp_path / "q2.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx", "q.onnx.json"]
+
+
 def test_an_unreachable_target_is_an_error_naming_the_best(model, tmp_path, monkeypatch):
     monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
     ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5)]

@@ -45,6 +45,7 @@ from ..files import atomic_artifact
 from ..quiet import quiet
 from ..runtimes.executorch import METADATA_METHOD
 from . import ExportJob, float_modules, output_writers
+from .formats import FORMATS
 from .metadata import ArtifactMetadata
 
 
@@ -316,12 +317,13 @@ def _quantize(
         quantizer.set_filter_function(lambda node: _owner(node) not in kept)
     graph = torch.export.export(model, (example,)).module()
     prepared = prepare_pt2e(graph, quantizer)
-    # The graph is traced at the example's batch: calibrate in batches of that size
-    # (the images repeated if there are fewer).
+    # The graph is traced at the example's batch: calibrate in batches of that size,
+    # the last one filled up from the first images, so that every image is seen.
     batch = len(example)
-    images = calibration.repeat(-(-batch // len(calibration)), 1, 1, 1)
+    count = -(-len(calibration) // batch) * batch
+    images = calibration[torch.arange(count) % len(calibration)]
     with torch.no_grad():
-        for i in range(0, len(images) - batch + 1, batch):
+        for i in range(0, count, batch):
             prepared(images[i : i + batch])
     converted = convert_pt2e(prepared)
     _one_dequantize_per_user(converted)
@@ -367,9 +369,9 @@ def _one_dequantize_per_user(model: torch.fx.GraphModule) -> None:
             continue
         for user in list(node.users)[1:]:
             with model.graph.inserting_after(node):
-                copy = model.graph.call_function(node.target, node.args, node.kwargs)
-            copy.meta = dict(node.meta)
-            user.replace_input_with(node, copy)
+                own = model.graph.call_function(node.target, node.args, node.kwargs)
+            own.meta = dict(node.meta)
+            user.replace_input_with(node, own)
     model.recompile()
 
 
@@ -475,18 +477,17 @@ def _check_it_runs(path, example: torch.Tensor) -> None:
         runner = ExecuTorchRunner(path)
         stage = "run"
         runner(example.numpy())
-    except RuntimeError as exc:
+    except Exception as exc:  # the runtime's errors are RuntimeErrors, its checks others
         raise LoweringFailed(
-            f"the ExecuTorch runtime cannot {stage} the lowered program ({exc}); "
+            f"the ExecuTorch runtime cannot {stage} the lowered program "
+            f"({one_line(str(exc)) or type(exc).__name__}); "
             "XNNPACK refused part of its delegated graph"
         ) from exc
 
 
 def export_executorch(job: ExportJob) -> ArtifactMetadata:
     """Write `job.output` (+ `.json`): the .pte and its record with the delegation report."""
-    with quiet():  # executorch and torchao print banners and warnings at import
-        import executorch.exir  # noqa: F401
-
+    FORMATS["executorch"].import_backend("executorch.exir")
     example = torch.from_numpy(job.example)
     try:
         program, metadata = _program(job, example)

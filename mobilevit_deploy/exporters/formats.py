@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import BackendUnavailable, BadInput
+from ..errors import BackendUnavailable, BadInput, one_line
 
 
 def option(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -107,6 +107,24 @@ class Format:
 
     def runs_here(self) -> bool:
         return self.available() and self.runs_on()
+
+    def import_backend(self, *modules: str) -> None:
+        """Import the converter's modules (quietly: they print banners and warnings),
+        where `available()` only found them. One installed beside another torch than
+        its wheel was built for fails to import; that is a BackendUnavailable naming
+        the fix, not a traceback."""
+        from ..quiet import quiet
+
+        try:
+            with quiet():
+                for module in modules:
+                    importlib.import_module(module)
+        except (ImportError, OSError) as exc:
+            raise BackendUnavailable(
+                f"{self.name}: {module} is installed but does not import "
+                f"({one_line(str(exc)) or type(exc).__name__}); reinstall it with the "
+                f"tested stack: {self.install_hint()} -c constraints.txt"
+            ) from exc
 
     def install_hint(self) -> str:
         return f"pip install 'mobilevit_deploy[{self.extra}]'" if self.extra else ""

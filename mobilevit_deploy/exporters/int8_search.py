@@ -223,20 +223,51 @@ def search_int8(
         }
         progress(f"int8 with {len(chosen.keep)} more modules float: writing {job.output.name}")
         final = {"int8_target_db": target_db, "int8_float_modules": [*declared, *chosen.keep]}
-        if fmt.restamp is None:
+        if fmt.restamp is None:  # the record is part of the program: made again with it
+            source = tmp / f"final{fmt.suffix}"
             metadata = dataclasses.replace(
                 job.metadata, **final, details={**job.metadata.details, "int8_search": search}
             )
-            return export(dataclasses.replace(job, metadata=metadata, keep_float=chosen.keep))
-        made = chosen.metadata
-        metadata = dataclasses.replace(
-            made, **final, details={**made.details, "int8_search": search}
-        )
+            metadata = export(
+                dataclasses.replace(job, output=source, metadata=metadata, keep_float=chosen.keep)
+            )
+            _check_made_again(fmt, source, chosen.path, held_out[: len(job.example)], job)
+        else:
+            source, made = chosen.path, chosen.metadata
+            metadata = dataclasses.replace(
+                made, **final, details={**made.details, "int8_search": search}
+            )
         with atomic_artifact(job.output) as staged:
-            shutil.copyfile(chosen.path, staged.path)
+            shutil.copyfile(source, staged.path)
             staged.record = metadata.to_dict()
-            fmt.load("restamp")(staged.path, staged.record)
+            if fmt.restamp is not None:
+                fmt.load("restamp")(staged.path, staged.record)
         return metadata
+
+
+# How far the file made again with its record may be from the searched one, relative
+# to the output's scale: the same program on the same runtime gives the same numbers.
+MADE_AGAIN_MAX_REL = 1e-6
+
+
+def _check_made_again(
+    fmt: Format, made: Path, searched: Path, images: np.ndarray, job: ExportJob
+) -> None:
+    """The file shipped must be the one measured. A format without `restamp` exports
+    the chosen float set again; quantization and lowering are deterministic here (a
+    set of output writers that changed between runs made an ExecuTorch file differ by
+    116 KB, docs/architecture.md), and this keeps it so: an error, not a file whose
+    record describes another."""
+    outputs = [
+        run_per_sample(fmt.open_runner(p), images, len(job.example)) for p in (searched, made)
+    ]
+    off = compare(outputs[0], outputs[1], job.spec.output_kind)["max_rel"]
+    if off > MADE_AGAIN_MAX_REL:
+        raise ExportFailed(
+            f"int8 {fmt.name}: the file made again with the chosen float set computes "
+            f"{off:.1e} of the output scale away from the one the search measured; "
+            "this is a bug of mobilevit_deploy, please report it"
+        )
 
 
 def first_guess(scores: list[tuple[str, float]], psnr_db: float, goal: float) -> int:

@@ -35,6 +35,7 @@ from ..files import atomic_artifact
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
 from . import ExportJob, float_modules, module_outputs, writers
+from .formats import FORMATS
 from .metadata import ArtifactMetadata
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
@@ -324,9 +325,7 @@ def _decoded(name: str | bytes) -> str:
 def export_tflite(job: ExportJob) -> ArtifactMetadata:
     """Write `job.output` (+ `.json`). The metadata record (docs/architecture.md) is
     embedded (runtimes.litert.read_metadata) and in the sidecar."""
-    with quiet():  # importing litert-torch and torchao prints banners and warnings
-        import ai_edge_litert.interpreter  # noqa: F401
-        import litert_torch  # noqa: F401
+    FORMATS["tflite"].import_backend("ai_edge_litert.interpreter", "litert_torch")
 
     model, example, calibration = job.model, job.example, job.calibration
     precision, options, metadata = job.precision, job.options, job.metadata

@@ -64,10 +64,6 @@ def _act(name: str | None) -> nn.Module | None:
     return _ACTS[name]() if name else None
 
 
-def _pair(value, n: int) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
-
-
 class ConvLayer(nn.Module):
     """conv -> BatchNorm (optional) -> activation (optional); `fold_affine` folds the BN."""
 
