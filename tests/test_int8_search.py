@@ -31,7 +31,7 @@ from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 NAME, SIZE = "fastvit_t8", 64
 # A ranked module the faked searches never need: a hit with every ranked module float
 # is no int8 file (test_only_every_module_float_is_no_int8_file).
-UNNEEDED = ("stages.0.blocks.0.token_mixer", 0.1)
+UNNEEDED = (("stages.0.blocks.0.token_mixer",), 0.1)
 pytestmark = pytest.mark.default_int8_target
 
 
@@ -118,21 +118,21 @@ def test_first_guess_takes_the_modules_whose_noise_covers_the_gap():
 
 
 def test_growth_finds_the_fewest_modules_in_few_steps():
-    """A fake format whose PSNR rises by 1 dB per module float: the goal at 13 modules
-    is found from a guess of 2 by doubling (2, 4, 8, 16), then bisection."""
-    ranked = [f"m{i}" for i in range(40)]
+    """A fake format whose PSNR rises by 1 dB per ranked entry float: the goal at 13
+    entries is found from a guess of 2 by doubling (2, 4, 8, 16), then bisection."""
     tried = []
 
-    def attempt(keep):
-        tried.append(len(keep))
-        return Attempt(keep, 10.0 + len(keep), None, None, 10.0 + len(keep) >= goal)
+    def first(count):
+        tried.append(count)
+        keep = tuple(f"m{i}" for i in range(count))
+        return Attempt(keep, 10.0 + count, None, None, 10.0 + count >= goal)
 
     goal = 23.0
-    hit = int8_search._grow(ranked, attempt, start=2)
+    hit = int8_search._grow(40, first, start=2)
     assert len(hit.keep) == 13
     assert tried[:4] == [2, 4, 8, 16] and len(tried) <= 7
     goal = 99.0
-    assert int8_search._grow(ranked, attempt, start=2) is None
+    assert int8_search._grow(40, first, start=2) is None
 
 
 def _int8(model, path, fmt="onnx", **options):
@@ -240,7 +240,7 @@ def test_a_kept_module_keeps_its_own_nodes_float_not_its_childrens(model, tmp_pa
     modules like them kept every weight float (FastViT-T8 TFLite at 64x64: 100% of the
     weights, the file as big as fp32's)."""
     block = "stages.1.blocks.0"
-    monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: [(block, 1.0), UNNEEDED])
+    monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: [((block,), 1.0), UNNEEDED])
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, True])  # all-int8 misses, the block float hits
     monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
@@ -273,7 +273,7 @@ def test_a_step_the_format_cannot_make_is_a_miss_and_the_search_goes_on(
     from mobilevit_deploy.errors import ExportFailed
     from mobilevit_deploy.exporters import onnx as onnx_exporter
 
-    ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5), UNNEEDED]
+    ranked = [(("stem.0.reparam_conv",), 1.0), (("head.fc",), 0.5), UNNEEDED]
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, True])  # all-int8 misses, the first two modules float hit
@@ -287,7 +287,7 @@ def test_a_step_the_format_cannot_make_is_a_miss_and_the_search_goes_on(
 
     monkeypatch.setattr(onnx_exporter, "export_onnx", refusing)
     search = _int8(model, tmp_path / "q.onnx").metadata["int8_search"]
-    assert search["kept_float"] == [path for path, _ in ranked[:2]]
+    assert search["kept_float"] == [path for (path,), _ in ranked[:2]]
     refused = search["steps"][1]
     assert refused["psnr_db"] is None and "cannot run" in refused["error"]
     # When no step hits, the error says which files the format could not make.
@@ -304,14 +304,14 @@ def test_a_format_without_restamp_ships_the_file_it_measured(model, tmp_path, mo
     from mobilevit_deploy.exporters import onnx as onnx_exporter
 
     monkeypatch.setitem(FORMATS, "onnx", dataclasses.replace(FORMATS["onnx"], restamp=None))
-    ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5), UNNEEDED]
+    ranked = [(("stem.0.reparam_conv",), 1.0), (("head.fc",), 0.5), UNNEEDED]
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 2)
     monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
     hits = iter([False, True, False, True])  # two searches: all-int8 misses, then a hit
     monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
     art = _int8(model, tmp_path / "q.onnx")
-    assert art.metadata["int8_float_modules"] == [path for path, _ in ranked[:2]]
+    assert art.metadata["int8_float_modules"] == [path for (path,), _ in ranked[:2]]
     real = onnx_exporter.export_onnx
 
     def forgets_the_float_set(job):
@@ -326,7 +326,7 @@ def test_a_format_without_restamp_ships_the_file_it_measured(model, tmp_path, mo
 
 def test_an_unreachable_target_is_an_error_naming_the_best(model, tmp_path, monkeypatch):
     monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
-    ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5)]
+    ranked = [(("stem.0.reparam_conv",), 1.0), (("head.fc",), 0.5)]
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
     with pytest.raises(VerificationFailed, match=r"does not reach 200 dB .* \(best [\d.]+ dB"):
         _int8(model, tmp_path / "q.onnx", int8_target=200)
@@ -338,7 +338,7 @@ def test_only_every_module_float_is_no_int8_file(model, tmp_path, monkeypatch):
     modules float and hit it at 117 dB with all of them: the float program, at 3.6x the
     all-int8 size, was written as its int8 file and passed verify. It is an error now,
     naming the best of the partial sets."""
-    ranked = [("stem.0.reparam_conv", 1.0), ("head.fc", 0.5), UNNEEDED]
+    ranked = [(("stem.0.reparam_conv",), 1.0), (("head.fc",), 0.5), UNNEEDED]
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, False, False, True])  # 0, 1 and 2 modules float miss, all 3 hit
@@ -458,7 +458,7 @@ def test_search_keeps_modules_float_in_tflite_and_executorch(model, tmp_path, fm
     3 bytes a weight (float32 in place of int8). The ranking and the judge are given, so
     that the search takes one step (each step is a whole export of the format)."""
     conv = "stages.3.blocks.0.mlp.fc1"  # FastViT-T8's widest 1x1 convolution
-    monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: [(conv, 1.0), UNNEEDED])
+    monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: [((conv,), 1.0), UNNEEDED])
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, True])
     monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))

@@ -13,12 +13,14 @@ to float until a bound holds. This module does that for every int8 format:
 2. If it misses the target, modules are ranked once on the ONNX QDQ graph of
    onnxruntime.quantization (onnx_precision.int8_module_gain): each module's own
    nodes read float inputs again, and the share of the output's noise that goes is
-   measured. One ranking serves every
+   measured; so are the modules that read one quantized activation, together (a
+   residual block's first convolution and its add: alone, either can gain nothing).
+   One ranking serves every
    format, because a module's own ops are what each can leave float: ONNX by node-name
    scope, TFLite by a recipe regex on its module chain, ExecuTorch by a PT2E filter on
    the module stack. Only the module's own ops: a block owns its residual add, and
    keeping the block float with its children cost every weight (FastViT at 64x64).
-3. The float set grows through the ranking (1, 2, 4, ... modules), then bisects between
+3. The float set grows through the ranking (its first 1, 2, 4, ... entries), then bisects between
    the last miss and the first hit; each step is a real file of the format, run by its
    runtime. A step's PSNR is the one that 90% of the sets of `JUDGED_SET` (verify's
    default count) of its held-out images reach, and it must be `SEARCH_MARGIN_DB`
@@ -81,12 +83,14 @@ class Attempt:
 
 def rank_modules(
     job: ExportJob, images: np.ndarray, tmp: Path, progress: Callable[[str], None]
-) -> list[tuple[str, float]]:
-    """(module path, the share of the output's int8 noise that keeping its own nodes float
-    removes), worst first, for every module that owns a quantized node
-    (onnx.node_owner); the declared float modules are left out (they are float
-    already). A module kept float keeps exactly its own nodes float, not its children:
-    a block owns only its residual add, so keeping it float costs no weights."""
+) -> list[tuple[tuple[str, ...], float]]:
+    """(module paths, the share of the output's int8 noise that keeping their own nodes
+    float removes), worst first: every module that owns a quantized node
+    (onnx.node_owner) alone, and the modules that read one quantized activation
+    together (onnx_precision.int8_module_gain); the declared float modules are left out
+    (they are float already). A module kept float keeps exactly its own nodes float,
+    not its children: a block owns only its residual add, so keeping it float costs no
+    weights."""
     import onnx
 
     from .onnx import declared_scopes, export_onnx, node_owner, owner_scopes
@@ -122,7 +126,7 @@ def rank_modules(
 # modules, not on the format being searched, so `verify --formats
 # onnx,tflite,executorch` (and each model of the matrix) ranks once instead of once per
 # format: one onnxruntime session per module, most of an int8 search's time.
-_RANKINGS: dict[str, list[tuple[str, float]]] = {}
+_RANKINGS: dict[str, list[tuple[tuple[str, ...], float]]] = {}
 
 
 def weight_share(model: nn.Module, declared: list[str], kept: list[str]) -> float:
@@ -180,15 +184,20 @@ def search_int8(
             attempts.append(tried)
             return tried
 
+        def first(count: int) -> Attempt:  # the modules of the first `count` entries
+            keep = tuple(dict.fromkeys(p for entry in ranked[:count] for p in entry))
+            return next((a for a in attempts if a.keep == keep), None) or attempt(keep)
+
         base = attempt(())
-        chosen, ranked = base, []
+        chosen, ranked, modules = base, [], 0
         if not base.hit:
             progress("ranking modules by their share of the int8 error")
             scores = rank_modules(job, held_out, tmp, progress)
-            ranked = [path for path, _ in scores]
-            chosen = _grow(ranked, attempt, first_guess(scores, base.psnr_db, goal))
-        if chosen is None or (ranked and len(chosen.keep) == len(ranked)):
-            raise VerificationFailed(_unreachable(fmt, target_db, ranked, attempts))
+            ranked = [entry for entry, _ in scores]
+            modules = len({p for entry in ranked for p in entry})
+            chosen = _grow(len(ranked), first, first_guess(scores, base.psnr_db, goal))
+        if chosen is None or (ranked and len(chosen.keep) == modules):
+            raise VerificationFailed(_unreachable(fmt, target_db, modules, attempts))
         cost = _cost(fmt, base, chosen, job.example)
         search = {
             "target_db": target_db,
@@ -200,7 +209,7 @@ def search_int8(
             "psnr_db_all_int8": base.psnr_db,
             "kept_float": list(chosen.keep),
             "declared_float": declared,
-            "ranked_modules": len(ranked),
+            "ranked_modules": modules,
             "float_weight_share": weight_share(job.model, declared, list(chosen.keep)),
             "steps": [
                 {"extra_float": len(a.keep), "agreement": a.agreement}
@@ -258,19 +267,19 @@ def _check_made_again(
         )
 
 
-def _unreachable(fmt: Format, target_db: float, ranked: list[str], attempts: list) -> str:
+def _unreachable(fmt: Format, target_db: float, ranked: int, attempts: list) -> str:
     """Why no int8 file is made. A hit with every ranked module float is a miss too: it
     is the float program under an int8 label (stressed SeaFormer-Small in ExecuTorch:
     22.4 dB with 125 of its 129 modules float, 117 dB with all, at 3.6x the size)."""
-    every = any(a.hit and len(a.keep) == len(ranked) for a in attempts)
-    fewer = [a for a in attempts if len(a.keep) < len(ranked)] if every else attempts
+    every = any(a.hit and len(a.keep) == ranked for a in attempts)
+    fewer = [a for a in attempts if len(a.keep) < ranked] if every else attempts
     best = max(fewer, key=lambda a: a.psnr_db)
     reach = (
-        f"reaches {target_db:g} dB only with all {len(ranked)} ranked modules float, which "
+        f"reaches {target_db:g} dB only with all {ranked} ranked modules float, which "
         f"is the float program, not int8 (best with fewer: {best.psnr_db:.1f} dB with "
         f"{len(best.keep)} float"
         if every
-        else f"does not reach {target_db:g} dB even with all {len(ranked)} ranked modules "
+        else f"does not reach {target_db:g} dB even with all {ranked} ranked modules "
         f"float (best {best.psnr_db:.1f} dB"
     )
     refused = [a for a in attempts if a.error]
@@ -319,27 +328,28 @@ def describe(search: dict) -> str:
     )
 
 
-def _grow(ranked: list[str], attempt: Callable, start: int) -> Attempt | None:
-    """The first hit of `start`, 2x, 4x ... of the ranked modules float, then bisection
-    between the last miss and that hit (BISECT_STEPS at most); None if all of them
-    float still miss."""
-    low, hit, k = 0, None, max(1, min(start, len(ranked)))
-    while ranked and hit is None:
-        tried = attempt(tuple(ranked[:k]))
+def _grow(count: int, first: Callable[[int], Attempt], start: int) -> Attempt | None:
+    """The first hit of the first `start`, 2x, 4x ... of the `count` ranked entries
+    float (`first(k)`), then bisection between the last miss and that hit (BISECT_STEPS
+    at most); None if all of them float still miss."""
+    low, high, hit, k = 0, 0, None, max(1, min(start, count))
+    while count and hit is None:
+        tried = first(k)
         if tried.hit:
-            hit = tried
-        elif k == len(ranked):
+            high, hit = k, tried
+        elif k == count:
             return None
         else:
-            low, k = k, min(2 * k, len(ranked))
+            low, k = k, min(2 * k, count)
     for _ in range(BISECT_STEPS):
-        if hit is None or len(hit.keep) - low <= 1:
+        if hit is None or high - low <= 1:
             break
-        tried = attempt(tuple(ranked[: (low + len(hit.keep)) // 2]))
+        k = (low + high) // 2
+        tried = first(k)
         if tried.hit:
-            hit = tried
+            high, hit = k, tried
         else:
-            low = len(tried.keep)
+            low = k
     return hit
 
 
