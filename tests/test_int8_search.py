@@ -111,7 +111,7 @@ def test_tflite_patterns_follow_litert_names_past_a_module_list():
 
 
 def test_first_guess_takes_the_modules_whose_noise_covers_the_gap():
-    scores = [("a", 6.0), ("b", 3.0), ("c", 1.0)]
+    scores = [(("a",), 6.0), (("b",), 3.0), (("c",), 1.0)]
     assert first_guess(scores, 20.0, 20.0 + 10 * np.log10(1 / 0.4)) == 1  # 60% of the noise
     assert first_guess(scores, 20.0, 30.0) == 2  # 90%
     assert first_guess(scores, 20.0, 60.0) == 3

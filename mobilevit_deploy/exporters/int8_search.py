@@ -267,7 +267,7 @@ def _check_made_again(
         )
 
 
-def _unreachable(fmt: Format, target_db: float, ranked: int, attempts: list) -> str:
+def _unreachable(fmt: Format, target_db: float, ranked: int, attempts: list[Attempt]) -> str:
     """Why no int8 file is made. A hit with every ranked module float is a miss too: it
     is the float program under an int8 label (stressed SeaFormer-Small in ExecuTorch:
     22.4 dB with 125 of its 129 modules float, 117 dB with all, at 3.6x the size)."""
@@ -292,8 +292,8 @@ def _unreachable(fmt: Format, target_db: float, ranked: int, attempts: list) -> 
     return f"int8 {fmt.name} {reach} on held-out images); lower --int8-target or export fp16{why}"
 
 
-def first_guess(scores: list[tuple[str, float]], psnr_db: float, goal: float) -> int:
-    """How many of the ranked modules to try first: the fewest whose noise adds up to
+def first_guess(scores: list[tuple[tuple[str, ...], float]], psnr_db: float, goal: float) -> int:
+    """How many of the ranked entries to try first: the fewest whose noise adds up to
     the share the goal asks to remove (from psnr_db to goal: 1 - 10^(-gap/10) of the
     noise power), if the modules' gains added up to the output's noise."""
     needed = 1 - 10 ** (-(goal - psnr_db) / 10)

@@ -319,12 +319,13 @@ def _co_readers(
         module = owner(node.name)
         for name in node.input:
             dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None else None
-            if dq is None or dq.op_type != "DequantizeLinear" or q is None:
+            if module is None or dq is None or dq.op_type != "DequantizeLinear":
                 continue
-            if q.op_type == "QuantizeLinear" and module is not None:
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
                 group = readers.setdefault(q.input[0], [])
-                group.extend([module] if module not in group else [])
+                if module not in group:
+                    group.append(module)
     return list(dict.fromkeys(tuple(g) for g in readers.values() if len(g) > 1))
 
 
