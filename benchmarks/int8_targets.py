@@ -86,6 +86,13 @@ def _agreement(row: dict) -> str:
     return f"{row['verify_agreement']:.2f} of {decisive}{judged}"
 
 
+def _zoo_order(row: dict) -> tuple:
+    """The table's order, whatever order a resumed run measured the rows in: MODELS,
+    then the models asked for beside them, each through the formats in table order."""
+    known = MODELS.index(row["model"]) if row["model"] in MODELS else len(MODELS)
+    return known, row["model"], list(FORMATS).index(row["format"]), row["target_db"]
+
+
 def render(rows: list[dict], stamp: dict) -> str:
     header = [
         "model",
@@ -103,7 +110,7 @@ def render(rows: list[dict], stamp: dict) -> str:
         "verify",
     ]
     body = []
-    for r in rows:
+    for r in sorted(rows, key=_zoo_order):
         if "error" in r:
             body.append([r["model"], r["format"], f"{r['target_db']:g}", r["error"], *[""] * 9])
             continue
