@@ -88,7 +88,8 @@ def _agreement(row: dict) -> str:
 
 def _zoo_order(row: dict) -> tuple:
     """The table's order, whatever order a resumed run measured the rows in: MODELS,
-    then the models asked for beside them, each through the formats in table order."""
+    then the models asked for beside them, each through the formats in the order of
+    exporters.formats.FORMATS."""
     known = MODELS.index(row["model"]) if row["model"] in MODELS else len(MODELS)
     return known, row["model"], list(FORMATS).index(row["format"]), row["target_db"]
 

@@ -135,6 +135,43 @@ def test_growth_finds_the_fewest_modules_in_few_steps():
     assert int8_search._grow(40, first, start=2) is None
 
 
+def test_a_hit_with_every_module_float_bisects_on_for_a_smaller_one():
+    """Three bisection steps leave up to an eighth of the entries untried. That was a
+    larger file before; with every module float it is no file at all (search_int8), so
+    the bisection goes on: here a hit at 150 of 160 entries, every module from 155."""
+    tried = []
+
+    def first(count):
+        tried.append(count)
+        return Attempt(tuple(f"m{i}" for i in range(count)), 0.0, None, None, count >= 150)
+
+    hit = int8_search._grow(160, first, start=160, every=155)
+    assert len(hit.keep) == 150 and tried[:4] == [160, 80, 120, 140]
+    assert len(int8_search._grow(160, first, start=160, every=161).keep) == 160  # 3 steps
+
+
+def test_first_guess_counts_a_group_s_gain_once():
+    """A group of co-readers repeats its members' gains: the total is the single
+    modules', or the guess would take too many entries."""
+    scores = [(("a", "b"), 5.0), (("a",), 3.0), (("b",), 2.0), (("c",), 5.0)]
+    assert first_guess(scores, 20.0, 20.0 + 10 * np.log10(2)) == 1  # half of 10
+
+
+def test_entries_that_repeat_modules_reuse_the_file_of_the_same_set(model, tmp_path, monkeypatch):
+    """The first two entries, a group and one of its members, keep the same modules
+    float: one file, measured once. A hit only with every module float is refused."""
+    stem, head = "stem.0.reparam_conv", "head.fc"
+    ranked = [((stem, head), 1.0), ((stem,), 0.5), ((head,), 0.4), UNNEEDED]
+    monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
+    monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 2)
+    judged = []
+    hits = iter([False, False, True])  # all-int8, stem + head, every module
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: judged.append(1) or (next(hits), ""))
+    with pytest.raises(VerificationFailed, match="only with all 3 ranked modules float"):
+        _int8(model, tmp_path / "q.onnx")
+    assert len(judged) == 3  # entries 1-3 keep stem + head: measured once, not again
+
+
 def _int8(model, path, fmt="onnx", **options):
     return api.export(
         NAME, fmt, model=model, output=path, image_size=SIZE, precision="int8", **options

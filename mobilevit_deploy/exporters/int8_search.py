@@ -195,7 +195,8 @@ def search_int8(
             scores = rank_modules(job, held_out, tmp, progress)
             ranked = [entry for entry, _ in scores]
             modules = len({p for entry in ranked for p in entry})
-            chosen = _grow(len(ranked), first, first_guess(scores, base.psnr_db, goal))
+            every = _entries_to_cover(ranked)
+            chosen = _grow(len(ranked), first, first_guess(scores, base.psnr_db, goal), every)
         if chosen is None or (ranked and len(chosen.keep) == modules):
             raise VerificationFailed(_unreachable(fmt, target_db, modules, attempts))
         cost = _cost(fmt, base, chosen, job.example)
@@ -295,9 +296,10 @@ def _unreachable(fmt: Format, target_db: float, ranked: int, attempts: list[Atte
 def first_guess(scores: list[tuple[tuple[str, ...], float]], psnr_db: float, goal: float) -> int:
     """How many of the ranked entries to try first: the fewest whose noise adds up to
     the share the goal asks to remove (from psnr_db to goal: 1 - 10^(-gap/10) of the
-    noise power), if the modules' gains added up to the output's noise."""
+    noise power), if the modules' gains added up to the output's noise. The total is
+    the single modules': a group of co-readers repeats its members' gains."""
     needed = 1 - 10 ** (-(goal - psnr_db) / 10)
-    total = sum(max(score, 0.0) for _, score in scores) or 1.0
+    total = sum(max(score, 0.0) for entry, score in scores if len(entry) == 1) or 1.0
     running = 0.0
     for k, (_, score) in enumerate(scores, 1):
         running += score
@@ -328,10 +330,26 @@ def describe(search: dict) -> str:
     )
 
 
-def _grow(count: int, first: Callable[[int], Attempt], start: int) -> Attempt | None:
+def _entries_to_cover(ranked: list[tuple[str, ...]]) -> int:
+    """How many of the ranked entries hold every ranked module."""
+    modules = {p for entry in ranked for p in entry}
+    covered: set[str] = set()
+    for k, entry in enumerate(ranked, 1):
+        covered |= set(entry)
+        if covered == modules:
+            return k
+    return len(ranked)
+
+
+def _grow(
+    count: int, first: Callable[[int], Attempt], start: int, every: int | None = None
+) -> Attempt | None:
     """The first hit of the first `start`, 2x, 4x ... of the `count` ranked entries
     float (`first(k)`), then bisection between the last miss and that hit (BISECT_STEPS
-    at most); None if all of them float still miss."""
+    at most); None if all of them float still miss. A hit at `every` entries or more
+    (every module float: no int8 file, search_int8) bisects on past BISECT_STEPS, so
+    that a smaller hit, if there is one, is not missed for want of steps."""
+    every = count if every is None else every
     low, high, hit, k = 0, 0, None, max(1, min(start, count))
     while count and hit is None:
         tried = first(k)
@@ -341,9 +359,9 @@ def _grow(count: int, first: Callable[[int], Attempt], start: int) -> Attempt | 
             return None
         else:
             low, k = k, min(2 * k, count)
-    for _ in range(BISECT_STEPS):
-        if hit is None or high - low <= 1:
-            break
+    steps = 0
+    while hit is not None and high - low > 1 and (steps < BISECT_STEPS or high >= every):
+        steps += 1
         k = (low + high) // 2
         tried = first(k)
         if tried.hit:

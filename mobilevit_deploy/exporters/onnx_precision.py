@@ -326,7 +326,11 @@ def _co_readers(
                 group = readers.setdefault(q.input[0], [])
                 if module not in group:
                     group.append(module)
-    return list(dict.fromkeys(tuple(g) for g in readers.values() if len(g) > 1))
+    groups: dict[frozenset[str], tuple[str, ...]] = {}  # one entry per set of modules
+    for group in readers.values():
+        if len(group) > 1:
+            groups.setdefault(frozenset(group), tuple(group))
+    return list(groups.values())
 
 
 def _reading_dequantized(model: onnx.ModelProto) -> set[str]:
