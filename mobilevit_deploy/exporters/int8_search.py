@@ -198,7 +198,9 @@ def search_int8(
             every = _entries_to_cover(ranked)
             chosen = _grow(len(ranked), first, first_guess(scores, base.psnr_db, goal), every)
         if chosen is None or (ranked and len(chosen.keep) == modules):
-            raise VerificationFailed(_unreachable(fmt, target_db, modules, attempts))
+            raise VerificationFailed(
+                _unreachable(fmt, target_db, modules, attempts, every_float=chosen is not None)
+            )
         cost = _cost(fmt, base, chosen, job.example)
         search = {
             "target_db": target_db,
@@ -268,18 +270,20 @@ def _check_made_again(
         )
 
 
-def _unreachable(fmt: Format, target_db: float, ranked: int, attempts: list[Attempt]) -> str:
-    """Why no int8 file is made. A hit with every ranked module float is a miss too: it
-    is the float program under an int8 label (stressed SeaFormer-Small in ExecuTorch:
-    22.4 dB with 125 of its 129 modules float, 117 dB with all, at 3.6x the size)."""
-    every = any(a.hit and len(a.keep) == ranked for a in attempts)
-    fewer = [a for a in attempts if len(a.keep) < ranked] if every else attempts
+def _unreachable(
+    fmt: Format, target_db: float, ranked: int, attempts: list[Attempt], every_float: bool
+) -> str:
+    """Why no int8 file is made: no float set hit, or (`every_float`) only every ranked
+    module float did, which is a miss too: it is the float program under an int8 label
+    (stressed SeaFormer-Small in ExecuTorch: 22.4 dB with 125 of its 129 modules float,
+    117 dB with all, at 3.6x the size)."""
+    fewer = [a for a in attempts if len(a.keep) < ranked] if every_float else attempts
     best = max(fewer, key=lambda a: a.psnr_db)
     reach = (
         f"reaches {target_db:g} dB only with all {ranked} ranked modules float, which "
         f"is the float program, not int8 (best with fewer: {best.psnr_db:.1f} dB with "
         f"{len(best.keep)} float"
-        if every
+        if every_float
         else f"does not reach {target_db:g} dB even with all {ranked} ranked modules "
         f"float (best {best.psnr_db:.1f} dB"
     )
