@@ -130,7 +130,7 @@ def main() -> int:
         type=parse_shard,
         default=None,
         metavar="K/N",
-        help="run the K-th of N slices (every N-th model of the zoo) into "
+        help="run the K-th of N slices (balanced by the committed table's timings) into "
         "matrix.shard-K-of-N.json; --merge joins the slices",
     )
     parser.add_argument(
@@ -147,11 +147,20 @@ def main() -> int:
         counts = write(merge(args.out / "matrix.json", args.merge), args)
         return 1 if counts["FAIL"] or counts["error"] else 0
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
+    formats = args.formats.split(",")
+    asked = args.precisions.split(",")
     if args.shard:
         k, n = args.shard
-        specs = [s for i, s in enumerate(specs) if i % n == k - 1]
+        costs = model_costs([s.name for s in specs], formats, asked, args)
+        mine = slices(costs, n)[k - 1]
+        specs = [s for s in specs if s.name in mine]
+        hours = sum(costs[name] for name in mine) / 3600
+        print(
+            f"shard {k}/{n}: {len(mine)} models, about {hours:.1f} h by the committed timings",
+            file=sys.stderr,
+            flush=True,
+        )
     cells = starting_cells(args, {s.name for s in specs})
-    formats = args.formats.split(",")
     # With --resume a cell is settled when it passed under today's rules at the asked
     # input size; a selected model's other asked cells (FAIL, error, skipped, or int8
     # judged before the int8 search) run again, alone. Without it every asked cell runs
@@ -159,7 +168,6 @@ def main() -> int:
     # and the cells not asked for stay as they are.
     # Cells never measured run first, so that a run cut short by a session's end fills
     # the table's holes before it measures stale cells again.
-    asked = args.precisions.split(",")
     # and, below, each cell this run measured
     done = {key(c) for c in cells if args.resume and settled(c, args.seg_size)}
     for missing_only in (True, False):
@@ -196,6 +204,49 @@ def measure(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
     fresh = run_format(name, fmt, precisions, args)
     print("  " + " ".join(c["status"] for c in fresh), file=sys.stderr, flush=True)
     return fresh
+
+
+def model_costs(models: list[str], formats: list[str], precisions: list[str], args) -> dict:
+    """The seconds each model's cells took in the committed matrix.json, counting only
+    the cells this run will measure (with --resume, those not settled). A cell never
+    timed counts as the mean cell of its format at its input size (a 512x1024 segmenter
+    takes ten times a 224 classifier), or of its format (1 s in a table without
+    timings)."""
+    path = HERE / "matrix.json"
+    table = [c for c in json.loads(path.read_text()) if "seconds" in c] if path.is_file() else []
+    timed = {key(c): c["seconds"] for c in table}
+    settled_keys = {key(c) for c in table if args.resume and settled(c, args.seg_size)}
+
+    def estimate(name: str, fmt: str) -> float:
+        size = "x".join(map(str, matrix_size(get_spec(name), args.seg_size)))
+        same = [c["seconds"] for c in table if c["format"] == fmt]
+        alike = [c["seconds"] for c in table if c["format"] == fmt and c.get("input") == size]
+        pool = alike or same
+        return sum(pool) / len(pool) if pool else 1.0
+
+    return {
+        name: sum(
+            timed[name, fmt, p] if (name, fmt, p) in timed else estimate(name, fmt)
+            for fmt in formats
+            for p in precisions
+            if p in FORMATS[fmt].precisions and (name, fmt, p) not in settled_keys
+        )
+        for name in models
+    }
+
+
+def slices(costs: dict[str, float], n: int) -> list[list[str]]:
+    """N slices of about equal seconds: the costliest model first, each into the slice
+    with the fewest seconds so far (then the fewest models, then the first). Every
+    N-th model of the zoo put 3.4 h and 1.9 h of the matrix in two of 8 slices; CI's
+    wall time is its slowest slice. Every shard reads the same committed table, so the
+    slices agree without talking; with equal costs this is every N-th model."""
+    loads, out = [0.0] * n, [[] for _ in range(n)]
+    for name in sorted(costs, key=lambda m: -costs[m]):  # stable: zoo order on ties
+        i = min(range(n), key=lambda j: (loads[j], len(out[j]), j))
+        out[i].append(name)
+        loads[i] += costs[name]
+    return out
 
 
 def starting_cells(args, shard_models: set[str]) -> list[dict]:

@@ -47,6 +47,7 @@ def run_matrix(monkeypatch, tmp_path):
         return SimpleNamespace(pairs=pairs, problems=[], image_size=image_size)
 
     monkeypatch.setattr(module, "verify", fake_verify)
+    monkeypatch.setattr(module, "HERE", tmp_path)  # the committed table, for the slices
 
     def run(*extra, out="matrix.json"):
         """(exit code, cells of the JSON written) of one run over `--formats onnx`."""
@@ -133,6 +134,24 @@ def test_resume_reruns_int8_cells_made_by_another_int8_rule(run_matrix, tmp_path
     assert calls == [("fastvit_s12", "onnx", ("int8",))]
     assert {c["bound"] for c in resumed} == {"b"} and len(resumed) == 3
     assert "predate today's int8 search" not in (tmp_path / "MATRIX.md").read_text()
+
+
+def test_slices_are_balanced_by_the_committed_timings(run_matrix, tmp_path):
+    """Every 2nd model would put FastViT-T8 and S12 (190 s) in one slice and 2 s in the
+    other; the committed table's seconds put each heavy model in its own slice."""
+    run, _ = run_matrix
+    seconds = {"fastvit_t8": 100.0, "fastvit_t12": 1.0, "fastvit_s12": 90.0, "fastvit_sa12": 1.0}
+    table = [
+        {"model": m, "format": "onnx", "precision": "fp32", "status": "pass", "seconds": t}
+        for m, t in seconds.items()
+    ]
+    (tmp_path / "matrix.json").write_text(json.dumps(table))
+    shards = []
+    for k in (1, 2):
+        argv = ("--models", *seconds, "--shard", f"{k}/2", "--precisions", "fp32")
+        _, cells = run(*argv, out=f"matrix.shard-{k}-of-2.json")
+        shards.append({c["model"] for c in cells})
+    assert shards == [{"fastvit_t8"}, {"fastvit_t12", "fastvit_s12", "fastvit_sa12"}]
 
 
 def test_a_shards_first_resume_starts_from_matrix_json(run_matrix, tmp_path):
