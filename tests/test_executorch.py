@@ -435,6 +435,29 @@ def test_fp16_layer_norm_runs_in_fp32(tmp_path):
     assert compare(want, ExecuTorchRunner(tmp_path / "ln.pte")(x), "features")["psnr_db"] > 60
 
 
+class _Halved(nn.Module):
+    def forward(self, x):
+        return x * 0.5  # a Python scalar: a float32 constant in an fp16 program
+
+
+def test_fp16_constants_are_folded_not_cast_at_every_run(tmp_path):
+    """A scalar and LayerNorm's weights (cast up for `_layer_norm_in_fp32`) are
+    constants: the casts left on portable kernels are the file's two float32 edges and
+    the LayerNorm's activation in and out, not one per constant (7 before)."""
+    module = nn.Sequential(nn.Linear(8, 256), _Halved(), nn.LayerNorm(256), nn.Hardswish())
+    module = module.eval()
+    x = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
+    job = dataclasses.replace(_job(module, tmp_path / "c.pte", x), precision="fp16")
+    portable = et.export_executorch(job).details["delegation"]["portable_ops"]
+    assert portable == {
+        "native_layer_norm_default": 1,
+        "dim_order_ops__to_dim_order_copy_default": 4,
+    }
+    with torch.no_grad():
+        want = copy.deepcopy(module).double()(torch.from_numpy(x).double()).numpy()
+    assert compare(want, ExecuTorchRunner(tmp_path / "c.pte")(x), "features")["psnr_db"] > 60
+
+
 @pytest.mark.slow
 def test_fp16_efficientvit_matches_the_float64_reference(tmp_path):
     """EfficientViT's head LayerNorm normalises 1280 features, and ExecuTorch's fp16
