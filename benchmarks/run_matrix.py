@@ -213,9 +213,10 @@ def model_costs(models: list[str], formats: list[str], precisions: list[str], ar
     takes ten times a 224 classifier), or of its format (1 s in a table without
     timings)."""
     path = HERE / "matrix.json"
-    table = [c for c in json.loads(path.read_text()) if "seconds" in c] if path.is_file() else []
+    whole = json.loads(path.read_text()) if path.is_file() else []
+    settled_keys = {key(c) for c in whole if args.resume and settled(c, args.seg_size)}
+    table = [c for c in whole if "seconds" in c]
     timed = {key(c): c["seconds"] for c in table}
-    settled_keys = {key(c) for c in table if args.resume and settled(c, args.seg_size)}
 
     def estimate(name: str, fmt: str) -> float:
         size = "x".join(map(str, matrix_size(get_spec(name), args.seg_size)))
