@@ -118,6 +118,41 @@ def test_tanh_gelu_is_computed_as_tanh_gelu(tmp_path):
     _assert_all_delegated_and_exact(module, x, tmp_path / "g.pte")
 
 
+class _Normed(nn.Module):
+    """LayerNorm over tokens (SepViT's) with an affine, and over a map's last two dims
+    without one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 1)
+        self.tokens = nn.LayerNorm(16)
+        self.plain = nn.LayerNorm([4, 4], elementwise_affine=False)
+        with torch.no_grad():
+            self.tokens.weight.normal_()
+            self.tokens.bias.normal_()
+
+    def forward(self, x):
+        y = self.conv(x)
+        t = self.tokens(y.flatten(2).transpose(1, 2))
+        return t.transpose(1, 2).reshape(y.shape) + self.plain(y)
+
+
+def test_layer_norm_runs_in_the_delegate_at_fp32_and_int8(tmp_path):
+    """XNNPACK has no LayerNorm (it ran on portable kernels, 33 times in SepViT); written
+    out as means, products and an rsqrt it runs in the delegate, with LayerNorm's
+    numbers, around an int8 program's convolutions too."""
+    module = _Normed().eval()
+    x = (5 + 3 * np.random.default_rng(0).standard_normal((1, 3, 4, 4))).astype(np.float32)
+    calibration = (5 + 3 * np.random.default_rng(1).standard_normal((8, 3, 4, 4))).astype("f4")
+    job = dataclasses.replace(
+        _job(copy.deepcopy(module), tmp_path / "q.pte", x),
+        precision="int8",
+        calibration=calibration,
+    )
+    assert et.export_executorch(job).details["delegation"]["portable_ops"] == {}
+    _assert_all_delegated_and_exact(module, x, tmp_path / "n.pte")
+
+
 def test_a_failed_lowering_is_one_error_and_leaves_nothing(tmp_path):
     class Sorts(nn.Module):
         def forward(self, x):

@@ -5,7 +5,7 @@
 which on a phone can be tens of times slower, so the file's record says which ops
 those are and how many nodes stayed out (`delegation`).
 
-Four rewrites run before partitioning, exact, and on this format's graph only (the
+Five rewrites run before partitioning, exact, and on this format's graph only (the
 other formats keep their graphs and numbers):
 - GELU with the tanh approximation (EfficientViT's L series) is written out as its
   formula (`_tanh_gelu`): XNNPACK's GELU computes the erf form whatever `approximate`
@@ -16,7 +16,9 @@ other formats keep their graphs and numbers):
   two innermost dims with keepdim (global average pooling): the reduced dims are moved
   last and viewed as (1, kept, reduced, 1). The same numbers are summed and divided;
 - a `split` (of qkv projections) becomes one slice per part, and a `select` (a class
-  token) a slice and a view, which XNNPACK has.
+  token) a slice and a view, which XNNPACK has;
+- LayerNorm, which XNNPACK lacks, is written out as means, products and an rsqrt
+  (`_layer_norm`), in float32 programs and int8 ones; not at fp16.
 Precisions: fp32; fp16 (weights and compute in half inside, float32 input and output
 like every other file; LayerNorm in fp32, as ExecuTorch's fp16 kernel for it is wrong:
 `_layer_norm_in_fp32`; what depends on constants alone computed at export,
@@ -441,6 +443,25 @@ def _tanh_gelu(x: torch.Tensor, approximate: str = "none"):
     return 0.5 * x * (1.0 + torch.tanh(inner))  # 1.0: an int 1 is a cast on portable kernels
 
 
+def _layer_norm(x: torch.Tensor, shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    """LayerNorm as means, a subtraction, products and an rsqrt, which XNNPACK runs.
+
+    XNNPACK has no LayerNorm, so each one ran on portable kernels between two delegate
+    calls (SepViT: 33 in a program), and an app built with the portable library alone
+    runs them on reference kernels. Written out, the float32 numbers are LayerNorm's to
+    rounding (stressed SepViT-Lite: the same 139 dB against float64). Not at fp16:
+    (x - mean)^2 passes fp16's 65504 from |x - mean| > 256, so fp16 programs keep
+    LayerNorm in fp32 (`_layer_norm_in_fp32`)."""
+    dims = list(range(x.dim() - len(shape), x.dim()))
+    centred = x - torch.mean(x, dims, keepdim=True)
+    out = centred * torch.rsqrt(torch.mean(centred * centred, dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
 def _lower(model: nn.Module, example: torch.Tensor, fp16: bool = False):
     from executorch.backends.xnnpack._passes.remove_noop_expand_copy_pass import (
         RemoveNoopExpandCopyPass,
@@ -449,7 +470,10 @@ def _lower(model: nn.Module, example: torch.Tensor, fp16: bool = False):
     from executorch.exir import to_edge_transform_and_lower
 
     program = torch.export.export(model, (example,))
-    program = program.run_decompositions({torch.ops.aten.gelu.default: _tanh_gelu})
+    table = {torch.ops.aten.gelu.default: _tanh_gelu}
+    if not fp16:
+        table[torch.ops.aten.layer_norm.default] = _layer_norm
+    program = program.run_decompositions(table)
     return to_edge_transform_and_lower(
         program,
         transform_passes=[
