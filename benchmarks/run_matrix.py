@@ -130,7 +130,7 @@ def main() -> int:
         type=parse_shard,
         default=None,
         metavar="K/N",
-        help="run the K-th of N slices (balanced by the committed table's timings) into "
+        help="run the K-th of N slices (of equal hours by benchmarks/matrix.json's timings) into "
         "matrix.shard-K-of-N.json; --merge joins the slices",
     )
     parser.add_argument(
@@ -156,7 +156,7 @@ def main() -> int:
         specs = [s for s in specs if s.name in mine]
         hours = sum(costs[name] for name in mine) / 3600
         print(
-            f"shard {k}/{n}: {len(mine)} models, about {hours:.1f} h by the committed timings",
+            f"shard {k}/{n}: {len(mine)} models, about {hours:.1f} h by matrix.json's timings",
             file=sys.stderr,
             flush=True,
         )
@@ -207,14 +207,16 @@ def measure(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
 
 
 def model_costs(models: list[str], formats: list[str], precisions: list[str], args) -> dict:
-    """The seconds each model's cells took in the committed matrix.json, counting only
+    """The seconds each model's cells took in benchmarks/matrix.json, counting only
     the cells this run will measure (with --resume, those not settled). A cell never
     timed counts as the mean cell of its format at its input size (a 512x1024 segmenter
     takes ten times a 224 classifier), or of its format (1 s in a table without
     timings)."""
     path = HERE / "matrix.json"
     whole = json.loads(path.read_text()) if path.is_file() else []
-    settled_keys = {key(c) for c in whole if args.resume and settled(c, args.seg_size)}
+    settled_keys = {
+        key(c) for c in whole if args.resume and c["model"] in models and settled(c, args.seg_size)
+    }
     table = [c for c in whole if "seconds" in c]
     timed = {key(c): c["seconds"] for c in table}
 
@@ -240,8 +242,9 @@ def slices(costs: dict[str, float], n: int) -> list[list[str]]:
     """N slices of about equal seconds: the costliest model first, each into the slice
     with the fewest seconds so far (then the fewest models, then the first). Every
     N-th model of the zoo put 3.4 h and 1.9 h of the matrix in two of 8 slices; CI's
-    wall time is its slowest slice. Every shard reads the same committed table, so the
-    slices agree without talking; with equal costs this is every N-th model."""
+    wall time is its slowest slice. Every shard reads the same benchmarks/matrix.json
+    (the committed one, in CI), so the slices agree without talking; with equal costs
+    this is every N-th model."""
     loads, out = [0.0] * n, [[] for _ in range(n)]
     for name in sorted(costs, key=lambda m: -costs[m]):  # stable: zoo order on ties
         i = min(range(n), key=lambda j: (loads[j], len(out[j]), j))
@@ -252,18 +255,21 @@ def slices(costs: dict[str, float], n: int) -> list[list[str]]:
 
 def starting_cells(args, shard_models: set[str]) -> list[dict]:
     """The cells a run starts from, so that a run of a few models (`--family levit`)
-    replaces theirs and keeps the rest of the table: its own JSON; a shard's first run
-    starts from its models' cells in matrix.json, so that shards run side by side on
-    one machine resume what a whole run measured, and each shard's file holds only its
-    own models (a merge would otherwise let one shard's stale copy of another's model
-    win)."""
+    replaces theirs and keeps the rest of the table: its own JSON. A shard starts from
+    its models' cells in matrix.json with its own file's over them, so that shards run
+    side by side on one machine resume what a whole run measured, and each shard's file
+    holds only the models it has now: the slices follow the table's timings, and a model
+    that moved to another slice would otherwise stay in this file, and a merge could
+    let that stale copy win."""
     own = args.out / json_name(args.shard)
-    if own.is_file():
-        return json.loads(own.read_text())
-    whole = args.out / "matrix.json"
-    if not args.shard or not whole.is_file():
-        return []
-    return [c for c in json.loads(whole.read_text()) if c["model"] in shard_models]
+    if not args.shard:
+        return json.loads(own.read_text()) if own.is_file() else []
+    cells = {}
+    for path in (args.out / "matrix.json", own):
+        for cell in json.loads(path.read_text()) if path.is_file() else []:
+            if cell["model"] in shard_models:
+                cells[key(cell)] = cell
+    return list(cells.values())
 
 
 def replaced(cells: list[dict], fresh: list[dict]) -> list[dict]:

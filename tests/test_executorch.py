@@ -150,6 +150,10 @@ def test_layer_norm_runs_in_the_delegate_at_fp32_and_int8(tmp_path):
         calibration=calibration,
     )
     assert et.export_executorch(job).details["delegation"]["portable_ops"] == {}
+    with torch.no_grad():
+        want = copy.deepcopy(module).double()(torch.from_numpy(x).double()).numpy()
+    got = ExecuTorchRunner(tmp_path / "q.pte")(x)
+    assert compare(want, got, "features")["psnr_db"] > 35  # int8: 47 dB
     _assert_all_delegated_and_exact(module, x, tmp_path / "n.pte")
 
 

@@ -154,6 +154,51 @@ def test_slices_are_balanced_by_the_committed_timings(run_matrix, tmp_path):
     assert shards == [{"fastvit_t8"}, {"fastvit_t12", "fastvit_s12", "fastvit_sa12"}]
 
 
+def _cell(model: str, status: str, seconds: float) -> dict:
+    return {
+        "model": model,
+        "format": "onnx",
+        "precision": "fp32",
+        "status": status,
+        "seconds": seconds,
+        "input": "256x256",
+    }
+
+
+def test_a_slice_weighs_what_resume_will_run_and_guesses_the_untimed(monkeypatch, tmp_path):
+    """With --resume a passed cell costs nothing; a cell never timed costs the mean cell
+    of its format at its input size."""
+    spec = importlib.util.spec_from_file_location("run_matrix", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    table = [_cell("fastvit_t8", "pass", 10.0), _cell("fastvit_t12", "FAIL", 30.0)]
+    (tmp_path / "matrix.json").write_text(json.dumps(table))
+    models = ["fastvit_t8", "fastvit_t12", "fastvit_s12"]
+    args = SimpleNamespace(resume=True, seg_size="mobile")
+    costs = module.model_costs(models, ["onnx"], ["fp32"], args)
+    assert costs == {"fastvit_t8": 0.0, "fastvit_t12": 30.0, "fastvit_s12": 20.0}
+    args.resume = False
+    assert module.model_costs(models, ["onnx"], ["fp32"], args)["fastvit_t8"] == 10.0
+
+
+def test_a_shard_file_follows_its_slice_when_the_slices_move(run_matrix, tmp_path):
+    """The slices follow matrix.json's timings, so a model can change slices between
+    runs: a shard drops the models it no longer has from its file (a merge could let
+    that stale FAIL win over the new slice's cell) and resumes the ones it gained from
+    matrix.json instead of measuring them again."""
+    run, calls = run_matrix
+    models = ["fastvit_t8", "fastvit_t12", "fastvit_s12", "fastvit_sa12"]
+    (tmp_path / "matrix.json").write_text(json.dumps([_cell(m, "pass", 5.0) for m in models]))
+    # the file of an earlier slice 2 of 2: T12, and T8 when it had failed
+    earlier = [_cell("fastvit_t8", "FAIL", 5.0), _cell("fastvit_t12", "pass", 5.0)]
+    (tmp_path / "matrix.shard-2-of-2.json").write_text(json.dumps(earlier))
+    argv = ("--models", *models, "--shard", "2/2", "--resume", "--precisions", "fp32")
+    _, cells = run(*argv, out="matrix.shard-2-of-2.json")
+    assert calls == [], "SA12 passed in matrix.json: not measured again"
+    assert {c["model"] for c in cells} == {"fastvit_t12", "fastvit_sa12"}
+
+
 def test_a_shards_first_resume_starts_from_matrix_json(run_matrix, tmp_path):
     """Two shards side by side on one machine: each resumes its own models' cells of the
     whole run's matrix.json and writes only those, so the merge keeps every new cell."""

@@ -5,8 +5,9 @@
 which on a phone can be tens of times slower, so the file's record says which ops
 those are and how many nodes stayed out (`delegation`).
 
-Five rewrites run before partitioning, exact, and on this format's graph only (the
-other formats keep their graphs and numbers):
+Five rewrites run before partitioning, on this format's graph only (the other formats
+keep their graphs and numbers); each computes the same function, LayerNorm's to
+rounding:
 - GELU with the tanh approximation (EfficientViT's L series) is written out as its
   formula (`_tanh_gelu`): XNNPACK's GELU computes the erf form whatever `approximate`
   says, which put stressed EfficientViT-L1 at 1.1e-3 of the output scale off;
@@ -185,8 +186,7 @@ def _fold_constants():
     up: each a cast on portable kernels at every run, listed in the delegation report
     beside the ops that matter (SepViT-Lite: 151 casts, 83 of them of constants).
     Folded, they are constants of the dtype their readers take, which XNNPACK holds;
-    the values are those the run-time cast made. ExecuTorch's pass leaves quantize and
-    dequantize alone."""
+    the values are those the run-time cast made."""
     from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
