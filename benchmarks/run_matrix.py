@@ -241,7 +241,7 @@ def model_costs(models: list[str], formats: list[str], precisions: list[str], ar
 def slices(costs: dict[str, float], n: int) -> list[list[str]]:
     """N slices of about equal seconds: the costliest model first, each into the slice
     with the fewest seconds so far (then the fewest models, then the first). Every
-    N-th model of the zoo put 3.4 h and 1.9 h of the matrix in two of 8 slices; CI's
+    N-th model of the zoo put 3.8 h and 1.9 h of the matrix in two of 8 slices; CI's
     wall time is its slowest slice. Every shard reads the same benchmarks/matrix.json
     (the committed one, in CI), so the slices agree without talking; with equal costs
     this is every N-th model."""
