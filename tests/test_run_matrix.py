@@ -136,24 +136,6 @@ def test_resume_reruns_int8_cells_made_by_another_int8_rule(run_matrix, tmp_path
     assert "predate today's int8 search" not in (tmp_path / "MATRIX.md").read_text()
 
 
-def test_slices_are_balanced_by_the_committed_timings(run_matrix, tmp_path):
-    """Every 2nd model would put FastViT-T8 and S12 (190 s) in one slice and 2 s in the
-    other; the committed table's seconds put each heavy model in its own slice."""
-    run, _ = run_matrix
-    seconds = {"fastvit_t8": 100.0, "fastvit_t12": 1.0, "fastvit_s12": 90.0, "fastvit_sa12": 1.0}
-    table = [
-        {"model": m, "format": "onnx", "precision": "fp32", "status": "pass", "seconds": t}
-        for m, t in seconds.items()
-    ]
-    (tmp_path / "matrix.json").write_text(json.dumps(table))
-    shards = []
-    for k in (1, 2):
-        argv = ("--models", *seconds, "--shard", f"{k}/2", "--precisions", "fp32")
-        _, cells = run(*argv, out=f"matrix.shard-{k}-of-2.json")
-        shards.append({c["model"] for c in cells})
-    assert shards == [{"fastvit_t8"}, {"fastvit_t12", "fastvit_s12", "fastvit_sa12"}]
-
-
 def _cell(model: str, status: str, seconds: float) -> dict:
     return {
         "model": model,
@@ -163,6 +145,21 @@ def _cell(model: str, status: str, seconds: float) -> dict:
         "seconds": seconds,
         "input": "256x256",
     }
+
+
+def test_slices_are_balanced_by_the_committed_timings(run_matrix, tmp_path):
+    """Every 2nd model would put FastViT-T8 and S12 (190 s) in one slice and 2 s in the
+    other; the committed table's seconds put each heavy model in its own slice."""
+    run, _ = run_matrix
+    seconds = {"fastvit_t8": 100.0, "fastvit_t12": 1.0, "fastvit_s12": 90.0, "fastvit_sa12": 1.0}
+    table = [_cell(m, "pass", t) for m, t in seconds.items()]
+    (tmp_path / "matrix.json").write_text(json.dumps(table))
+    shards = []
+    for k in (1, 2):
+        argv = ("--models", *seconds, "--shard", f"{k}/2", "--precisions", "fp32")
+        _, cells = run(*argv, out=f"matrix.shard-{k}-of-2.json")
+        shards.append({c["model"] for c in cells})
+    assert shards == [{"fastvit_t8"}, {"fastvit_t12", "fastvit_s12", "fastvit_sa12"}]
 
 
 def test_a_slice_weighs_what_resume_will_run_and_guesses_the_untimed(monkeypatch, tmp_path):
