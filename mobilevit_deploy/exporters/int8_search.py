@@ -9,7 +9,8 @@ to float until a bound holds. This module does that for every int8 format:
 1. The all-int8 file (only the modules that declare `int8_keeps_float` in float) is
    exported by the format's own exporter and run by its own runtime on held-out images
    (never calibrated on), against the fused fp32 model in torch, and judged as verify
-   judges int8 (metrics.judge: the PSNR, and the decision on decisive inputs).
+   judges int8 (metrics.judge: the PSNR, and the decision on decisive inputs), with a
+   margin on both (SEARCH_MARGIN_DB, SEARCH_TIE_FACTOR).
 2. If it misses the target, modules are ranked once on the ONNX QDQ graph of
    onnxruntime.quantization (onnx_precision.int8_module_gain): each module's own
    nodes read float inputs again, and the share of the output's noise that goes is
@@ -60,6 +61,10 @@ from .formats import FORMATS, Format
 from .metadata import ArtifactMetadata
 
 SEARCH_MARGIN_DB = 1.0
+# The search judges a step's decisions stricter than verify does (metrics.NEAR_TIE_FACTOR,
+# 4.2): an input is decisive from a margin of 3 x the RMS error, so a step that flips a
+# decision 3-4.2 x the error from its runner-up misses, as the 1 dB margin does for PSNR.
+SEARCH_TIE_FACTOR = 3.0
 # A step's PSNR is the one that this share of the sets of JUDGED_SET held-out images
 # (verify's default count) reach: its 10th percentile (metrics.set_psnr_quantile).
 JUDGED_SET = 8
@@ -176,7 +181,7 @@ def search_int8(
                 return tried
             got = run_per_sample(fmt.open_runner(out), held_out, len(job.example))
             # Agreement over every held-out image; the PSNR is that of most sets of 8.
-            metrics = compare(reference, got, job.spec.output_kind)
+            metrics = compare(reference, got, job.spec.output_kind, SEARCH_TIE_FACTOR)
             metrics["psnr_db"] = set_psnr_quantile(reference, got, JUDGED_SET, JUDGED_QUANTILE)
             hit = judge(metrics, "int8", goal)[0]
             agreement = metrics.get("decisive_agreement")
