@@ -113,7 +113,8 @@ def near_tie_note(metrics: dict, task: str) -> str:
     )
     return (
         f"{judgement}; {metrics['near_ties']:.1%} are near-ties (reference margin within "
-        f"{NEAR_TIE_FACTOR:.1f}x the RMS error), where a flip is not a defect"
+        f"{NEAR_TIE_FACTOR:.1f}x the RMS error of the agreeing ones), where a flip is not a "
+        "defect"
     )
 
 

@@ -20,10 +20,20 @@ from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BadInput, VerificationFailed
 from mobilevit_deploy.exporters import called_modules, int8_search, output_writers
 from mobilevit_deploy.exporters.formats import FORMATS
-from mobilevit_deploy.exporters.int8_search import SEARCH_MARGIN_DB, Attempt, first_guess
+from mobilevit_deploy.exporters.int8_search import (
+    SEARCH_MARGIN_DB,
+    SEARCH_TIE_FACTOR,
+    Attempt,
+    first_guess,
+)
 from mobilevit_deploy.exporters.onnx import node_owner, node_scope, owner_scopes
 from mobilevit_deploy.exporters.tflite import float_patterns
-from mobilevit_deploy.metrics import DEFAULT_INT8_TARGET_DB, compare, set_psnr_quantile
+from mobilevit_deploy.metrics import (
+    DEFAULT_INT8_TARGET_DB,
+    NEAR_TIE_FACTOR,
+    compare,
+    set_psnr_quantile,
+)
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes import run_per_sample
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
@@ -270,6 +280,24 @@ def test_the_search_line_says_which_share_of_the_sets_reach_its_psnr():
     assert line.startswith("int8 at 26.0 dB on 90% of the sets of 8 of its 32 held-out images")
     few = {**search, "held_out_images": 2, "judged_set": 2}  # a user's folder of 8
     assert int8_search.describe(few).startswith("int8 at 26.0 dB on 2 held-out images")
+
+
+def test_the_search_counts_decisive_inputs_from_a_smaller_margin_than_verify(
+    model, tmp_path, monkeypatch
+):
+    """verify counts a decision as decisive from 4.2x the noise; a step of the search
+    from 3x, so that a flip between the two counts against the file it picks, and its
+    record says so."""
+    factors = []
+
+    def recording(*args, **kwargs):
+        factors.append(args[3] if len(args) > 3 else kwargs.get("tie_factor"))
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(int8_search, "compare", recording)
+    art = _int8(model, tmp_path / "q.onnx", int8_target=0)
+    assert factors[0] == SEARCH_TIE_FACTOR < NEAR_TIE_FACTOR
+    assert art.metadata["int8_search"]["tie_factor"] == SEARCH_TIE_FACTOR
 
 
 def test_a_kept_module_keeps_its_own_nodes_float_not_its_childrens(model, tmp_path, monkeypatch):

@@ -122,7 +122,7 @@ def test_a_flip_within_the_precisions_noise_is_a_near_tie_not_a_failure():
     assert metrics["top1"] == pytest.approx(199 / 200)
     assert metrics["decisive_agreement"] == 1.0 and metrics["near_ties"] == pytest.approx(1 / 200)
     assert judge(metrics, "fp16", 40.0)[0]
-    candidate[1:31, 1] += 0.07  # 30 decisive flips: small errors, PSNR fine, decisions wrong
+    candidate[1:31, 1] += 0.1  # 30 decisive flips: small errors, PSNR fine, decisions wrong
     metrics = compare(reference, candidate)
     assert metrics["psnr_db"] > 40 and metrics["decisive_agreement"] < 0.9
     assert not judge(metrics, "fp16", 40.0)[0]

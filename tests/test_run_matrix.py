@@ -136,26 +136,27 @@ def test_resume_reruns_int8_cells_made_by_another_int8_rule(run_matrix, tmp_path
     assert "predate today's int8 search" not in (tmp_path / "MATRIX.md").read_text()
 
 
-def test_cells_that_counted_ties_at_another_margin_are_kept_and_said_so(run_matrix, tmp_path):
-    """Decisive inputs were counted from 3x the RMS error before 4.2x: such a pass
-    stands on fewer decisive inputs, so --resume does not measure it again, and the
-    table says which cells counted them so."""
+def test_cells_judged_by_another_near_tie_rule_are_kept_and_said_so(run_matrix, tmp_path):
+    """Decisive decisions were counted from 3x the RMS error of all of them before
+    4.2x that of the agreeing ones: the rules agree where nothing flipped, so --resume
+    does not measure such a cell again, and the table says which cells flipped some."""
     run, calls = run_matrix
     _, cells = run("--models", "fastvit_s12")
-    stamped = {c["precision"]: c.get("near_tie_factor") for c in cells}
-    assert stamped["fp32"] is None and stamped["fp16"] == stamped["int8"] > 4.2
+    stamped = {c["precision"]: c.get("tie_rule") for c in cells}
+    rule = "margin over 4.2x the RMS error of the agreeing decisions"
+    assert stamped["fp32"] is None and stamped["fp16"] == stamped["int8"] == rule
+    assert "earlier near-tie rule" not in (tmp_path / "MATRIX.md").read_text()
     for cell in cells:
-        cell.pop("near_tie_factor", None)
-    cells.append({**cells[0], "model": "seaformer_seg_tiny_ade20k", "precision": "fp16"})
+        cell.pop("tie_rule", None)
+    cells.append({**cells[1], "model": "seaformer_seg_tiny_ade20k"})  # fp16, some flipped
     cells[-1]["metrics"] = {"max_rel": 1e-3, "psnr_db": 60.0, "pixel_agreement": 0.9}
-    cells[-1]["metrics"]["decisive_agreement"] = 0.913
     (tmp_path / "matrix.json").write_text(json.dumps(cells))
     calls.clear()
     run("--models", "fastvit_s12", "--resume")
     assert calls == []
     table = (tmp_path / "MATRIX.md").read_text()
-    assert "3 fp16 and int8 cells of earlier runs counted decisive inputs from 3x" in table
-    assert "(the lowest of them: 0.913)" in table
+    assert "3 fp16 and int8 cells were judged by an earlier near-tie rule" in table
+    assert "the 2 with no decision flipped pass by today's rule too; the other 1" in table
 
 
 def _cell(model: str, status: str, seconds: float) -> dict:

@@ -61,9 +61,9 @@ from .formats import FORMATS, Format
 from .metadata import ArtifactMetadata
 
 SEARCH_MARGIN_DB = 1.0
-# The search judges a step's decisions stricter than verify does (metrics.NEAR_TIE_FACTOR,
-# 4.2): an input is decisive from a margin of 3 x the RMS error, so a step that flips a
-# decision 3-4.2 x the error from its runner-up misses, as the 1 dB margin does for PSNR.
+# The search counts more decisions as decisive than verify does (metrics.NEAR_TIE_FACTOR,
+# 4.2): from a margin of 3x the noise, so that flips 3-4.2x from their runner-up count
+# against a step's agreement, as the 1 dB margin does for its PSNR.
 SEARCH_TIE_FACTOR = 3.0
 # A step's PSNR is the one that this share of the sets of JUDGED_SET held-out images
 # (verify's default count) reach: its 10th percentile (metrics.set_psnr_quantile).
@@ -210,6 +210,7 @@ def search_int8(
         search = {
             "target_db": target_db,
             "aimed_db": goal,
+            "tie_factor": SEARCH_TIE_FACTOR,
             "held_out_images": len(held_out),
             "judged_set": min(JUDGED_SET, len(held_out)),
             "judged_quantile": JUDGED_QUANTILE,
