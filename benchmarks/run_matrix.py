@@ -370,7 +370,7 @@ def caveats(cells: list[dict]) -> str:
         flipped = sum(map(_flipped, ties))
         text += (
             f"{len(ties)} fp16 and int8 cells were judged by an earlier near-tie rule (a "
-            "margin over 3x, for a day 4.2x, the RMS error of all decisions): the "
+            "margin over 3x the RMS error of all decisions): the "
             f"{len(ties) - flipped} with no decision flipped pass by today's rule too; "
             f"the other {flipped} flipped near-tied decisions, which today's rule may count "
             "otherwise (--resume does not measure them again; --models does). "
