@@ -305,9 +305,16 @@ def old_ties(cell: dict) -> bool:
     """An fp16 or int8 cell with decisions whose decisive ones were counted by another
     rule (TIE_RULE). Kept, not measured again: where no decision flipped, its pass
     stands (the noise is the same, and today's decisive decisions are some of the old
-    ones, which all agreed); where some did, caveats says so."""
-    decides = "top1" in cell.get("metrics", {}) or "pixel_agreement" in cell.get("metrics", {})
-    return cell["precision"] in REDUCED_PRECISION and decides and cell.get("tie_rule") != TIE_RULE
+    ones, which all agreed); where some did, caveats says so. An int8 cell of an older
+    int8 search is old_int8's, which measures it again."""
+    metrics = cell.get("metrics", {})
+    decides = "top1" in metrics or "pixel_agreement" in metrics
+    return (
+        cell["precision"] in REDUCED_PRECISION
+        and decides
+        and cell.get("tie_rule") != TIE_RULE
+        and not old_int8(cell)
+    )
 
 
 def _flipped(cell: dict) -> bool:
@@ -369,11 +376,11 @@ def caveats(cells: list[dict]) -> str:
     if ties:
         flipped = sum(map(_flipped, ties))
         text += (
-            f"{len(ties)} fp16 and int8 cells were judged by an earlier near-tie rule (a "
-            "margin over 3x the RMS error of all decisions): the "
-            f"{len(ties) - flipped} with no decision flipped pass by today's rule too; "
-            f"the other {flipped} flipped near-tied decisions, which today's rule may count "
-            "otherwise (--resume does not measure them again; --models does). "
+            f"{len(ties)} fp16 and int8 cells were judged before today's near-tie rule "
+            f"({TIE_RULE}; before, 3x the RMS error of all decisions, or no near-ties at "
+            f"all): the {len(ties) - flipped} with no decision flipped pass by today's "
+            f"near-tie rule too; the other {flipped} flipped some decisions, which today's "
+            "rule may judge otherwise (--resume does not measure them again; --models does). "
         )
     fewer = sum("images" not in c for c in cells if "metrics" in c)
     if fewer:

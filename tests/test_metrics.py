@@ -105,3 +105,33 @@ def test_a_flip_a_few_rms_errors_from_its_runner_up_is_a_tie_for_verify_not_the_
     assert not judge(searched, "int8", 25.0)[0]
     candidate[1, 1] = candidate[1, 0] + 0.3  # a decisive flip fails verify too
     assert not judge(compare(reference, candidate), "int8", 25.0)[0]
+
+
+def test_flipped_pixels_do_not_widen_the_noise_that_would_excuse_them():
+    """A segmenter's map whose flips carry most of its error: judged against the RMS
+    error of every pixel, 20% of the pixels flipped by a 0.3 error on their runner-up
+    were near-ties; against the agreeing pixels' error they are decisive and fail."""
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(2, 5, 16, 16))
+    reference[:, 0] = reference[:, 1:].max(axis=1) + 0.2  # class 0 wins every pixel by 0.2
+    candidate = reference + rng.normal(scale=0.01, size=reference.shape)
+    flipped = rng.random((2, 16, 16)) < 0.2
+    runner_up = 1 + reference[:, 1:].argmax(axis=1)
+    n, h, w = np.nonzero(flipped)
+    candidate[n, runner_up[flipped], h, w] += 0.3
+    all_rms = math.sqrt(np.mean((reference - candidate) ** 2))
+    assert NEAR_TIE_FACTOR * all_rms > 0.2  # every margin inside the band of all pixels
+    metrics = compare(reference, candidate, "segmentation")
+    assert metrics["pixel_agreement"] == 1 - flipped.mean()
+    assert metrics["decisive"] == flipped.size and metrics["decisive_agreement"] < 0.9
+    assert not judge(metrics, "fp16", 30.0)[0]
+
+
+def test_a_file_whose_every_decision_flipped_fails_on_agreement():
+    """No decision agrees: there is no agreeing noise to excuse a flip, so every input
+    is decisive and the agreement is 0."""
+    reference = np.array([[2.0, 1.0, 0.0]] * 4)
+    candidate = reference[:, [1, 0, 2]]  # top-1 and runner-up swapped on every input
+    metrics = compare(reference, candidate)
+    assert metrics["decisive"] == 4 and metrics["decisive_agreement"] == 0.0
+    assert not judge(metrics, "fp16", 0.0)[0]

@@ -145,7 +145,7 @@ def test_cells_judged_by_another_near_tie_rule_are_kept_and_said_so(run_matrix, 
     stamped = {c["precision"]: c.get("tie_rule") for c in cells}
     rule = "margin over 4.2x the RMS error of the agreeing decisions"
     assert stamped["fp32"] is None and stamped["fp16"] == stamped["int8"] == rule
-    assert "earlier near-tie rule" not in (tmp_path / "MATRIX.md").read_text()
+    assert "before today's near-tie rule" not in (tmp_path / "MATRIX.md").read_text()
     for cell in cells:
         cell.pop("tie_rule", None)
     cells.append({**cells[1], "model": "seaformer_seg_tiny_ade20k"})  # fp16, some flipped
@@ -155,8 +155,8 @@ def test_cells_judged_by_another_near_tie_rule_are_kept_and_said_so(run_matrix, 
     run("--models", "fastvit_s12", "--resume")
     assert calls == []
     table = (tmp_path / "MATRIX.md").read_text()
-    assert "3 fp16 and int8 cells were judged by an earlier near-tie rule" in table
-    assert "the 2 with no decision flipped pass by today's rule too; the other 1" in table
+    assert "3 fp16 and int8 cells were judged before today's near-tie rule" in table
+    assert "the 2 with no decision flipped pass by today's near-tie rule too; the other 1" in table
 
 
 def _cell(model: str, status: str, seconds: float) -> dict:
