@@ -307,19 +307,19 @@ def old_ties(cell: dict) -> bool:
     stands (the noise is the same, and today's decisive decisions are some of the old
     ones, which all agreed); where some did, caveats says so. An int8 cell of an older
     int8 search is old_int8's, which measures it again."""
-    metrics = cell.get("metrics", {})
-    decides = "top1" in metrics or "pixel_agreement" in metrics
     return (
         cell["precision"] in REDUCED_PRECISION
-        and decides
+        and _raw_agreement(cell) is not None
         and cell.get("tie_rule") != TIE_RULE
         and not old_int8(cell)
     )
 
 
-def _flipped(cell: dict) -> bool:
-    metrics = cell["metrics"]
-    return metrics.get("top1", metrics.get("pixel_agreement")) < 1.0
+def _raw_agreement(cell: dict) -> float | None:
+    """The share of decisions (top-1, or argmax pixels) that agree; None for outputs
+    without a decision (features)."""
+    metrics = cell.get("metrics", {})
+    return metrics.get("top1", metrics.get("pixel_agreement"))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -374,7 +374,7 @@ def caveats(cells: list[dict]) -> str:
         )
     ties = [c for c in cells if c["status"] == "pass" and old_ties(c)]
     if ties:
-        flipped = sum(map(_flipped, ties))
+        flipped = sum(_raw_agreement(c) < 1.0 for c in ties)
         text += (
             f"{len(ties)} fp16 and int8 cells were judged before today's near-tie rule "
             f"({TIE_RULE}; before, 3x the RMS error of all decisions, or no near-ties at "

@@ -169,7 +169,8 @@ def _compare_one(
         raise ValueError(f"shape {out.shape} differs from the reference {ref.shape}")
     diff = np.abs(ref - out)
     scale = max(float(np.abs(ref).max()), 1e-30)
-    rmse = float(np.sqrt(np.mean(diff**2)))
+    squared = diff**2
+    rmse = float(np.sqrt(np.mean(squared)))
     flat_r, flat_o = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
     norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
     cosine = np.sum(flat_r * flat_o, axis=1) / np.maximum(norms, 1e-300)
@@ -184,8 +185,8 @@ def _compare_one(
     agrees = ref.argmax(1) == out.argmax(1)
     if ref.shape[1] > 1:
         top2 = -np.partition(-ref, 1, axis=1)[:, :2]
-        squared = np.mean(diff**2, axis=1)  # per decision: an input, or a pixel
-        noise = math.sqrt(float(np.mean(squared[agrees]))) if agrees.any() else 0.0
+        per_decision = np.mean(squared, axis=1)  # an input's, or a pixel's
+        noise = math.sqrt(float(np.mean(per_decision[agrees]))) if agrees.any() else 0.0
         decisive = top2[:, 0] - top2[:, 1] > tie_factor * noise
     else:  # one class: no runner-up to tie with
         decisive = np.ones_like(agrees)
