@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-zoo matrix clean
+.PHONY: demo test test-fast lint docs docs-examples bench-zoo matrix clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ test: lint
 # The quick loop while developing: skips tests marked slow.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The documentation site (docs/, mkdocs.yml) into build/site. --strict: a broken link,
+# a missing anchor or a nav entry without its page fails the build. The CLI reference
+# is generated from the typer app on every build (scripts/docs_hooks.py).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Runs the commands the docs show and writes their real output into the pages
+# (between <!-- run --> markers). A few minutes; not part of `make test` or `make docs`.
+docs-examples: $(STAMP)
+	$(BIN)/python scripts/docs_examples.py
 
 bench-zoo: $(STAMP)
 	$(BIN)/python benchmarks/run_zoo.py
