@@ -49,5 +49,10 @@ bench-zoo: $(STAMP)
 matrix: $(STAMP)
 	$(BIN)/python benchmarks/run_matrix.py
 
+# The emulated aarch64 device `--device arm64` runs on (docs/arm.md); as root, cached in
+# .arm-device/ (about 1 GB), each step skipped once done.
+arm-device:
+	scripts/arm_device.sh
+
 clean:
 	rm -rf build .pytest_cache .ruff_cache

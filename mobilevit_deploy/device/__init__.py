@@ -1,0 +1,134 @@
+"""Run exported files on another machine: a device is a command that starts a Python there.
+
+`--device 'ssh pi@raspberrypi python3'`, `--device python3`, or `--device arm64` (the
+emulated ARM root, arm64.py). The device needs numpy and the format's runtime only; the
+reference and the judging stay here. One Python per device for the life of the process,
+so each file is sent once and every inference after it is a round trip of arrays.
+A device that lacks the runtime, or dies mid-run, is a BackendUnavailable (exit 3).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import shlex
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailable, BadInput
+from ..files import sidecar_path
+from . import arm64
+from .session import DeviceLost, Session
+
+__all__ = ["DeviceLost", "RemoteRunner", "device_facts", "is_emulated", "open_remote_runner"]
+
+_sessions: dict[str, Session] = {}
+
+
+def session(device: str) -> Session:
+    """The running Python of `device`, started on first use."""
+    if device not in _sessions or _sessions[device].process.poll() is not None:
+        if arm64.is_alias(device):
+            argv = arm64.command(device)
+        else:
+            argv = shlex.split(device)
+            if not argv:
+                raise BadInput("--device is empty; give a command that starts a Python")
+        _sessions[device] = Session(device, argv)
+    return _sessions[device]
+
+
+@atexit.register
+def _close_all() -> None:
+    for s in _sessions.values():
+        s.close()
+    _sessions.clear()
+
+
+def device_facts(device: str) -> dict:
+    """What the device says about itself: machine, CPU (cpuinfo, HWCAP features, MIDR),
+    Python and runtime versions."""
+    return session(device).facts
+
+
+def is_emulated(facts: dict) -> bool:
+    """Under qemu-user a timing measures the emulator, not the core it emulates."""
+    return bool(facts.get("qemu_cpu"))
+
+
+def _metadata(format_name: str, path: Path) -> dict:
+    """What the device's runner needs of the record (LiteRT: layout and output order)."""
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    if format_name == "tflite":
+        from ..runtimes.litert import read_metadata
+
+        return read_metadata(path)
+    return {}
+
+
+class RemoteRunner:
+    """A file loaded on a device: numpy (NCHW batch) in, numpy out, like the local runners."""
+
+    def __init__(
+        self, format_name: str, path: Path | str, threads: int | None, device: str
+    ) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"--device runs single files; {path} is not one")
+        meta = _metadata(format_name, path)
+        self.device = device
+        self._session = session(device)
+        self.facts = self._session.facts
+        self.options = {"device": device, "threads": threads or 0}
+        header = {
+            "op": "load",
+            "format": format_name,
+            "suffix": path.suffix,
+            "threads": threads or 0,
+            "meta": {k: meta.get(k) for k in ("output_names", "input_layout")},
+        }
+        answer, _ = self._checked(header, path.read_bytes())
+        self.handle = answer["handle"]
+        self.last_seconds: float | None = None
+        weakref.finalize(self, _unload, self._session, self.handle)
+
+    def _checked(self, header: dict, payload: bytes = b"", arrays=()) -> tuple[dict, list]:
+        answer, outs = self._session.request(header, payload, arrays)
+        if answer.get("missing"):
+            raise BackendUnavailable(
+                f"device {self.device!r} has no {answer['missing']}: "
+                f"pip install {answer['pip']} there"
+            )
+        if not answer.get("ok"):
+            raise BackendUnavailable(f"device {self.device!r}: {answer.get('error')}")
+        return answer, outs
+
+    def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        answer, outs = self._checked({"op": "run", "handle": self.handle}, arrays=(x,))
+        self.last_seconds = answer["seconds"]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def time(self, x: np.ndarray, min_time_s: float, min_runs: int) -> list[float]:
+        """Seconds per inference, timed on the device (after one warm-up run there)."""
+        header = {"op": "time", "handle": self.handle, "min_time_s": min_time_s}
+        answer, _ = self._checked({**header, "min_runs": min_runs}, arrays=(x,))
+        return answer["seconds"]
+
+
+def _unload(s: Session, handle: int) -> None:
+    if s.process.poll() is None:
+        with contextlib.suppress(BackendUnavailable):
+            s.request({"op": "unload", "handle": handle})
+
+
+def open_remote_runner(
+    format_name: str, path: Path | str, threads: int | None, device: str
+) -> RemoteRunner:
+    if format_name not in ("onnx", "tflite", "executorch"):
+        raise BadInput(f"--device runs onnx, tflite and executorch files, not {format_name}")
+    return RemoteRunner(format_name, path, threads, device)
