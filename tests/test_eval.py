@@ -65,9 +65,9 @@ def write_folder(root, per_class: int = 6, seed: int = 0, kinds=CLASSES):
     return root
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A stressed FastViT-T8 whose 3-class head is fitted on frozen features (2 s)."""
+def shapes_checkpoint(path):
+    """A stressed FastViT-T8 whose 3-class head is fitted on frozen features (2 s),
+    saved at `path` (the docs' eval example uses it too: scripts/docs_examples.py)."""
     spec, model = fine_tuned("fastvit_t8", len(CLASSES))
     model.eval()
     train = np.concatenate([pictures(kind, 30, 100 + k) for k, kind in enumerate(CLASSES)])
@@ -83,9 +83,13 @@ def checkpoint(tmp_path_factory):
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    path = tmp_path_factory.mktemp("ckpt") / "fastvit_t8_3cls.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return shapes_checkpoint(tmp_path_factory.mktemp("ckpt") / "fastvit_t8_3cls.pt")
 
 
 @pytest.fixture(scope="module")
