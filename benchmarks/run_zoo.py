@@ -121,19 +121,6 @@ def table_row(s: dict, peak_gflops: float) -> list[str]:
     ]
 
 
-def inject_readme(readme: Path, results: str) -> None:
-    """Put the results (their headline dropped, the plot path made relative to the
-    README) between the README's results markers, so the front page quotes this run."""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        return
-    body = results.split("\n", 2)[2].replace("## ", "### ")
-    body = body.replace("(zoo_latency.png)", "(benchmarks/zoo_latency.png)")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n" + body.strip() + "\n" + end + rest.split(end, 1)[1])
-
-
 def results_markdown(
     reports: list[dict], summaries: list[dict], min_time: float, note: str = ""
 ) -> str:
@@ -436,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no report in {runs} to write RESULTS.md from")
     text = results_markdown(reports, summaries, args.min_time, args.note)
     (args.out / "RESULTS.md").write_text(text)
-    if args.out == HERE:
-        inject_readme(HERE.parent / "README.md", text)
     (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
     plot_zoo(summaries, args.out / "zoo_latency.png")
     print(text)

@@ -284,3 +284,17 @@ def test_resume_reruns_a_record_from_another_machine(run_zoo, monkeypatch, tmp_p
     assert json.loads(record.read_text())["machine"] == SAPPHIRE
     assert run_zoo.main(argv) == 0
     assert calls == ["seaformer_tiny"], "a record of this machine is reused"
+
+
+def test_results_go_to_results_md_and_never_into_the_readme(run_zoo, monkeypatch, tmp_path):
+    """The front page is written by people; the measured tables live in RESULTS.md,
+    which the README links to."""
+    here = tmp_path / "benchmarks"
+    (here / "runs").mkdir(parents=True)
+    (here / "runs" / "seaformer_tiny@224x224.json").write_text(json.dumps(fake_report()))
+    readme = tmp_path / "README.md"
+    readme.write_text("# front page\n<!-- results:start -->\n<!-- results:end -->\n")
+    monkeypatch.setattr(run_zoo, "HERE", here)
+    assert run_zoo.main(["--models", "seaformer_tiny", "--report-only"]) == 0
+    assert "| seaformer_tiny |" in (here / "RESULTS.md").read_text()
+    assert readme.read_text() == "# front page\n<!-- results:start -->\n<!-- results:end -->\n"
