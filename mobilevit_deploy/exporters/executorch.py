@@ -140,10 +140,11 @@ def _layer_norm_in_fp32():
     XNNPACK does not take layer_norm, so it runs on ExecuTorch's optimized kernel, whose
     fp16 path is wrong from 256 features on: its vectorised moments
     (`RowwiseMomentsImpl`, moments_utils.h) load the fp16 row as fp32 vectors, so the
-    mean and variance are garbage (a LayerNorm over 256 random features: 11 dB; 255:
-    81 dB). EfficientViT's head normalises 1280-1600 features (stressed B0 at 224 came
-    out at -16.5 dB, B1 at 12 dB) and SepViT-Lite's last stage 256 (every logit inf).
-    The kernel's fp32 path is exact; fp32 and int8 graphs pass through unchanged.
+    mean and variance are garbage (a LayerNorm over 256 random features: 11 dB; over
+    255: 81 dB). EfficientViT's head normalises 1280-1600 features and SepViT-Lite's
+    last stage 256, both in that range (in fp16, stressed EfficientViT-B0 is at -16.5 dB
+    and SepViT-Lite's logits are inf). The kernel's fp32 path is exact; fp32 and int8
+    graphs pass through unchanged.
     """
     from executorch.exir.dialects._ops import ops as exir_ops
     from executorch.exir.pass_base import ExportPass

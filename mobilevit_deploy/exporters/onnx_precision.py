@@ -135,9 +135,9 @@ def ranges_cache(model: onnx.ModelProto, calibration: np.ndarray) -> Path:
 def graph_digest(model: onnx.ModelProto, *arrays: np.ndarray, extra: str = "") -> str:
     """A hash of what computes, and of the `arrays` (and `extra`) it computes on: the
     graph and its opsets, not the record embedded in the file (metadata_props,
-    producer). The int8 search's ranking loads a file that carries a record, the
-    search's steps a bare export: hashed whole, the two missed each other's
-    calibration, and the ranking calibrated again (minutes at 512x1024)."""
+    producer): the int8 search's ranking reads a file that carries a record and its
+    steps a bare export of the same graph, and both must find the one calibration
+    (minutes at 512x1024)."""
     digest = hashlib.sha256(model.graph.SerializeToString())
     digest.update(repr(sorted((o.domain, o.version) for o in model.opset_import)).encode())
     for array in arrays:
