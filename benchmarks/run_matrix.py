@@ -39,8 +39,17 @@ INT8_RULE = (
     f"{JUDGED_SET} of {HELD_OUT_IMAGES} held-out images"
 )
 # Which fp16 and int8 decisions verify counts as decisive (metrics.NEAR_TIE_FACTOR); a
-# cell judged by another rule is kept, and the table says what that means (caveats).
+# cell judged by another rule is kept, and the table marks its rule (RULE).
 TIE_RULE = f"margin over {NEAR_TIE_FACTOR:.1f}x the RMS error of the agreeing decisions"
+# The judging rule a cell was measured by, marked in the table: RULE is today's (the
+# preamble states it), and an older cell keeps its number until it is measured again
+# (the whole zoo takes hours). The older ones in a few words, for the table's legend.
+RULE = 3
+OLDER_RULES = {
+    1: "judged on 4 images",
+    2: "near-ties counted from 3x the RMS error of all decisions, or int8 searched on "
+    "one set of 8 held-out images",
+}
 
 
 def run_format(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
@@ -113,6 +122,7 @@ def row(c: dict) -> list[str]:
         f"{m['psnr_db']:.1f}" if m else "-",
         f"{agreement:.3f}" if agreement is not None else "-",
         c.get("bound", "-"),
+        str(rule(c)) if m else "-",
         c.get("detail") or "",
     ]
 
@@ -305,14 +315,21 @@ def old_ties(cell: dict) -> bool:
     """An fp16 or int8 cell with decisions whose decisive ones were counted by another
     rule (TIE_RULE). Kept, not measured again: where no decision flipped, its pass
     stands (the noise is the same, and today's decisive decisions are some of the old
-    ones, which all agreed); where some did, caveats says so. An int8 cell of an older
-    int8 search is old_int8's, which measures it again."""
+    ones, which all agreed); where some did, the table marks its rule. An int8 cell of
+    an older int8 search is old_int8's, which measures it again."""
     return (
         cell["precision"] in REDUCED_PRECISION
         and _raw_agreement(cell) is not None
         and cell.get("tie_rule") != TIE_RULE
         and not old_int8(cell)
     )
+
+
+def rule(cell: dict) -> int:
+    """The version of the rule a measured cell was judged by (RULE, OLDER_RULES)."""
+    if "images" not in cell:
+        return 1
+    return 2 if old_int8(cell) or old_ties(cell) else RULE
 
 
 def _raw_agreement(cell: dict) -> float | None:
@@ -360,32 +377,18 @@ def zoo_order(cells: list[dict]) -> list[dict]:
     )
 
 
-def caveats(cells: list[dict]) -> str:
-    """What the table's older cells were measured by, where it differs from today."""
-    old = [c for c in cells if c["status"] == "pass" and old_int8(c)]
-    floor = sum(str(c.get("bound", "")).startswith(">=15dB") for c in old)
-    text = ""
-    if old:
-        text += (
-            f"{len(old)} int8 cells predate today's int8 search ({INT8_RULE}): "
-            f"{floor} with a bound of >=15dB were held to a 15 dB floor and their agreement "
-            f"was not judged; {len(old) - floor} were searched on one set of 8 "
-            "held-out images, 1 dB above the target. --resume measures them again. "
-        )
-    ties = [c for c in cells if c["status"] == "pass" and old_ties(c)]
-    if ties:
-        flipped = sum(_raw_agreement(c) < 1.0 for c in ties)
-        text += (
-            f"{len(ties)} fp16 and int8 cells were judged before today's near-tie rule "
-            f"({TIE_RULE}; before, 3x the RMS error of all decisions, or no near-ties at "
-            f"all): the {len(ties) - flipped} with no decision flipped pass by today's "
-            f"near-tie rule too; the other {flipped} flipped some decisions, which today's "
-            "rule may judge otherwise (--resume does not measure them again; --models does). "
-        )
-    fewer = sum("images" not in c for c in cells if "metrics" in c)
-    if fewer:
-        text += f"{fewer} cells of earlier runs were judged on 4 images, not 8. "
-    return text
+def rule_legend(cells: list[dict]) -> str:
+    """How many measured cells each older rule judged, and what it was, in a sentence."""
+    older = [rule(c) for c in cells if "metrics" in c and rule(c) != RULE]
+    if not older:
+        return ""
+    counts = "; ".join(
+        f"{older.count(v)} of rule {v} ({text})" for v, text in OLDER_RULES.items() if v in older
+    )
+    return (
+        f"*rule* is the judging rule a cell was measured by, {RULE} being the one above: "
+        f"{counts}. `--resume` measures the older int8 cells again, `--models` any. "
+    )
 
 
 def write(cells: list[dict], args) -> dict[str, int]:
@@ -407,6 +410,7 @@ def write(cells: list[dict], args) -> dict[str, int]:
         "PSNR dB",
         "agreement",
         "bound",
+        "rule",
         "detail",
     ]
     missing = [s.name for s in list_models() if s.name not in {c["model"] for c in cells}]
@@ -422,7 +426,7 @@ def write(cells: list[dict], args) -> dict[str, int]:
         "float64. fp32 is held to 1e-5 of the output scale; fp16 to 40 dB and 0.9 top-1 "
         f"(or argmax-pixel) agreement on decisive inputs ({TIE_RULE}); "
         "int8 to its file's target (the default, 25 dB) with the same agreement rule. "
-        + caveats(cells)
+        + rule_legend(cells)
         + ", ".join(f"{n} {s}" for s, n in counts.items())
         + f", {sum(c.get('seconds', 0) for c in cells) / 60:.0f} minutes of verifying."
         + (f" Not in this table (not run): {', '.join(missing)}." if missing else "")

@@ -116,8 +116,8 @@ def test_shards_split_the_zoo_and_merge_into_one_table(run_matrix, tmp_path):
 def test_resume_reruns_int8_cells_made_by_another_int8_rule(run_matrix, tmp_path, bound):
     """Cells bounded by the old 15 dB floor were never held to a target or an agreement
     rule, and cells searched on one set of 8 held-out images missed their target on
-    verify's (EfficientViT-B1/B2): --resume measures them again, and the table's caveat
-    goes with the last one."""
+    verify's (EfficientViT-B1/B2): --resume measures them again, and the table marks
+    them by their rule until then."""
     run, calls = run_matrix
     run("--models", "fastvit_s12")
     cells = json.loads((tmp_path / "matrix.json").read_text())
@@ -128,35 +128,45 @@ def test_resume_reruns_int8_cells_made_by_another_int8_rule(run_matrix, tmp_path
             cell["bound"] = bound
     (tmp_path / "matrix.json").write_text(json.dumps(cells))
     run("--models", "fastvit_s12", "--resume", "--precisions", "fp32")
-    assert "predate today's int8 search" in (tmp_path / "MATRIX.md").read_text()
+    table = (tmp_path / "MATRIX.md").read_text()
+    assert (
+        f"| fastvit_s12 | onnx | int8 | 256x256 | pass | 1.0e-07 | 120.0 | 1.000 | {bound} | 2 |"
+        in table
+    )
+    assert "1 of rule 2 (" in table
     calls.clear()
     _, resumed = run("--models", "fastvit_s12", "--resume")
     assert calls == [("fastvit_s12", "onnx", ("int8",))]
     assert {c["bound"] for c in resumed} == {"b"} and len(resumed) == 3
-    assert "predate today's int8 search" not in (tmp_path / "MATRIX.md").read_text()
+    assert "of rule 2" not in (tmp_path / "MATRIX.md").read_text()
 
 
-def test_cells_judged_by_another_near_tie_rule_are_kept_and_said_so(run_matrix, tmp_path):
+def test_cells_judged_by_another_near_tie_rule_are_kept_and_marked(run_matrix, tmp_path):
     """Decisive decisions were counted from 3x the RMS error of all of them before
     4.2x that of the agreeing ones: the rules agree where nothing flipped, so --resume
-    does not measure such a cell again, and the table says which cells flipped some."""
+    does not measure such a cell again; the table marks each by its rule, and cells of
+    4 images by theirs."""
     run, calls = run_matrix
     _, cells = run("--models", "fastvit_s12")
     stamped = {c["precision"]: c.get("tie_rule") for c in cells}
     rule = "margin over 4.2x the RMS error of the agreeing decisions"
     assert stamped["fp32"] is None and stamped["fp16"] == stamped["int8"] == rule
-    assert "before today's near-tie rule" not in (tmp_path / "MATRIX.md").read_text()
+    table = (tmp_path / "MATRIX.md").read_text()
+    assert "*rule*" not in table and table.count(" | 3 |  |") == 3
     for cell in cells:
         cell.pop("tie_rule", None)
     cells.append({**cells[1], "model": "seaformer_seg_tiny_ade20k"})  # fp16, some flipped
     cells[-1]["metrics"] = {"max_rel": 1e-3, "psnr_db": 60.0, "pixel_agreement": 0.9}
+    cells.append({**cells[0], "model": "levit_128s"})  # fp32 of a run on 4 images
+    del cells[-1]["images"]
     (tmp_path / "matrix.json").write_text(json.dumps(cells))
     calls.clear()
     run("--models", "fastvit_s12", "--resume")
     assert calls == []
     table = (tmp_path / "MATRIX.md").read_text()
-    assert "3 fp16 and int8 cells were judged before today's near-tie rule" in table
-    assert "the 2 with no decision flipped pass by today's near-tie rule too; the other 1" in table
+    assert "1 of rule 1 (judged on 4 images); 3 of rule 2 (near-ties counted from 3x" in table
+    assert "| seaformer_seg_tiny_ade20k | onnx | fp16 |" in table
+    assert table.count(" | 2 |  |") == 3 and table.count(" | 1 |  |") == 1
 
 
 def _cell(model: str, status: str, seconds: float) -> dict:
