@@ -12,10 +12,13 @@ block of each command and what it printed (stdout and stderr, in order). The com
 in build/docs-examples, where the script first makes the files the pages name: the
 fine-tuned checkpoints, the labels, a hub folder and a small labelled set, all under
 stress weights so that nothing is downloaded. A command that appears on several pages
-runs once, so the README and the quickstart show the same run.
+runs once, so the README and the quickstart show the same run. What each command
+printed is kept in build/docs-examples/outputs.json; `--reuse` fills pages from it and
+runs only the commands it lacks (after editing a page's prose, or a new page).
 
     python scripts/docs_examples.py                 # every page (README.md, docs/**/*.md)
     python scripts/docs_examples.py docs/eval.md    # some pages
+    python scripts/docs_examples.py --reuse         # run only what outputs.json lacks
 """
 
 from __future__ import annotations
@@ -80,7 +83,11 @@ def make_fixtures(work: Path) -> None:
 
 def run(command: str, work: Path) -> str:
     """What `command` prints, as a reader's terminal would show it (120 columns)."""
-    env = {**os.environ, "COLUMNS": "120", "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    if not (work / "labels.txt").exists():
+        make_fixtures(work)
+    # `mvd` from the environment running this script (make docs-examples: .venv's).
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "COLUMNS": "120", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     started = time.monotonic()
     done = subprocess.run(
         command,
@@ -114,15 +121,18 @@ def fill(text: str, outputs: dict[str, str], work: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pages", nargs="*", type=Path, help="Pages to fill (default: all).")
+    parser.add_argument("--reuse", action="store_true", help="Keep outputs.json's outputs.")
     args = parser.parse_args()
-    make_fixtures(WORK)
-    outputs: dict[str, str] = {}
+    saved = WORK / "outputs.json"
+    outputs: dict[str, str] = json.loads(saved.read_text()) if args.reuse else {}
     for page in [p.resolve() for p in args.pages] or pages():
         text = page.read_text()
         if not BLOCK.search(text):
             continue
         print(page.relative_to(ROOT))
         page.write_text(fill(text, outputs, WORK))
+    WORK.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(outputs, indent=1) + "\n")
 
 
 if __name__ == "__main__":
