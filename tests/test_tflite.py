@@ -21,9 +21,10 @@ from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.exporters import tflite
 from mobilevit_deploy.exporters.tflite import ConversionFailed, export_tflite
+from mobilevit_deploy.exporters.tflite_metadata import normalization
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.reparam import reparameterize
-from mobilevit_deploy.runtimes.litert import LiteRTRunner
+from mobilevit_deploy.runtimes.litert import LiteRTRunner, read_metadata
 
 NAME, SIZE = "fastvit_t8", 64
 
@@ -80,13 +81,27 @@ def test_the_runner_prints_nothing(fp32):
     assert (done.stdout, done.stderr) == ("", "")
 
 
-def test_channels_last_is_the_same_function(source, fp32, tmp_path):
-    artifact, _, got = _export(source, tmp_path, nhwc=True)
-    assert artifact.metadata["input_details"]["shape"] == [1, SIZE, SIZE, 3]
-    assert artifact.metadata["input_layout"] == "NHWC"
-    assert artifact.metadata["input_shape"] == [1, SIZE, SIZE, 3]
-    assert artifact.metadata["output_layout"] == "NC"  # a classifier's logits stay (N, classes)
+def test_the_defaults_are_what_mediapipe_takes(fp32):
+    """Channels-last, RGB in [0, 1] with the per-channel normalisation inside (MediaPipe
+    applies one mean and std to all channels): test_mediapipe.py runs such files."""
+    record = fp32[0].metadata
+    assert record["input_details"]["shape"] == [1, SIZE, SIZE, 3]
+    assert record["input_layout"] == "NHWC" and record["input_shape"] == [1, SIZE, SIZE, 3]
+    assert record["output_layout"] == "NC"  # a classifier's logits stay (N, classes)
+    assert record["normalize_inside"] and "inside the file" in record["input_range"]
+    assert read_metadata(fp32[0].path) == record
+
+
+def test_nchw_without_normalisation_is_the_same_function(source, fp32, tmp_path):
+    artifact, _, got = _export(source, tmp_path, nhwc=False, normalize_inside=False)
+    assert artifact.metadata["input_details"]["shape"] == [1, 3, SIZE, SIZE]
+    assert artifact.metadata["input_layout"] == "NCHW"
+    assert not artifact.metadata["normalize_inside"]
     assert compare(fp32[2], got)["max_rel"] < 1e-5
+    # The standard metadata says the app normalises, per channel, in MediaPipe's [0, 255]
+    mean, std = normalization(artifact.metadata)
+    assert mean == pytest.approx([255 * m for m in artifact.metadata["mean"]])
+    assert std == pytest.approx([255 * s for s in artifact.metadata["std"]])
 
 
 @pytest.mark.slow
@@ -128,7 +143,7 @@ def test_a_segmenter_swaps_to_bilinear_and_matches_it(tmp_path):
     name, size = "efficientvit_seg_b0_cityscapes", 128
     model = stressed(name, size)
     artifact = api.export(
-        name, "tflite", model=model, output=tmp_path / "s.tflite", image_size=size, nhwc=True
+        name, "tflite", model=model, output=tmp_path / "s.tflite", image_size=size
     )
     assert artifact.metadata["upsample"] == "bilinear"
     assert artifact.metadata["output_layout"] == "NHWC"  # the map, channels-last too
@@ -192,11 +207,12 @@ def test_a_quantizer_failure_is_one_error_that_keeps_its_cause(tmp_path, monkeyp
 def test_cli_export_tflite(tmp_path):
     out = tmp_path / "t8.tflite"
     result = CliRunner().invoke(
-        app, ["export", NAME, "--format", "tflite", "--image-size", "64", "--nhwc", "-o", str(out)]
+        app,
+        ["export", NAME, "--format", "tflite", "--image-size", "64", "--no-nhwc", "-o", str(out)],
     )
     assert result.exit_code == 0, result.output
     assert "fp32" in result.stdout and out.is_file()
-    assert json.loads((tmp_path / "t8.tflite.json").read_text())["input_layout"] == "NHWC"
+    assert json.loads((tmp_path / "t8.tflite.json").read_text())["input_layout"] == "NCHW"
 
 
 def test_a_weight_above_32_mib_quantizes_per_channel():

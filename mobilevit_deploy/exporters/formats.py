@@ -50,7 +50,13 @@ class CoreMLOptions:
 
 @dataclass(frozen=True)
 class TFLiteOptions:
-    nhwc: bool = option(False, "Channels-last input and output.")
+    # The defaults are what MediaPipe, the Task Library and Android bitmaps take:
+    # channels-last, and RGB in [0, 1] (MediaPipe normalises with one mean and std for
+    # all channels, so a per-channel one must be inside the file).
+    nhwc: bool = option(True, "Channels-last input and output, as MediaPipe takes them.")
+    normalize_inside: bool = option(
+        True, "(x - mean) / std in the file, which then takes RGB in [0, 1]."
+    )
     int8_mode: str = option(
         "static", "int8: static (full integer) or dynamic (range).", ("static", "dynamic")
     )
@@ -95,8 +101,15 @@ class Format:
     # the int8 search stamps its chosen file with it. Without one, it exports that
     # file again with the final record.
     restamp: str | None = None
+    # What a file says about itself, read without the sidecar (records.py): the reader
+    # ("module:function", path -> the embedded record, {} for a file another tool made)
+    # and the facts ("module:function", path -> its input, outputs and weights' precision).
+    reader: str = ""
+    facts: str = ""
 
     def __post_init__(self) -> None:
+        if not (self.reader and self.facts):
+            raise ValueError(f"format {self.name}: every format needs a reader and facts")
         if self.static_check is None and self.runs_on is not _everywhere:
             raise ValueError(
                 f"format {self.name}: a format that runs only somewhere needs a static_check"
@@ -178,6 +191,8 @@ FORMATS: dict[str, Format] = {
         "onnxruntime",
         has_bicubic=True,
         restamp=".onnx:restamp_onnx",
+        reader="..runtimes.onnxruntime:read_record",
+        facts="..runtimes.onnxruntime:file_facts",
     ),
     "coreml": Format(
         "coreml",
@@ -196,6 +211,8 @@ FORMATS: dict[str, Format] = {
         runs_on=_on_macos,  # coremltools predicts on macOS only
         runs_only_on="macOS only",
         static_check="..runtimes.coreml:check_package",
+        reader="..runtimes.coreml:read_metadata",
+        facts="..runtimes.coreml:file_facts",
     ),
     "tflite": Format(
         "tflite",
@@ -210,6 +227,8 @@ FORMATS: dict[str, Format] = {
         "ai-edge-litert",
         dists=("litert-torch", "ai-edge-litert", "ai-edge-quantizer"),
         restamp=".tflite:embed_metadata",
+        reader="..runtimes.litert:read_metadata",
+        facts="..runtimes.litert:file_facts",
     ),
     "executorch": Format(
         "executorch",
@@ -223,6 +242,8 @@ FORMATS: dict[str, Format] = {
         "executorch",
         "executorch",
         dists=("executorch", "torchao"),
+        reader="..runtimes.executorch:read_metadata",
+        facts="..runtimes.executorch:file_facts",
     ),
 }
 

@@ -34,11 +34,12 @@ from ..errors import ExportFailed, one_line
 from ..files import atomic_artifact
 from ..quiet import quiet
 from ..runtimes.litert import METADATA_NAME
-from . import ExportJob, float_modules, module_outputs, writers
+from . import ExportJob, float_modules, module_outputs, tflite_metadata, writers
 from .formats import FORMATS
 from .metadata import ArtifactMetadata
 
 DELEGATE_UNFRIENDLY = {"GATHER", "GATHER_ND", "RESIZE_BICUBIC"}
+NORMALIZED_INSIDE = "RGB in [0, 1]; (x - mean) / std is inside the file"
 
 
 class ConversionFailed(ExportFailed):
@@ -56,6 +57,30 @@ def _channels_last(model: nn.Module, example: np.ndarray) -> tuple[nn.Module, bo
     maps = [i for i, o in enumerate(outs) if o.dim() == 4]
     wrapped = litert_torch.to_channel_last_io(model, args=[0], outputs=maps)
     return wrapped, bool(maps)
+
+
+class _Normalized(nn.Module):
+    """Takes RGB in [0, 1] and applies the model's (x - mean) / std itself: MediaPipe
+    normalises with one mean and std for all channels, so a per-channel one must be
+    in the file (two elementwise ops on the input, which XNNPACK runs)."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer(
+            "inv_std", (1 / torch.tensor(std, dtype=torch.float64)).float().reshape(1, -1, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor):
+        return self.model((x - self.mean) * self.inv_std)
+
+
+def pixels(x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """Normalised NCHW input back to RGB in [0, 1]: what a file with the normalisation
+    inside takes."""
+    mean_, std_ = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
+    return (x * std_ + mean_).astype(np.float32)
 
 
 class _NamedOutputs(nn.Module):
@@ -294,28 +319,52 @@ def inspect_tflite(path: Path) -> dict:
 
 
 def embed_metadata(path: Path, metadata: dict) -> None:
-    """Add the record as a named metadata buffer of the flatbuffer, or replace the one
-    there (the int8 search's chosen file). This is how TFLite's own metadata writer
-    (tflite_support) and ai-edge-quantizer write files: unpack the model object, append,
-    pack it again; the interpreter ignores entries it does not know, so the file runs
-    as before."""
-    from ai_edge_litert import schema_py_generated as schema
+    """Write the record as the model's metadata entry `mvd`, and the standard TFLite
+    Metadata that MediaPipe and the Task Library read (tflite_metadata.py) as the entry
+    `TFLITE_METADATA` with its labels file appended, replacing any there (the int8
+    search's chosen file). This is how TFLite's own metadata writer (tflite_support)
+    and ai-edge-quantizer write files: unpack the model object, append, pack it again;
+    the interpreter ignores entries it does not know, so the file runs as before."""
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
     record = json.dumps(metadata, sort_keys=True).encode()
+    _set_entry(model, METADATA_NAME, record)
+    standard = tflite_metadata.model_metadata(metadata, _output_order(model, metadata))
+    _set_entry(model, tflite_metadata.METADATA_NAME, standard)
+    data = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    labels = tflite_metadata.labels_text(metadata)
+    files = {tflite_metadata.LABELS_FILE: labels} if labels is not None else {}
+    path.write_bytes(tflite_metadata.with_associated_files(data, files))
+
+
+def _set_entry(model, name: str, data: bytes) -> None:
+    """Set the metadata entry `name` of the unpacked model to `data`."""
+    from ai_edge_litert import schema_py_generated as schema
+
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(record, dtype=np.uint8)
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
     entries = model.metadata or []
-    ours = next((e for e in entries if _decoded(e.name) == METADATA_NAME), None)
+    ours = next((e for e in entries if _decoded(e.name) == name), None)
     if ours is not None:
         model.buffers[ours.buffer] = buffer
     else:
         model.buffers.append(buffer)
         entry = schema.MetadataT()
-        entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+        entry.name, entry.buffer = name, len(model.buffers) - 1
         model.metadata = [*entries, entry]
-    path.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+
+
+def _output_order(model, metadata: dict) -> list[str]:
+    """The signature's output names in the order of the subgraph's output tensors,
+    which the TFLite Metadata's output list follows (and need not be the record's)."""
+    names = list(metadata["output_names"])
+    signatures = model.signatureDefs or []
+    if len(signatures) != 1:
+        return names
+    by_index = {t.tensorIndex: _decoded(t.name) for t in signatures[0].outputs or []}
+    order = [by_index.get(int(i)) for i in model.subgraphs[0].outputs]
+    return order if None not in order and sorted(order) == sorted(names) else names
 
 
 def _decoded(name: str | bytes) -> str:
@@ -329,7 +378,13 @@ def export_tflite(job: ExportJob) -> ArtifactMetadata:
 
     model, example, calibration = job.model, job.example, job.calibration
     precision, options, metadata = job.precision, job.options, job.metadata
-    details: dict = {}
+    details: dict = {"normalize_inside": options.normalize_inside}
+    if options.normalize_inside:
+        model = _Normalized(model.eval(), metadata.mean, metadata.std)
+        example = pixels(example, metadata.mean, metadata.std)
+        if calibration is not None:
+            calibration = pixels(calibration, metadata.mean, metadata.std)
+        metadata = dataclasses.replace(metadata, input_range=NORMALIZED_INSIDE)
     if options.nhwc:
         model, image_out = _channels_last(model.eval(), example)
         example = np.ascontiguousarray(example.transpose(0, 2, 3, 1))

@@ -1,9 +1,10 @@
 """Run a .tflite file with the LiteRT interpreter (XNNPACK on CPU): NCHW numpy in and out.
 
-The caller always speaks NCHW, like every other runner: a channels-last file (export
---nhwc, recorded in its metadata) gets its input transposed here and image-shaped
-outputs transposed back. int8 inputs or outputs, if a file has them, are quantized
-and dequantized with the file's own scale and zero point.
+The caller always speaks normalised NCHW, like every other runner: a channels-last file
+(the default; recorded in its metadata) gets its input transposed here and image-shaped
+outputs transposed back, and a file with the normalisation inside (the default) gets
+RGB in [0, 1] back from the caller's (x - mean) / std. int8 inputs or outputs, if a file
+has them, are quantized and dequantized with the file's own scale and zero point.
 """
 
 from __future__ import annotations
@@ -32,6 +33,68 @@ def read_metadata(path: Path) -> dict:
     return {}
 
 
+def _tensor_info(tensor, types: dict[int, str], name: str) -> dict:
+    """A tensor's name, shape (None where the signature leaves a dimension free) and dtype."""
+    shape = [int(d) for d in tensor.ShapeAsNumpy()]
+    signature = tensor.ShapeSignatureAsNumpy()  # 0 when the file has none
+    if not isinstance(signature, int) and len(signature) == len(shape):
+        shape = [None if int(free) < 0 else d for d, free in zip(shape, signature, strict=True)]
+    return {"name": name, "shape": shape, "dtype": types[tensor.Type()].lower()}
+
+
+def _precision(model, graph, types: dict[int, str]) -> tuple[str, str, dict]:
+    """The precision the weights are stored in, the evidence in words, and for int8 the
+    mode: static when activations are int8 too, dynamic when the weights alone are."""
+    kinds = set()
+    for i in range(graph.TensorsLength()):
+        tensor = graph.Tensors(i)
+        buffer = model.Buffers(tensor.Buffer())
+        constant = buffer.DataLength() > 0 or buffer.Offset() > 1  # offset 1: none (schema)
+        kinds.add((types[tensor.Type()], constant))
+    if ("INT8", False) in kinds or ("UINT8", False) in kinds:
+        return "int8", "int8 activations and weights", {"int8_mode": "static"}
+    if ("INT8", True) in kinds:
+        return "int8", "int8 weights, float activations", {"int8_mode": "dynamic"}
+    if ("FLOAT16", True) in kinds:
+        return "fp16", "float16 weights", {}
+    return "fp32", "float32 weights", {}
+
+
+def file_facts(path: Path) -> dict:
+    """The first subgraph's input and outputs, named as its signature names them (the
+    names an app binds), and the precision of its weights (records.file_facts)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from ..records import single_input
+
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    model = schema.Model.GetRootAsModel(bytearray(Path(path).read_bytes()), 0)
+    graph = model.Subgraphs(0)
+    names = {}
+    if model.SignatureDefsLength() == 1:
+        signature = model.SignatureDefs(0)
+        entries = [signature.Inputs(i) for i in range(signature.InputsLength())]
+        entries += [signature.Outputs(i) for i in range(signature.OutputsLength())]
+        names = {entry.TensorIndex(): entry.Name().decode() for entry in entries}
+
+    def info(index: int) -> dict:
+        tensor = graph.Tensors(index)
+        return _tensor_info(tensor, types, names.get(index, tensor.Name().decode()))
+
+    inputs = [info(graph.Inputs(i)) for i in range(graph.InputsLength())]
+    single_input(path, [i["name"] for i in inputs])
+    precision, evidence, details = _precision(model, graph, types)
+    return {
+        "input_name": inputs[0]["name"],
+        "input_shape": inputs[0]["shape"],
+        "input_dtype": inputs[0]["dtype"],
+        "outputs": [info(graph.Outputs(i)) for i in range(graph.OutputsLength())],
+        "precision": precision,
+        "precision_evidence": evidence,
+        "details": details,
+    }
+
+
 class LiteRTRunner:
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
         with quiet():
@@ -48,6 +111,9 @@ class LiteRTRunner:
         self.nhwc = meta.get("input_layout") == "NHWC" or (
             meta.get("input_layout") is None and self.input["shape"][-1] == 3
         )
+        # A file with the normalisation inside takes RGB in [0, 1]; the caller speaks
+        # normalised input, as to every runner.
+        self.pixels = (meta["mean"], meta["std"]) if meta.get("normalize_inside") else None
         self.options = {"num_threads": threads or 0, "delegate": "XNNPACK (default CPU)"}
 
     def _output_order(self, names: list[str] | None) -> list[int]:
@@ -61,6 +127,9 @@ class LiteRTRunner:
         return [d["index"] for d in self.interpreter.get_output_details()]
 
     def _feed(self, x: np.ndarray) -> None:
+        if self.pixels is not None:
+            mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in self.pixels)
+            x = x * std + mean
         if self.nhwc:
             x = x.transpose(0, 2, 3, 1)
         if tuple(x.shape) != tuple(self.input["shape"]):
