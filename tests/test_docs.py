@@ -111,3 +111,30 @@ def test_example_blocks_are_filled_between_their_markers(tmp_path):
         "$ mvd doctor\nthe machine\n```\n<!-- /run -->\nafter\n"
     )
     assert examples.fill(filled, outputs, tmp_path) == filled
+
+
+def _section(page: str, heading: str) -> str:
+    return page.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_report_schemas_document_every_field_the_reports_have():
+    """docs/reports.md names every field of the verify and eval reports (their
+    dataclasses' fields are the JSON's keys), so a new field cannot go undocumented."""
+    from dataclasses import fields
+
+    from mobilevit_deploy.evaluate import CandidateResult, EvalReport
+    from mobilevit_deploy.verify import PairResult, VerifyReport
+
+    page = (ROOT / "docs" / "reports.md").read_text()
+    for heading, classes in (
+        ("verify", (VerifyReport, PairResult)),
+        ("eval", (EvalReport, CandidateResult)),
+    ):
+        section = _section(page, heading)
+        missing = [
+            f"{cls.__name__}.{f.name}"
+            for cls in classes
+            for f in fields(cls)
+            if f"`{f.name}`" not in section
+        ]
+        assert not missing, f"docs/reports.md ## {heading} lacks {missing}"
