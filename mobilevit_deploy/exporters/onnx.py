@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import VerificationFailed
 from ..files import atomic_artifact
+from ..records import decoded
 from ..runtimes.onnxruntime import OrtRunner
 from . import ExportJob, called_modules, float_modules
 from .metadata import ArtifactMetadata
@@ -167,12 +168,7 @@ def restamp_onnx(path: Path, record: dict) -> None:
 
 
 def read_metadata(path: Path) -> dict:
-    """The metadata embedded in an exported .onnx file."""
+    """The metadata embedded in an .onnx file, whoever wrote it (mvd's record alone:
+    records.read_record)."""
     graph = onnx.load(str(path), load_external_data=False)
-    out = {}
-    for entry in graph.metadata_props:
-        try:
-            out[entry.key] = json.loads(entry.value)
-        except json.JSONDecodeError:
-            out[entry.key] = entry.value
-    return out
+    return decoded({entry.key: entry.value for entry in graph.metadata_props})

@@ -11,16 +11,34 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..files import sidecar_path
+from ..errors import BadInput
 
 _FEATURE_TYPES = {"multiArrayType": "tensor", "imageType": "image", "stringType": "string"}
+
+# The user-defined metadata keys export_coreml writes the record under.
+_RECORD_PREFIX = "mvd."
+
+# What a feature that is not a multiArray holds: an image RGB pixels, 0-255 each.
+_OTHER_DTYPES = {
+    "imageType": "uint8",
+    "int64Type": "int64",
+    "stringType": "string",
+    "dictionaryType": "dictionary",
+}
+
+# CoreMLOptions.compress by the op that expands such weights at load (iOS16's
+# constexpr_* ops; iOS18 has a blockwise form of each).
+_COMPRESSION = (
+    ("palettize8", "constexpr_lut_to_dense"),
+    ("int8", "constexpr_affine_dequantize"),
+    ("int8", "constexpr_blockwise_shift_scale"),
+)
 
 
 def import_coremltools():
@@ -52,6 +70,93 @@ def _feature(desc) -> dict:
         image = desc.type.imageType
         out["shape"] = [1, 3, image.height, image.width]
     return out
+
+
+def read_metadata(path: Path) -> dict:
+    """The record embedded in a package ({} without one)."""
+    return _record(_load_spec(Path(path)))
+
+
+def _record(spec) -> dict:
+    """export_coreml writes each key of the record as user-defined metadata
+    `mvd.<key>`, a string or JSON text."""
+    from ..records import decoded
+
+    entries = spec.description.metadata.userDefined
+    prefix = len(_RECORD_PREFIX)
+    return decoded({k[prefix:]: v for k, v in entries.items() if k.startswith(_RECORD_PREFIX)})
+
+
+def _tensor_info(desc) -> dict:
+    """A feature as records.file_facts gives it: an image is RGB pixels, 0-255 each; a
+    classifier's label and probabilities have no shape."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    feature = _feature(desc)
+    kind = desc.type.WhichOneof("Type")
+    if kind == "multiArrayType":
+        code = desc.type.multiArrayType.dataType
+        dtype = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(code).lower()
+    else:
+        dtype = _OTHER_DTYPES.get(kind, kind)
+    return {"name": feature["name"], "shape": feature.get("shape"), "dtype": dtype}
+
+
+def _weights(spec) -> tuple[str, str, str | None]:
+    """(precision, evidence, compression) from the ML Program's constants: their dtype,
+    and the ops that expand compressed ones at load (a lookup table for palettized
+    weights, an affine dequantize for int8 ones)."""
+    from coremltools.proto import MIL_pb2
+
+    main = spec.mlProgram.functions["main"]
+    block = main.block_specializations[main.opset]
+    dtypes, ops = set(), {op.type for op in block.operations}
+    for op in block.operations:
+        tensor = op.outputs[0].type.tensorType if op.outputs else None
+        if op.type == "const" and tensor is not None and tensor.rank > 1:  # weights, not scalars
+            dtypes.add(MIL_pb2.DataType.Name(tensor.dataType))
+    compressed = next(
+        (name for name, prefix in _COMPRESSION if any(o.startswith(prefix) for o in ops)), None
+    )
+    if "FLOAT16" in dtypes:
+        return "fp16", "float16 weights", compressed
+    return "fp32", "float32 weights", compressed
+
+
+def _spec_target(spec) -> str | None:
+    """The oldest deployment target that loads the package (its spec version's)."""
+    try:
+        return import_coremltools().target(spec.specificationVersion).name
+    except ValueError:  # a spec version older than coremltools' first target
+        return None
+
+
+def file_facts(path: Path) -> dict:
+    """The package's input and outputs as its description declares them (an image input
+    or a tensor), its weights' precision and compression, its spec version, and a
+    classifier's labels (records.file_facts)."""
+    from ..records import single_input
+
+    spec = _load_spec(Path(path))
+    inputs = [_tensor_info(d) for d in spec.description.input]
+    single_input(path, [i["name"] for i in inputs])
+    precision, evidence, compressed = _weights(spec)
+    kind = spec.description.input[0].type.WhichOneof("Type")
+    return {
+        "input_name": inputs[0]["name"],
+        "input_shape": inputs[0]["shape"],
+        "input_dtype": inputs[0]["dtype"],
+        "input_type": "image" if kind == "imageType" else "tensor",
+        "outputs": [_tensor_info(d) for d in spec.description.output],
+        "precision": precision,
+        "precision_evidence": evidence,
+        "details": {
+            "compress": compressed,
+            "spec_version": spec.specificationVersion,
+            "min_target": _spec_target(spec),
+            "class_labels": classifier_labels(spec),
+        },
+    }
 
 
 def package_ops(spec) -> tuple[str, set[str]]:
@@ -90,12 +195,19 @@ def unsupported_ops(op_types: set[str], min_target: str) -> list[str]:
     )
 
 
-def check_package(path: Path, expected_output_shapes: list[tuple[int, ...]]) -> dict:
+def check_package(
+    path: Path, expected_output_shapes: list[tuple[int, ...]], record: dict | None = None
+) -> dict:
     """A report of the static checks; `problems` lists every failed one in words.
-    `expected_output_shapes`: one per tensor output, in order (unused for classifiers)."""
+    `expected_output_shapes`: one per tensor output, in order (unused for classifiers).
+    `record`: what the package must be, by default the record it carries; a package
+    another tool made carries none, and is checked against the model the user names."""
     path = Path(path)
-    meta = json.loads(sidecar_path(path).read_text())
     spec = _load_spec(path)
+    meta = record if record is not None else _record(spec)
+    if not meta:
+        raise BadInput(f"{path}: carries no mvd record; name the model it should be (--model)")
+    meta = {"min_target": _spec_target(spec), **meta}
     inputs = [_feature(d) for d in spec.description.input]
     outputs = [_feature(d) for d in spec.description.output]
     opset, ops = package_ops(spec)
@@ -149,18 +261,28 @@ class CoreMLRunner:
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
         ct = import_coremltools()
         self.model = ct.models.MLModel(str(path))
-        self.meta = json.loads(sidecar_path(Path(path)).read_text())
+        spec = self.model.get_spec()
+        # The package says it all, whoever made it: its input's name, its outputs in the
+        # record's order (the description's for a package without one), and a
+        # classifier's labels in class order.
+        self.input_name = spec.description.input[0].name
+        self.output_names = _record(spec).get("output_names") or [
+            desc.name for desc in spec.description.output
+        ]
+        self.labels = classifier_labels(spec)
+        self.probabilities = spec.description.predictedProbabilitiesName or None
 
     def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         rows = []
         for sample in x:
-            result = self.model.predict({"input": sample[None]})
-            if "classLabel_probs" in result:
-                probs = result["classLabel_probs"]
-                order = self.meta.get("class_labels") or sorted(probs)
+            result = self.model.predict({self.input_name: sample[None]})
+            if self.probabilities is not None:
+                probs = result[self.probabilities]
+                # integer classes are keyed by their index; named ones in the package's order
+                order = self.labels if isinstance(next(iter(probs)), str) else sorted(probs)
                 rows.append((np.array([probs[k] for k in order], dtype=np.float32),))
             else:
-                names = self.meta["output_names"]
+                names = self.output_names
                 rows.append(tuple(np.asarray(result[n], dtype=np.float32)[0] for n in names))
         outs = tuple(np.stack(column) for column in zip(*rows, strict=True))
         return outs[0] if len(outs) == 1 else outs

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import sidecar_path
 from ..quiet import quiet
 
 # The name of the metadata entry the exporter embeds the record under.
@@ -100,17 +99,19 @@ class LiteRTRunner:
         with quiet():
             from ai_edge_litert.interpreter import Interpreter
 
+        from ..records import layout_of
+
         path = Path(path)
-        sidecar = sidecar_path(path)
-        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else read_metadata(path)
+        # The file alone: its embedded record, or for a file another tool made ({}), the
+        # layout its input's shape implies.
+        meta = read_metadata(path)
         with quiet():  # the XNNPACK banner is printed from C++ when tensors are allocated
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.outputs = self._output_order(meta.get("output_names"))
-        self.nhwc = meta.get("input_layout") == "NHWC" or (
-            meta.get("input_layout") is None and self.input["shape"][-1] == 3
-        )
+        layout = meta.get("input_layout") or layout_of([int(d) for d in self.input["shape"]])
+        self.nhwc = layout == "NHWC"
         # A file with the normalisation inside takes RGB in [0, 1]; the caller speaks
         # normalised input, as to every runner.
         self.pixels = (meta["mean"], meta["std"]) if meta.get("normalize_inside") else None
@@ -118,8 +119,8 @@ class LiteRTRunner:
 
     def _output_order(self, names: list[str] | None) -> list[int]:
         """Output tensor indices in the model's order: the signature's outputs are named
-        as the sidecar lists them (`output`, `stage<i>`); the plain output list need not
-        keep that order. Without a sidecar, the file's own order."""
+        as the record lists them (`output`, `stage<i>`); the plain output list need not
+        keep that order. Without a record, the file's own order."""
         signatures = self.interpreter._get_full_signature_list()
         outputs = next(iter(signatures.values()))["outputs"] if len(signatures) == 1 else {}
         if names and set(names) <= set(outputs):
