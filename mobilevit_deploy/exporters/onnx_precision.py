@@ -3,7 +3,9 @@
 fp16. Every float tensor becomes float16 except the graph's input and output (apps
 keep feeding float32) and the ops in `FP16_KEEP_FP32`: reductions and normalisations
 whose sums of many fp16 terms lose most of their digits, and exponentials that
-overflow fp16 (max 65504) on logits a stressed or merely large model produces.
+overflow fp16 (max 65504) on logits a stressed or merely large model produces. Grouped
+convolutions other than plain depthwise ones also stay fp32 (`arm_unsafe_convs`): on an
+ARMv8.2 core with FP16 arithmetic, onnxruntime's fp16 Conv computes them wrong.
 
 int8. Static quantization in QDQ form (QuantizeLinear/DequantizeLinear pairs around
 each weighted op): onnxruntime fuses the pairs into integer kernels on CPU, and other
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..quiet import no_root_warnings
 
@@ -70,12 +73,38 @@ def _unshare_small_constants(model: onnx.ModelProto) -> None:
             node.input[i] = copy.name
 
 
+def arm_unsafe_convs(model: onnx.ModelProto) -> list[str]:
+    """The names of the grouped Convs that are not plain depthwise (one input and one
+    output channel per group), naming any that had no name.
+
+    onnxruntime 1.31 runs fp16 Conv in fp16 kernels on ARMv8.2 cores with FP16
+    arithmetic (phones since about 2018), and computes these wrong there; x86 and ARMv8.0
+    compute them in fp32 and are right. Measured on an emulated Cortex-A76, stressed, at
+    128x128: FastViT-T8 (depthwise with two outputs per group, in its downsamplers and
+    final conv) -39.4 dB with them in fp16, 56.9 dB with these 4 of 52 Convs in fp32;
+    EfficientViT-B0 (the attention's grouped 1x1 aggregation) 16.4 dB, then 48.9 dB.
+    Keeping every Conv fp32 instead gains little more (63.4 dB) and undoes fp16's speed.
+    """
+    weights = {t.name: t.dims for t in model.graph.initializer}
+    unsafe = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        out_channels, in_per_group = weights[node.input[1]][:2]
+        if groups > 1 and not (in_per_group == 1 and out_channels == groups):
+            node.name = node.name or f"grouped_conv_{i}"
+            unsafe.append(node.name)
+    return unsafe
+
+
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """A float16 copy of `model` with float32 input and output."""
     from onnxconverter_common import float16
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     _unshare_small_constants(model)
+    kept_convs = arm_unsafe_convs(model)
     # Stale float32 value_info (onnxslim writes it) makes the converter type the casts
     # it inserts around kept-fp32 ops wrongly; it re-infers shapes itself.
     del model.graph.value_info[:]
@@ -83,12 +112,39 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         # It warns for every constant below fp16's smallest normal; those become 0 or
         # a subnormal, which is what fp16 execution means.
         warnings.simplefilter("ignore", UserWarning)
-        return float16.convert_float_to_float16(
+        converted = float16.convert_float_to_float16(
             model,
             keep_io_types=True,
             op_block_list=list(FP16_KEEP_FP32) + list(float16.DEFAULT_OP_BLOCK_LIST),
+            node_block_list=kept_convs,
             disable_shape_infer=False,
         )
+    _store_weights_fp16(converted, kept_convs)
+    return converted
+
+
+def _store_weights_fp16(model: onnx.ModelProto, nodes: list[str]) -> None:
+    """The weights of `nodes`, kept fp32 by the converter, stored fp16 and cast back to
+    fp32 in the graph, in place: the file stays fp16's size, and onnxruntime folds the
+    Cast once when it loads the file."""
+    weights = {n.input[1] for n in model.graph.node if n.name in set(nodes)}
+    casts = []
+    for tensor in model.graph.initializer:
+        if tensor.name in weights and tensor.data_type == onnx.TensorProto.FLOAT:
+            half = numpy_helper.to_array(tensor).astype(np.float16)
+            tensor.CopyFrom(numpy_helper.from_array(half, f"{tensor.name}__fp16"))
+            casts.append(
+                onnx.helper.make_node(
+                    "Cast",
+                    [tensor.name],
+                    [tensor.name.removesuffix("__fp16")],
+                    to=onnx.TensorProto.FLOAT,
+                    name=f"{tensor.name}__to_fp32",
+                )
+            )
+    nodes_in_order = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes_in_order)
 
 
 class _Calibration:

@@ -1,0 +1,115 @@
+"""The device protocol, against a local `--device <this Python>`: the runner mvd sends
+then imports this machine's numpy and runtimes, so the fast suite needs no ARM."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from mobilevit_deploy import device
+from mobilevit_deploy.device import arm64
+from mobilevit_deploy.errors import BackendUnavailable, BadInput
+from mobilevit_deploy.runtimes import open_runner
+
+PYTHON = shlex.quote(sys.executable)
+
+
+@pytest.fixture
+def onnx_file(tmp_path):
+    """Two outputs of different shapes: a Relu and a sum over the channels."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    relu = helper.make_tensor_value_info("relu", TensorProto.FLOAT, [1, 3, 4, 4])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, [1, 1, 4, 4])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["relu"]),
+            helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=1),
+        ],
+        "g",
+        [x],
+        [relu, total],
+        [axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "two.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_runs_a_file_on_the_device_as_here(onnx_file):
+    x = np.random.default_rng(0).standard_normal((1, 3, 4, 4), dtype=np.float32)
+    here = open_runner("onnx", onnx_file)(x)
+    runner = open_runner("onnx", onnx_file, device=PYTHON)
+    there = runner(x)
+    assert len(there) == 2
+    for a, b in zip(here, there, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert runner.last_seconds > 0
+    runs = runner.time(x, min_time_s=0.0, min_runs=5)
+    assert len(runs) >= 5 and all(s > 0 for s in runs)
+    assert runner.facts["machine"] and runner.facts["versions"]["onnxruntime"]
+    assert not device.is_emulated(runner.facts)
+
+
+def test_one_python_per_device_for_many_files(onnx_file):
+    first = open_runner("onnx", onnx_file, device=PYTHON)
+    second = open_runner("onnx", onnx_file, device=PYTHON)
+    assert first._session is second._session
+    assert first.handle != second.handle
+
+
+def test_a_device_without_the_runtime_names_what_to_install(onnx_file, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "onnxruntime.py").write_text("raise ImportError('not on this device')\n")
+    dev = f"env PYTHONPATH={shlex.quote(str(blocked))} {PYTHON}"
+    with pytest.raises(BackendUnavailable, match=r"has no onnxruntime: pip install onnxruntime=="):
+        open_runner("onnx", onnx_file, device=dev)
+
+
+def test_a_device_without_numpy_says_so(onnx_file):
+    with pytest.raises(BackendUnavailable, match="has no numpy: pip install numpy there"):
+        open_runner("onnx", onnx_file, device=f"{PYTHON} -S")  # -S: no site-packages
+
+
+def test_a_device_that_dies_mid_run_is_one_line(onnx_file):
+    dev = f"{PYTHON} -X dev"  # its own session, not the one the other tests share
+    runner = open_runner("onnx", onnx_file, device=dev)
+    runner._session.process.kill()
+    with pytest.raises(device.DeviceLost, match="killed by signal 9") as caught:
+        runner(np.zeros((1, 3, 4, 4), np.float32))
+    assert caught.value.exit_code == 3 and "\n" not in str(caught.value)
+
+
+def test_a_command_that_is_no_python_is_one_line(onnx_file):
+    with pytest.raises(BackendUnavailable, match="cannot start no-such-python"):
+        open_runner("onnx", onnx_file, device="no-such-python")
+    with pytest.raises(device.DeviceLost, match=r"device 'false' .*\(exit code 1\)"):
+        open_runner("onnx", onnx_file, device="false")
+
+
+def test_formats_that_run_only_here_are_refused(onnx_file):
+    with pytest.raises(BadInput, match="runs onnx, tflite and executorch files"):
+        open_runner("coreml", onnx_file, device=PYTHON)
+
+
+def test_arm64_says_how_to_build_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MVD_ARM_DEVICE_DIR", str(tmp_path))
+    with pytest.raises(BackendUnavailable, match="run `make arm-device`"):
+        arm64.command("arm64")
+    with pytest.raises(BackendUnavailable, match="unknown core 'cortex-x9'"):
+        arm64.command("arm64:cortex-x9")
+
+
+def test_arm64_picks_the_core(monkeypatch):
+    assert arm64.core_of("arm64") == "cortex-a76"
+    assert arm64.core_of("arm64:cortex-a72") == "cortex-a72"
+    monkeypatch.setenv("MVD_ARM64_CPU", "neoverse-n1")
+    assert arm64.core_of("arm64") == "neoverse-n1"
