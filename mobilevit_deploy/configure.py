@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput, CheckpointMismatch
+from .limits import check_image_hw, check_num_classes
 from .registry import ModelSpec, Preprocessing
 
 Features = bool | Sequence[int] | None
@@ -36,6 +37,10 @@ class Carried:
 def read_labels_file(path: Path) -> tuple[str, ...]:
     """One class name per line, blank lines skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(
+            f"--labels {path} is a directory; give a text file with one class name per line"
+        )
     if not path.is_file():
         raise BadInput(f"{path}: no such labels file")
     try:
@@ -60,8 +65,8 @@ def _classes(
     spec: ModelSpec, state: dict | None, asked: int | None, carried: Carried
 ) -> tuple[int, str]:
     """The head size and where it came from, or the error that names the conflict."""
-    if asked is not None and asked < 0:
-        raise BadInput(f"--num-classes must be 0 (headless) or more, got {asked}")
+    if asked is not None:
+        check_num_classes(asked)
     found = head_classes(spec, state) if state is not None else None
     for claimed, by in ((asked, "--num-classes"), (carried.num_classes, "the hub config")):
         if claimed is not None and found is not None and claimed != found:
@@ -109,6 +114,9 @@ def configure(
     if classes == 0 and not spec.headless_ok:
         raise BadInput(f"{spec.name} needs at least one class (a {spec.task} head)")
     size = image_size or carried.image_size or spec.input_hw
+    if image_size or carried.image_size:  # before anything is built at that size
+        where = "--image-size" if image_size else "the hub config's input_size"
+        check_image_hw(tuple(size), where)
     adaptations: list[str] = []
     if spec.sized_by_input and state is not None and spec.checkpoint_size is not None:
         trained = spec.checkpoint_size(state, carried.image_size, image_size)

@@ -161,9 +161,16 @@ def _csv_samples(path: Path, spec: ModelSpec) -> list[tuple[Path, int]]:
         raise BadInput(f"--data {path}: not a readable CSV ({exc})") from None
     by_name = _class_index(spec)
     samples = []
+    seen: dict[Path, tuple[int, str]] = {}  # image -> (line, label) where it was listed
     for n, row in rows:
-        if len(row) < 2:
-            raise BadInput(f"{path} line {n}: expected path,label, got {','.join(row)!r}")
+        # Trailing empty cells (a spreadsheet's export) say nothing; a third value would
+        # be a column this reader ignores (a weight, a split, a second label).
+        cells = row[: max((i for i, cell in enumerate(row) if cell.strip()), default=-1) + 1]
+        if len(cells) != 2:
+            raise BadInput(
+                f"{path} line {n}: expected 2 columns (path,label), got {len(cells)}: "
+                f"{','.join(row)!r}"
+            )
         file, label = path.parent / row[0].strip(), row[1].strip()
         index = _csv_label(label, spec, by_name)
         if n == rows[0][0] and index is None and not file.is_file():
@@ -172,6 +179,12 @@ def _csv_samples(path: Path, spec: ModelSpec) -> list[tuple[Path, int]]:
             raise BadInput(f"{path} line {n}: no such image {file}")
         if index is None:
             raise BadInput(_bad_label(path, n, label, spec, by_name))
+        first = seen.setdefault(file.resolve(), (n, label))
+        if _csv_label(first[1], spec, by_name) != index:
+            raise BadInput(
+                f"{path} line {n}: {row[0].strip()} is labelled {label!r}, but line "
+                f"{first[0]} labels it {first[1]!r}; an image has one class"
+            )
         samples.append((file, index))
     if not samples:
         raise BadInput(f"--data {path}: no images listed")

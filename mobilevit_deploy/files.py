@@ -25,8 +25,13 @@ from .errors import BadInput
 _HELD = (signal.SIGINT, signal.SIGTERM)
 
 
-def ensure_writable_dir(directory: Path) -> Path:
-    """Create `directory` if needed; a clear BadInput if it cannot be written."""
+def ensure_writable_dir(directory: Path, target: Path | None = None) -> Path:
+    """Create `directory` if needed; a clear BadInput naming `target` (the file to be
+    written there, else the directory) if it cannot be written.
+
+    os.access only reads permission bits, and root passes them everywhere: /proc and
+    /sys say yes, then refuse the file. So a probe file is created and removed too.
+    """
     blocking = next((p for p in (directory, *directory.parents) if p.is_file()), None)
     if blocking is not None:
         raise BadInput(f"cannot write into {directory}: {blocking} exists and is not a directory")
@@ -36,7 +41,18 @@ def ensure_writable_dir(directory: Path) -> Path:
         raise BadInput(f"cannot create output directory {directory}: {exc.strerror}") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise BadInput(f"output directory {directory} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mvd-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BadInput(f"cannot write {target or directory}: {_reason(exc)}") from None
     return directory
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words for an OSError, without the path it repeats."""
+    return exc.strerror or str(exc)
 
 
 def check_output_file(path: Path | None, package: bool = False) -> None:
@@ -52,7 +68,7 @@ def check_output_file(path: Path | None, package: bool = False) -> None:
         raise BadInput(f"{path} is a directory; give a file name")
     if package and path.is_file():
         raise BadInput(f"{path} exists and is a file; a package is a directory")
-    ensure_writable_dir(path.parent)
+    ensure_writable_dir(path.parent, path)
 
 
 def resolve_artifact_path(
@@ -70,6 +86,10 @@ def resolve_artifact_path(
     if output is None:
         return Path(f"{stem}{suffix}"), None
     text = str(output)
+    if not text.strip():
+        raise BadInput(
+            f"-o/--output is empty; give a file name or a folder (default: {stem}{suffix})"
+        )
     path = Path(text)
     # A name with the artifact's suffix (x.mlpackage, x.mlpackage/ as a shell completes
     # it) is the artifact's place, not a folder to write into: check_output_file
@@ -110,9 +130,20 @@ def _disk_full_is_bad_input(final: Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _temp_is_bad_input(final: Path) -> Iterator[None]:
+    """A directory that refuses the temporary name (changed since it was checked, or a
+    caller that did not check) refuses `final`: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise BadInput(f"cannot write {final}: {_reason(exc)}") from None
+
+
 def _temp_beside(final: Path) -> Path:
     """An empty hidden file in `final`'s directory (a rename there is atomic)."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    with _temp_is_bad_input(final):
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     return Path(name)
 
@@ -120,7 +151,7 @@ def _temp_beside(final: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it to `final` on success only."""
-    ensure_writable_dir(final.parent)
+    ensure_writable_dir(final.parent, final)
     tmp = _temp_beside(final)
     try:
         with _disk_full_is_bad_input(final):
@@ -137,8 +168,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """atomic_path for a directory artifact (.mlpackage): build it under a temporary
     name beside `final`; on success swap it in, so readers never see half a package."""
-    ensure_writable_dir(final.parent)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    ensure_writable_dir(final.parent, final)
+    with _temp_is_bad_input(final):
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     tmp, old = work / final.name, work / f"old{final.suffix}"
     try:
         with _disk_full_is_bad_input(final):

@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .exporters.formats import FORMATS
+from .limits import check_image_hw, check_num_classes
 from .machine import machine_stamp, stamp_line
 from .reparam import reparameterize
 from .runtimes import openvino
@@ -53,9 +54,14 @@ def model_info(
     features: bool | tuple[int, ...] | None = None,
 ) -> dict:
     """What the model is; with `weights`, the user's model as their checkpoint sizes it."""
-    from .api import load_model
+    from .api import load_model, parse_image_size
     from .exporters.metadata import describe_outputs
 
+    asked = parse_image_size(image_size)
+    if asked is not None:  # FLOPs are counted on a real image of that size
+        check_image_hw(asked)
+    if num_classes is not None:
+        check_num_classes(num_classes)
     train = load_model(
         name,
         weights,

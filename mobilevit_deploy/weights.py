@@ -64,17 +64,67 @@ def _first_line(exc: BaseException) -> str:
 def _unpickling_problem(path: Path, exc: pickle.UnpicklingError) -> BadInput:
     """Tell a pickle that carries code apart from a file that is not a pickle at all.
 
-    torch words both as "Weights only load failed"; only the first names a global.
+    torch words both as "Weights only load failed"; only the first names a global. A
+    text file comes first: "cat" on a labels file's first line reads as the pickle
+    opcode GLOBAL, and "its pickle would call at.dog" would mislead.
     """
     text = str(exc)
-    if refused := re.search(r"GLOBAL ([\w.]+)", text):
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused and _text_start(path) is None:
         return BadInput(
             f"{path}: refused, its pickle would call {refused.group(1)}; checkpoints are "
             "untrusted, so only tensors and plain containers are read (nothing was run)"
         )
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
     reason = detail.group(1) if detail else _first_line(exc)
-    return BadInput(f"{path}: not a readable checkpoint ({reason[:160]})")
+    return _not_a_checkpoint(path, f"not a readable checkpoint ({reason[:160]})")
+
+
+# What a checkpoint file begins with: torch.save's zip, an older torch.save's pickle
+# (protocol 2 and up open with the PROTO opcode), or safetensors' header length.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"
+# Bytes a text file holds besides printable characters: tab, newlines, form feed.
+_TEXT_CONTROLS = frozenset("\t\n\r\f")
+_SNIFF_BYTES = 512
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(_SNIFF_BYTES)
+    except OSError:
+        return b""
+
+
+def _text_start(path: Path) -> str | None:
+    """The first line of `path` if it is a text file (UTF-8 without control bytes)."""
+    head = _head(path)
+    # A multi-byte character cut at the end of the sample is still text.
+    text = head.decode("utf-8", errors="ignore")
+    if len(text.encode()) < len(head) - 3 or not text.strip():
+        return None
+    if any(not c.isprintable() and c not in _TEXT_CONTROLS for c in text):
+        return None
+    return text.strip().split("\n", 1)[0].strip()[:40]
+
+
+def _not_a_checkpoint(path: Path, reason: str) -> BadInput:
+    """What the file plainly is, when a reader refused it; the reader's own words only
+    for a file that looks like a checkpoint (a cut or damaged one). A text file given
+    as weights is a labels list, a README or an HTML error page saved in place of a
+    download, and torch's complaint about it ("101") would say nothing."""
+    start = _text_start(path)
+    if start is not None:
+        return BadInput(
+            f"{path} is a text file (it begins {start!r}), not a PyTorch or safetensors checkpoint"
+        )
+    if path.suffix != ".safetensors" and not _head(path).startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+        return BadInput(
+            f"{path}: not a readable checkpoint (neither the zip nor the pickle that "
+            "torch.save writes)"
+        )
+    return BadInput(f"{path}: {reason}")
 
 
 def _torch_load(path: Path) -> object:
@@ -86,7 +136,9 @@ def _torch_load(path: Path) -> object:
     except Exception as exc:
         # torch's legacy unpickler leaks struct.error, IndexError, KeyError... on garbage;
         # any failure to parse untrusted bytes is bad input.
-        raise BadInput(f"{path}: not a readable checkpoint ({_first_line(exc)[:160]})") from None
+        first = _first_line(exc).split(". ", 1)[0]  # torch's advice after it is for its devs
+        reason = f"not a readable checkpoint ({first[:160]})"
+        raise _not_a_checkpoint(path, reason) from None
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -96,7 +148,7 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise BadInput(f"{path}: not a readable safetensors file ({exc})") from None
+        raise _not_a_checkpoint(path, f"not a readable safetensors file ({exc})") from None
 
 
 def unwrap(obj: object, origin: str) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -148,10 +200,29 @@ def carried_class_names(raw: object) -> tuple[str, ...] | None:
     return None
 
 
+# A URL's scheme: two letters at least, so that a Windows drive (C:/) is a path.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")
+DOWNLOADED_SCHEMES = ("http", "https")
+
+
+def check_weights_source(weights: str | Path) -> None:
+    """Refuse a --weights URL that cannot be downloaded, by its scheme. Only http and
+    https are fetched; any other (ftp, s3, hf) would otherwise be read as a local path
+    (pathlib folds its `//`) and reported as a missing file."""
+    text = str(weights)
+    scheme = _SCHEME.match(text)
+    if scheme and scheme.group(1) not in DOWNLOADED_SCHEMES and not Path(text).exists():
+        raise BadInput(
+            f"--weights {text}: {scheme.group(1)}:// URLs are not supported; give a "
+            "checkpoint file, a hub folder or an http:// or https:// URL"
+        )
+
+
 def read_checkpoint_file(
     path: str | Path,
 ) -> tuple[dict[str, torch.Tensor], str | None, tuple[str, ...] | None]:
     """read_checkpoint, plus the class names the file carries (or None)."""
+    check_weights_source(path)
     path = Path(path)
     if path.is_dir():
         raise BadInput(f"{path} is a directory; --weights takes a checkpoint file or URL")
