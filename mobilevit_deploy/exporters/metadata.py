@@ -28,6 +28,10 @@ def tool_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
     return out
 
 
+# The seed a model without weights is built with (api.load_model), so that the same
+# command exports the same file and a file's reference can be built again.
+INIT_SEED = 0
+
 # A module the caller built and passed in: its weights' origin is theirs to know.
 CALLER_MODULE = Provenance("the caller's module (weights not recorded)", None, "unknown")
 
@@ -92,6 +96,11 @@ class ArtifactMetadata:
     # What the file's delegates leave to slower kernels, in words (TFLite: ops mobile
     # GPU/NNAPI delegates lack; ExecuTorch: the share XNNPACK runs, the ops it does not).
     delegate_report: list[str] | None = None
+    # The stages whose maps a features model returns (ModelSpec.features), and the seed
+    # a model without weights was built with: with the rest of the record, what builds
+    # the file's reference again.
+    features: list[int] | None = None
+    init_seed: int | None = None
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -139,4 +148,6 @@ def artifact_metadata(
         tool_versions=tool_versions(extra_tools),
         class_labels=list(spec.class_names) if spec.class_names is not None else None,
         adaptations=list(spec.adaptations) if spec.adaptations else None,
+        features=list(spec.features) if spec.features is not None else None,
+        init_seed=INIT_SEED if provenance is None else None,
     )

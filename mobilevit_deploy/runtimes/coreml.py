@@ -108,6 +108,8 @@ def _weights(spec) -> tuple[str, str, str | None]:
     weights, an affine dequantize for int8 ones)."""
     from coremltools.proto import MIL_pb2
 
+    if spec.WhichOneof("Type") != "mlProgram":
+        return "unknown", f"a {spec.WhichOneof('Type')} package, not an ML Program", None
     main = spec.mlProgram.functions["main"]
     block = main.block_specializations[main.opset]
     dtypes, ops = set(), {op.type for op in block.operations}
@@ -169,6 +171,8 @@ def package_ops(spec) -> tuple[str, set[str]]:
 def classifier_labels(spec) -> list[str] | None:
     """The labels an ML Program classifier carries (its `classify` op's classes), as
     strings; None for a package that is not a classifier."""
+    if spec.WhichOneof("Type") != "mlProgram":
+        return None
     main = spec.mlProgram.functions["main"]
     block = main.block_specializations[main.opset]
     ops = [op for op in block.operations if op.type == "classify"]
@@ -278,8 +282,10 @@ class CoreMLRunner:
             result = self.model.predict({self.input_name: sample[None]})
             if self.probabilities is not None:
                 probs = result[self.probabilities]
-                # integer classes are keyed by their index; named ones in the package's order
-                order = self.labels if isinstance(next(iter(probs)), str) else sorted(probs)
+                # integer classes are keyed by their index; named ones in the order of the
+                # package's classify op (sorted, for a package that has none)
+                named = self.labels is not None and isinstance(next(iter(probs)), str)
+                order = self.labels if named else sorted(probs)
                 rows.append((np.array([probs[k] for k in order], dtype=np.float32),))
             else:
                 names = self.output_names
