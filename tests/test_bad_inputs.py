@@ -174,12 +174,17 @@ def test_an_eval_csv_that_is_merely_untidy_is_read(images, rows, count):
 
 
 def test_the_cli_refuses_a_conflicting_eval_csv_before_exporting(images, monkeypatch):
+    import torch
+
     from mobilevit_deploy import api
 
+    weights = images / "fastvit_t8.pt"
+    torch.save(get_spec("fastvit_t8").build().state_dict(), weights)
     monkeypatch.setattr(api, "export", _no_work)
     path = images / "set.csv"
     path.write_text("0.png,1\n0.png,2\n")
-    assert_user_error(mvd("eval", "fastvit_t8", *SMALL, "--data", path), "line 2: 0.png")
+    result = mvd("eval", "fastvit_t8", *SMALL, "--weights", weights, "--data", path)
+    assert_user_error(result, "line 2: 0.png")
 
 
 @pytest.mark.parametrize(
