@@ -60,7 +60,7 @@ def test_the_cli_refuses_an_output_the_file_system_refuses(args, monkeypatch):
 
 
 def _no_work(*_args, **_kwargs):
-    raise AssertionError("the model was loaded before the output path was checked")
+    raise AssertionError("the work started before the bad input was refused")
 
 
 @as_root
