@@ -70,6 +70,33 @@ _ISA_NAMES = {
     "asimddp": "dotprod",
     "bf16": "bf16",
     "avx512_bf16": "bf16",
+    # ARM FP16 arithmetic (ARMv8.2-A): /proc/cpuinfo's fphp and asimdhp, macOS FEAT_FP16.
+    "fphp": "fp16",
+    "asimdhp": "fp16",
+    "fp16": "fp16",
+}
+
+# What a feature means for the reduced-precision candidates. fp16 arithmetic is what
+# changes a file's numbers, not only its speed: onnxruntime and XNNPACK then compute fp16
+# files in fp16 (docs/arm.md), where x86 and ARMv8.0 convert to fp32 first.
+_PRECISION_NOTES = {
+    "fp16": "fp16: computed in fp16 (faster; numbers differ from x86, verify on this CPU)",
+    "dotprod": "int8: dot-product instructions (SDOT), int8 kernels well ahead of fp32",
+    "i8mm": "int8: int8 matrix multiply (SMMLA), faster still than dot product",
+    "vnni": "int8: VNNI, int8 kernels well ahead of fp32",
+    "amx": "int8/bf16: AMX tiles",
+    "bf16": "bf16: native bf16 (OpenVINO's bf16 hint computes in it)",
+    "sve": "SVE vectors where the runtime has kernels for them",
+}
+_WITHOUT = {
+    "arm": {
+        "fp16": "fp16: no FP16 arithmetic; fp16 files compute in fp32 (half the size only)",
+        "dotprod": "int8: no dot product; int8 kernels gain little over fp32",
+    },
+    "x86": {
+        "vnni": "int8: no VNNI; int8 kernels gain little over fp32",
+        "bf16": "bf16: no native bf16; OpenVINO's bf16 hint would compute fp32",
+    },
 }
 
 
@@ -154,6 +181,15 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
         "physical_cores": len(cores) or None,
         "isa": normalize_isa(common),
     }
+
+
+def precision_notes(isa: Iterable[str], arch: str | None) -> list[str]:
+    """What this CPU's features (normalize_isa's names) mean for the fp16, int8 and bf16
+    candidates: the ones it has, then those of its architecture it lacks."""
+    have = set(isa)
+    family = "arm" if arch in ("aarch64", "arm64") else "x86" if arch in ("x86_64", "AMD64") else ""
+    notes = [note for name, note in _PRECISION_NOTES.items() if name in have]
+    return notes + [note for name, note in _WITHOUT.get(family, {}).items() if name not in have]
 
 
 def parse_sysctl_isa(text: str) -> list[str]:

@@ -17,6 +17,7 @@ from mobilevit_deploy.machine import (
     parse_cpuinfo,
     parse_meminfo,
     parse_sysctl_isa,
+    precision_notes,
     stamp_line,
 )
 
@@ -67,7 +68,7 @@ def test_x86_cpuinfo() -> None:
 
 def test_arm_cpuinfo() -> None:
     info = parse_cpuinfo(ARM_CPUINFO)
-    assert info["isa"] == ["bf16", "dotprod", "i8mm", "neon", "sve"]
+    assert info["isa"] == ["bf16", "dotprod", "fp16", "i8mm", "neon", "sve"]
     assert info["model_name"] is None
     assert info["cpu_part"] == "0xd4f"
     assert info["physical_cores"] is None
@@ -102,8 +103,39 @@ def test_sysctl_isa() -> None:
     text = (
         "hw.optional.AdvSIMD: 1\nhw.optional.arm.FEAT_DotProd: 1\n"
         "hw.optional.arm.FEAT_I8MM: 1\nhw.optional.arm.FEAT_BF16: 0\nhw.optional.floatingpoint: 1"
+        "\nhw.optional.arm.FEAT_FP16: 1"
     )
-    assert parse_sysctl_isa(text) == ["dotprod", "i8mm", "neon"]
+    assert parse_sysctl_isa(text) == ["dotprod", "fp16", "i8mm", "neon"]
+
+
+# A Cortex-A72 (Raspberry Pi 4, ARMv8.0) and a Cortex-A76 (Raspberry Pi 5, ARMv8.2).
+A72_FEATURES = "fp asimd evtstrm crc32 cpuid"
+A76_FEATURES = (
+    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc "
+    "dcpop asimddp"
+)
+
+
+def test_arm_precision_notes() -> None:
+    old = parse_cpuinfo(f"processor\t: 0\nFeatures\t: {A72_FEATURES}\nCPU part\t: 0xd08\n")
+    assert old["isa"] == ["neon"]
+    assert precision_notes(old["isa"], "aarch64") == [
+        "fp16: no FP16 arithmetic; fp16 files compute in fp32 (half the size only)",
+        "int8: no dot product; int8 kernels gain little over fp32",
+    ]
+    new = parse_cpuinfo(f"processor\t: 0\nFeatures\t: {A76_FEATURES}\nCPU part\t: 0xd0b\n")
+    assert new["isa"] == ["dotprod", "fp16", "neon"]
+    notes = precision_notes(new["isa"], "aarch64")
+    assert notes[0].startswith("fp16: computed in fp16") and notes[1].startswith("int8: dot")
+    assert len(notes) == 2
+
+
+def test_x86_precision_notes() -> None:
+    assert precision_notes(["avx2", "fma"], "x86_64") == [
+        "int8: no VNNI; int8 kernels gain little over fp32",
+        "bf16: no native bf16; OpenVINO's bf16 hint would compute fp32",
+    ]
+    assert not any("fp16" in n for n in precision_notes(["avx512f", "vnni", "bf16"], "x86_64"))
 
 
 def test_meminfo() -> None:
