@@ -242,31 +242,26 @@ def test_the_layout_the_shape_implies(shape, layout, size):
 # --- the record's fields that rebuild a reference ----------------------------------
 
 
+def _metadata(spec, model=None, provenance=None, precision="fp32", fmt="onnx"):
+    return artifact_metadata(
+        spec,
+        model=model,
+        provenance=provenance,
+        image_size=(SIZE, SIZE),
+        batch=1,
+        reparameterized=False,
+        precision=precision,
+        fmt=fmt,
+    )
+
+
 def test_the_record_names_the_feature_stages_and_the_seed_of_a_model_without_weights():
     spec = get_spec("fastvit_t8")
     features = dataclasses.replace(spec, features=(1, 3))
-    model = features.build()
-    meta = artifact_metadata(
-        features,
-        model=model,
-        provenance=None,
-        image_size=(SIZE, SIZE),
-        batch=1,
-        reparameterized=False,
-        precision="fp32",
-        fmt="onnx",
-    ).to_dict()
+    meta = _metadata(features, model=features.build()).to_dict()
     assert meta["features"] == [1, 3] and meta["init_seed"] == INIT_SEED
     given = Provenance("ft.pth", "ab" * 32, "train")
-    meta = artifact_metadata(
-        spec,
-        provenance=given,
-        image_size=(SIZE, SIZE),
-        batch=1,
-        reparameterized=False,
-        precision="fp32",
-        fmt="onnx",
-    ).to_dict()
+    meta = _metadata(spec, provenance=given).to_dict()
     assert "features" not in meta and "init_seed" not in meta  # set only when they apply
 
 
@@ -349,16 +344,7 @@ def t8_package(tmp_path_factory):
     path = folder / "t8.mlpackage"
     model = load_model("fastvit_t8", image_size=SIZE)
     spec = model.mvd_spec
-    metadata = artifact_metadata(
-        spec,
-        model=model,
-        provenance=None,
-        image_size=(SIZE, SIZE),
-        batch=1,
-        reparameterized=False,
-        precision="fp16",
-        fmt="coreml",
-    )
+    metadata = _metadata(spec, model=model, precision="fp16", fmt="coreml")
     options = FORMATS["coreml"].options(image_input=False)  # what CoreMLRunner feeds
     job = ExportJob(model, path, _example(), "fp16", options, metadata, spec)
     written = FORMATS["coreml"].load("exporter")(job).to_dict()
