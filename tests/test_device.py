@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from mobilevit_deploy import device
 from mobilevit_deploy.device import arm64
+from mobilevit_deploy.device.stamp import core_name, device_stamp
 from mobilevit_deploy.errors import BackendUnavailable, BadInput
 from mobilevit_deploy.runtimes import open_runner
 
@@ -113,3 +114,27 @@ def test_arm64_picks_the_core(monkeypatch):
     assert arm64.core_of("arm64:cortex-a72") == "cortex-a72"
     monkeypatch.setenv("MVD_ARM64_CPU", "neoverse-n1")
     assert arm64.core_of("arm64") == "neoverse-n1"
+
+
+def test_an_emulated_core_is_named_by_its_midr_and_hwcap_not_the_hosts_cpuinfo():
+    facts = {
+        "machine": "aarch64",
+        "cpuinfo": "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: avx2 avx512f\n",
+        "midr": "0x00000000414fd0b1",
+        "hwcap": ["fp", "asimd", "fphp", "asimdhp", "asimddp"],
+        "qemu_cpu": "cortex-a76",
+        "cpu_count": 2,
+        "versions": {"onnxruntime": "1.31.1"},
+    }
+    stamp = device_stamp(facts)
+    assert stamp["cpu_model"] == "Cortex-A76 (emulated by qemu-user)"
+    assert stamp["isa"] == ["dotprod", "fp16", "neon"]
+    assert stamp["emulated"] and stamp["notes"][0].startswith("fp16: computed in fp16")
+
+
+def test_a_real_board_is_named_from_its_cpuinfo():
+    cpuinfo = "processor\t: 0\nFeatures\t: fp asimd crc32\nCPU part\t: 0xd08\n"
+    stamp = device_stamp({"machine": "aarch64", "cpuinfo": cpuinfo, "midr": "", "hwcap": []})
+    assert stamp["isa"] == ["neon"] and not stamp["emulated"]
+    assert stamp["cpu_model"] == "Cortex-A72"
+    assert core_name("0x00000000410fd083") == "Cortex-A72"
