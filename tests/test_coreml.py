@@ -45,7 +45,11 @@ def t8_package(tmp_path_factory):
 def test_package_spec_is_what_an_app_binds(t8_package):
     checked = check_package(t8_package.path, [(1, 1000)])
     assert checked["problems"] == []
-    assert checked["inputs"] == [{"name": "input", "type": "tensor", "shape": [1, 3, 64, 64]}]
+    # An image input by default: what Vision and Xcode's preview take
+    assert checked["inputs"] == [{"name": "input", "type": "image", "shape": [1, 3, 64, 64]}]
+    image = _load_spec(t8_package.path).description.input[0].type.imageType
+    assert (image.width, image.height) == (64, 64)
+    assert "RGB pixels in [0, 255]" in t8_package.metadata["input_range"]
     assert [o["name"] for o in checked["outputs"]] == ["classLabel", "classLabel_probs"]
     assert {"conv", "softmax", "classify"} <= set(checked["ops"])
     assert checked["opset"] == "CoreML6"  # iOS16, the default target
@@ -106,20 +110,20 @@ def test_std_fold_into_the_first_conv_is_exact(name, size):
     )
 
 
-def test_image_input_package(tmp_path):
-    out = tmp_path / "img.mlpackage"
-    api.export("fastvit_t8", "coreml", output=out, image_size=64, image_input=True)
-    spec = _load_spec(out)
-    image = spec.description.input[0].type.imageType
-    assert (image.width, image.height) == (64, 64)
-    assert check_package(out, [(1, 1000)])["inputs"][0]["type"] == "image"
-    assert (
-        "RGB pixels in [0, 255]"
-        in json.loads((tmp_path / "img.mlpackage.json").read_text())["input_range"]
-    )
+def test_a_tensor_input_on_request(tmp_path):
+    out = tmp_path / "tensor.mlpackage"
+    api.export("fastvit_t8", "coreml", output=out, image_size=64, image_input=False)
+    checked = check_package(out, [(1, 1000)])
+    assert checked["inputs"] == [{"name": "input", "type": "tensor", "shape": [1, 3, 64, 64]}]
+    record = json.loads((tmp_path / "tensor.mlpackage.json").read_text())
+    assert record["input_range"] == "RGB in [0, 1], then (x - mean) / std"
+    assert record["input_type"] == "tensor"
 
 
-def test_image_input_needs_a_conv_first():
+def test_a_model_without_a_conv_first_gets_1_over_std_multiplied_in():
+    """The image input is the default, so a model that cannot take 1/std into its first
+    layer still gets one: the scale as its first op."""
+
     class NormFirst(nn.Module):
         def __init__(self):
             super().__init__()
@@ -129,9 +133,13 @@ def test_image_input_needs_a_conv_first():
         def forward(self, x):
             return self.conv(self.norm(x))
 
-    x = torch.zeros(1, 3, 8, 8)
-    with pytest.raises(BadInput, match="BatchNorm2d, not a plain Conv2d"):
-        fold_input_std(NormFirst().eval(), x, (0.5, 0.5, 0.5))
+    model, std = NormFirst().eval(), (0.2, 0.5, 0.25)
+    x = torch.rand(1, 3, 8, 8)
+    assert first_conv(model, x) is None
+    with torch.no_grad():
+        want = model(x / torch.tensor(std).reshape(1, 3, 1, 1))
+        got = fold_input_std(model, x, std)(x)
+    assert (got - want).abs().max().item() < 1e-6
 
 
 def test_labels_file(tmp_path):

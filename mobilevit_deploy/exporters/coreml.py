@@ -9,7 +9,9 @@ frontend has no such casts. The models are written rank <= 4 for the same reason
 With `image_input`, CoreML feeds pixels in [0, 255] through one scalar scale and a
 per-channel bias, so (x/255 - mean)/std cannot be expressed; the bias takes the mean
 and the 1/std is folded into the first convolution's weights (exact, zero padding
-included), instead of approximating std by one number.
+included; a model whose input meets something else first multiplies it in), instead of
+approximating std by one number. It is the default: Vision (VNCoreMLModel) and Xcode's
+preview take an image input; `image_input=False` keeps the normalised tensor.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BadInput
 from ..files import atomic_artifact
 from ..registry import ModelSpec
 from ..runtimes.coreml import import_coremltools
@@ -37,8 +38,9 @@ from .metadata import ArtifactMetadata, output_names
 _DATED_KEY = "com.github.apple.coremltools.conversion_date"
 
 
-def first_conv(model: nn.Module, example: torch.Tensor) -> nn.Conv2d:
-    """The Conv2d that consumes the model's input tensor itself (found by running it)."""
+def first_conv(model: nn.Module, example: torch.Tensor) -> nn.Conv2d | None:
+    """The Conv2d that consumes the model's input tensor itself (found by running it),
+    where it is one that 1/std folds into exactly: ungrouped, zero-padded."""
     found: list[nn.Module] = []
 
     def hook(module: nn.Module, args: tuple) -> None:
@@ -54,17 +56,31 @@ def first_conv(model: nn.Module, example: torch.Tensor) -> nn.Conv2d:
             handle.remove()
     conv = found[0] if found else None
     if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.padding_mode != "zeros":
-        raise BadInput(
-            f"--image-input folds 1/std into the first layer, but this model's input first "
-            f"meets {type(conv).__name__ if conv else 'no layer'}, not a plain Conv2d"
-        )
+        return None
     return conv
 
 
+class _ScaledInput(nn.Module):
+    """Multiplies the input by 1/std per channel: the image input's last step, for a
+    model whose input does not first meet a plain convolution to fold it into."""
+
+    def __init__(self, model: nn.Module, std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        inv = (1 / torch.tensor(std, dtype=torch.float64)).float().reshape(1, -1, 1, 1)
+        self.register_buffer("inv_std", inv)
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x * self.inv_std)
+
+
 def fold_input_std(model: nn.Module, example: torch.Tensor, std: tuple[float, ...]) -> nn.Module:
-    """A copy whose first conv takes (x - mean) instead of (x - mean) / std."""
+    """A copy that takes (x - mean) instead of (x - mean) / std: 1/std folded into the
+    first conv's weights, or where there is none to fold into, multiplied in first."""
     model = copy.deepcopy(model)
     conv = first_conv(model, example)
+    if conv is None:
+        return _ScaledInput(model, std)
     scale = torch.tensor([1.0 / s for s in std], dtype=torch.float64).reshape(1, -1, 1, 1)
     with torch.no_grad():
         conv.weight.copy_((conv.weight.double() * scale).to(conv.weight.dtype))

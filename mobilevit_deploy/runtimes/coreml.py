@@ -255,7 +255,10 @@ def check_package(
 
 
 class CoreMLRunner:
-    """Runs a tensor-input package (macOS only): NCHW float32 in, the output out.
+    """Runs a package (macOS only): normalised NCHW float32 in, the output out. An
+    image-input package (the default) is fed the RGB image the input stands for, in
+    8-bit pixels as an app's camera frame is: inputs outside the image range are
+    clipped to it.
 
     A classifier package answers with probabilities; they are returned as an
     (N, classes) array in class order. CoreML schedules its own threads: `threads` is
@@ -275,11 +278,28 @@ class CoreMLRunner:
         ]
         self.labels = classifier_labels(spec)
         self.probabilities = spec.description.predictedProbabilitiesName or None
+        record = _record(spec)
+        image = spec.description.input[0].type.WhichOneof("Type") == "imageType"
+        if image and "mean" not in record:
+            raise BadInput(
+                f"{path}: an image input without mvd's record: its mean and std are unknown"
+            )
+        self.pixels = (record["mean"], record["std"]) if image else None
+
+    def _fed(self, sample: np.ndarray):
+        """The sample as the package takes it: a batch of one, or an RGB PIL image."""
+        if self.pixels is None:
+            return sample[None]
+        from PIL import Image
+
+        mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in self.pixels)
+        rgb = np.clip(np.round((sample * std + mean) * 255), 0, 255).astype(np.uint8)
+        return Image.fromarray(rgb.transpose(1, 2, 0), "RGB")
 
     def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         rows = []
         for sample in x:
-            result = self.model.predict({self.input_name: sample[None]})
+            result = self.model.predict({self.input_name: self._fed(sample)})
             if self.probabilities is not None:
                 probs = result[self.probabilities]
                 # integer classes are keyed by their index; named ones in the order of the
