@@ -35,11 +35,17 @@ class OnnxOptions:
     opset: int = option(17, "ONNX opset.", tuple(range(13, 21)))
     dynamic_batch: bool = option(False, "Leave the batch dimension free.")
     simplify: bool = option(True, "Run onnxslim, then re-verify.")
+    ort: bool = option(
+        False, "Also write the ORT-format file for ONNX Runtime Mobile, and its operators config."
+    )
 
 
 @dataclass(frozen=True)
 class CoreMLOptions:
-    image_input: bool = option(False, "An image input, preprocessing inside the model.")
+    # An image input is what Vision (VNCoreMLModel) and Xcode's preview take.
+    image_input: bool = option(
+        True, "An image input (RGB pixels), preprocessing inside; else a normalised tensor."
+    )
     min_target: str = option(
         "iOS16",
         "Deployment target.",

@@ -3,12 +3,17 @@
 Uses torch's TorchScript-based exporter (`dynamo=False`): for these static, CNN-like
 graphs it is deterministic (byte-identical files for the same input, which CI caches
 and artifact reviews rely on) and needs no onnxscript. The simplified graph is run
-against the raw one before it replaces it, so a simplifier bug cannot ship.
+against the raw one before it replaces it, so a simplifier bug cannot ship. Every file's
+record carries onnxruntime's own verdict for ONNX Runtime Mobile's NNAPI and CoreML EPs,
+and `ort` writes the ORT-format file beside it (onnx_mobile.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,12 +22,14 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import VerificationFailed
+from ..errors import BadInput, VerificationFailed
 from ..files import atomic_artifact
 from ..records import decoded
 from ..runtimes.onnxruntime import OrtRunner
 from . import ExportJob, called_modules, float_modules
 from .metadata import ArtifactMetadata
+from .onnx_mobile import convert_to_ort, mobile_usability
+from .onnx_mobile import describe as describe_mobile
 from .onnx_precision import to_fp16, to_int8
 
 SIMPLIFY_TOLERANCE = 1e-5
@@ -145,10 +152,43 @@ def export_onnx(job: ExportJob) -> ArtifactMetadata:
                 job.calibration,
                 lambda name: name.startswith(declared) or node_owner(scopes, name) in kept,
             )
+        onnx.save(graph, str(tmp))
+        metadata = _with_mobile_verdict(metadata, tmp, job, options.ort)
         staged.record = metadata.to_dict()
         _embed(graph, staged.record)
         onnx.save(graph, str(tmp))
+    if options.ort:
+        _write_ort(job.output)
     return metadata
+
+
+def _with_mobile_verdict(metadata: ArtifactMetadata, path: Path, job: ExportJob, ort: bool):
+    """The record with onnxruntime's mobile-usability verdict (onnx_mobile.py), in its
+    delegation report as ExecuTorch's and TFLite's are, and the ORT-format file it names."""
+    found = mobile_usability(path)
+    details = {**metadata.details, "ort_mobile": found}
+    if ort:
+        if job.scratch is not None:  # a step of the int8 search, which copies its choice
+            raise BadInput(
+                "--ort is not available with int8 yet; convert the .onnx with "
+                "python -m onnxruntime.tools.convert_onnx_models_to_ort"
+            )
+        stem = job.output.stem
+        details["ort_format"] = {
+            "file": f"{stem}.ort",
+            "required_operators": f"{stem}.required_operators.config",
+        }
+    report = [*(metadata.delegate_report or []), *describe_mobile(found)]
+    return dataclasses.replace(metadata, delegate_report=report, details=details)
+
+
+def _write_ort(onnx_path: Path) -> None:
+    """The ORT-format file and its config beside the published .onnx, each written to a
+    temporary directory there and renamed into place."""
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent, prefix=".ort-") as tmp:
+        made = convert_to_ort(onnx_path, Path(tmp))
+        for path in made:
+            os.replace(path, onnx_path.parent / path.name)
 
 
 def _embed(graph: onnx.ModelProto, record: dict) -> None:
