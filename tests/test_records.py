@@ -112,11 +112,23 @@ def test_a_path_that_is_no_exported_file_is_one_line(tmp_path, name, make, messa
     assert "\n" not in str(caught.value)
 
 
-def test_a_damaged_file_is_one_line_naming_it(tmp_path):
-    path = tmp_path / "m.onnx"
-    path.write_text("not a graph")
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "onnx",
+        "tflite",
+        pytest.param("executorch", marks=pytest.mark.slow),  # imports torch's exporter
+        pytest.param("coreml", marks=pytest.mark.slow),  # imports coremltools
+    ],
+)
+def test_a_damaged_file_is_one_line_naming_it(tmp_path, fmt):
+    path = tmp_path / f"m{FORMATS[fmt].suffix}"
+    if FORMATS[fmt].package:
+        path.mkdir()  # a package without its manifest
+    else:
+        path.write_text("not a model")
     for read in (records.read_record, records.file_facts):
-        with pytest.raises(BadInput, match=r"m\.onnx: not a readable onnx file") as caught:
+        with pytest.raises(BadInput, match=f"{path.name}: not a readable {fmt} file") as caught:
             read(path)
         assert "\n" not in str(caught.value)
 

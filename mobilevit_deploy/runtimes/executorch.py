@@ -27,7 +27,8 @@ def _runtime():
 
 def read_metadata(path: Path) -> dict:
     """The record embedded in an exported .pte ({} without one)."""
-    program = _runtime().load_program(Path(path))
+    with quiet():  # a damaged file is also logged from C++; the error says it in one line
+        program = _runtime().load_program(Path(path))
     if METADATA_METHOD not in program.method_names:
         return {}
     return json.loads(program.load_method(METADATA_METHOD).execute([])[0])
