@@ -3,11 +3,12 @@
 A row owns the format's suffix, precisions and default precision, the extra that
 installs it, what it can do (bicubic resize, run on this machine), its options (a
 frozen dataclass validated once; the CLI makes one flag per field from its type,
-default, help and choices), and its exporter, runner and static check, named
-"module:attribute" and imported only when used, so a missing extra costs nothing
-until its format is asked for. api, verify, bench, info and the CLI find formats only
-here; an unknown name is an error, never a fallthrough. Adding a format is its
-exporter, its runner and one row (docs/architecture.md).
+default, help and choices), and its exporter, runner, static check, record reader
+and facts (records.py), named "module:attribute" and imported only when used, so a
+missing extra costs nothing until its format is asked for. api, verify, bench, info
+and the CLI find formats only here; an unknown name is an error, never a fallthrough.
+Adding a format is its exporter, its runner, its reader and one row
+(docs/architecture.md).
 """
 
 from __future__ import annotations
