@@ -100,7 +100,8 @@ def run(command: str, work: Path) -> str:
         check=False,
     )
     print(f"  exit {done.returncode} in {time.monotonic() - started:.0f} s: {command}")
-    return done.stdout.rstrip("\n")
+    # A spinner on a pipe leaves blank lines, not text: the first line is the first word.
+    return done.stdout.strip("\n")
 
 
 def fill(text: str, outputs: dict[str, str], work: Path) -> str:
