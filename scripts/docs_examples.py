@@ -131,7 +131,9 @@ def main() -> None:
         if not BLOCK.search(text):
             continue
         print(page.relative_to(ROOT))
-        page.write_text(fill(text, outputs, WORK))
+        fill(text, outputs, WORK)
+        # Others may have edited the page during the minutes its commands ran.
+        page.write_text(fill(page.read_text(), outputs, WORK))
     WORK.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(outputs, indent=1) + "\n")
 
