@@ -304,24 +304,33 @@ def test_tflite_record_without_sidecar_and_a_foreign_channels_last_file(tmp_path
     np.testing.assert_allclose(LiteRTRunner(foreign)(x), want, rtol=1e-4, atol=1e-5)
 
 
+def _facts_at(tmp_path, fmt: str, precision: str, **options) -> dict:
+    """The facts of an mvd export of the small model at `precision`."""
+    path = tmp_path / f"{precision}{FORMATS[fmt].suffix}"
+    job = bare_module_job(_Small().eval(), path, _example(), fmt)
+    job = dataclasses.replace(
+        job,
+        precision=precision,
+        calibration=np.repeat(_example(), 4, axis=0) if precision == "int8" else None,
+        options=FORMATS[fmt].options(**options),
+    )
+    FORMATS[fmt].load("exporter")(job)
+    return records.file_facts(path)
+
+
 @pytest.mark.slow
 def test_tflite_precision_from_the_tensors(tmp_path):
-    facts = {}
-    for precision, options in [("fp16", {}), ("int8", {"int8_mode": "dynamic"})]:
-        path = tmp_path / f"{precision}.tflite"
-        job = bare_module_job(_Small().eval(), path, _example(), "tflite")
-        calibration = np.repeat(_example(), 4, axis=0) if precision == "int8" else None
-        job = dataclasses.replace(
-            job,
-            precision=precision,
-            calibration=calibration,
-            options=FORMATS["tflite"].options(**options),
-        )
-        FORMATS["tflite"].load("exporter")(job)
-        facts[precision] = records.file_facts(path)
-    assert facts["fp16"]["precision"] == "fp16"
-    assert facts["int8"]["precision"] == "int8"
-    assert facts["int8"]["details"] == {"int8_mode": "dynamic"}
+    assert _facts_at(tmp_path, "tflite", "fp16")["precision"] == "fp16"
+    facts = _facts_at(tmp_path, "tflite", "int8", int8_mode="dynamic")
+    assert facts["precision"] == "int8" and facts["details"] == {"int8_mode": "dynamic"}
+
+
+@pytest.mark.slow
+def test_executorch_precision_from_the_program_and_its_xnnpack_graphs(tmp_path):
+    """fp16 and int8 programs take and give float32; the values inside say which."""
+    for precision in ("fp16", "int8"):
+        facts = _facts_at(tmp_path, "executorch", precision)
+        assert facts["input_dtype"] == "float32" and facts["precision"] == precision
 
 
 @pytest.mark.slow
