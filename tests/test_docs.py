@@ -18,9 +18,10 @@ from mobilevit_deploy.cli import app
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-# A command line: `mvd ...` in inline code, or a line of a block ("$ mvd ..." or bare).
+# A command line: `mvd ...` in inline code, or a line of a code block or a run marker
+# ("$ mvd ..." or a bare "mvd ...").
 INLINE = re.compile(r"`(mvd [^`]*)`")
-LINE = re.compile(r"^\s*(?:\$ )?(mvd(?: .*)?)$", re.M)
+LINE = re.compile(r"^\s*(?:\$ )?(mvd(?: .*)?)$")
 # What ends the mvd part of a shell line.
 SHELL_BREAKS = {"|", "||", "&&", ";", ">", "2>&1", "#"}
 
@@ -33,7 +34,13 @@ def _script(name: str):
 
 
 def command_lines(text: str) -> list[str]:
-    return INLINE.findall(text) + LINE.findall(text)
+    found, in_block = INLINE.findall(text), False
+    for line in text.splitlines():
+        if line.lstrip().startswith(("```", "<!-- run", "-->")):
+            in_block = line.lstrip().startswith(("```", "<!-- run")) and not in_block
+        elif in_block and (match := LINE.match(line)):
+            found.append(match[1])
+    return found
 
 
 def flags_of(command) -> set[str]:
