@@ -8,9 +8,11 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from conftest import stressed, test_inputs
 
 from mobilevit_deploy import api
+from mobilevit_deploy.errors import BadInput
 from mobilevit_deploy.exporters.onnx_mobile import describe
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 
@@ -55,3 +57,11 @@ def test_every_onnx_export_says_what_the_mobile_eps_take(tmp_path):
     assert notes == describe(found) and "Erf" in notes[0] and "use the CPU EP" in notes[0]
     sidecar = json.loads(artifact.sidecar.read_text())
     assert sidecar["ort_mobile"] == found and not (tmp_path / "ft8.ort").exists()
+
+
+def test_ort_with_int8_is_refused_before_any_work(tmp_path):
+    with pytest.raises(BadInput, match="--ort is not available with int8"):
+        api.export(
+            NAME, "onnx", output=tmp_path / "q.onnx", image_size=SIZE, precision="int8", ort=True
+        )
+    assert list(tmp_path.iterdir()) == []

@@ -130,6 +130,11 @@ def export_onnx(job: ExportJob) -> ArtifactMetadata:
     leaves the modules that ask for it in float, and the nodes that the modules at
     `job.keep_float` own (node_owner)."""
     model, options, metadata = job.model.eval(), job.options, job.metadata
+    if options.ort and job.precision == "int8":  # the int8 search copies its chosen file
+        raise BadInput(
+            "--ort is not available with int8 yet; convert the int8 .onnx with "
+            "python -m onnxruntime.tools.convert_onnx_models_to_ort"
+        )
     with atomic_artifact(job.output) as staged:
         tmp = staged.path
         outputs = metadata.output_names
@@ -168,11 +173,6 @@ def _with_mobile_verdict(metadata: ArtifactMetadata, path: Path, job: ExportJob,
     found = mobile_usability(path)
     details = {**metadata.details, "ort_mobile": found}
     if ort:
-        if job.scratch is not None:  # a step of the int8 search, which copies its choice
-            raise BadInput(
-                "--ort is not available with int8 yet; convert the .onnx with "
-                "python -m onnxruntime.tools.convert_onnx_models_to_ort"
-            )
         stem = job.output.stem
         details["ort_format"] = {
             "file": f"{stem}.ort",
