@@ -21,7 +21,6 @@ from mobilevit_deploy import api
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.exporters import tflite
 from mobilevit_deploy.exporters.tflite import ConversionFailed, export_tflite
-from mobilevit_deploy.exporters.tflite_metadata import normalization
 from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes.litert import LiteRTRunner, read_metadata
@@ -90,6 +89,13 @@ def test_the_defaults_are_what_mediapipe_takes(fp32):
     assert record["output_layout"] == "NC"  # a classifier's logits stay (N, classes)
     assert record["normalize_inside"] and "inside the file" in record["input_range"]
     assert read_metadata(fp32[0].path) == record
+    standard = standard_metadata(fp32[0].path)
+    tensor = standard.subgraphMetadata[0].inputTensorMetadata[0]
+    assert tensor.content.contentProperties.colorSpace == 1  # RGB
+    options = tensor.processUnits[0].options
+    assert (list(options.mean), list(options.std)) == ([0.0], [255.0])  # RGB in [0, 1]
+    output = standard.subgraphMetadata[0].outputTensorMetadata[0]
+    assert output.associatedFiles[0].name == b"labels.txt" and output.associatedFiles[0].type == 2
 
 
 def test_nchw_without_normalisation_is_the_same_function(source, fp32, tmp_path):
@@ -98,10 +104,25 @@ def test_nchw_without_normalisation_is_the_same_function(source, fp32, tmp_path)
     assert artifact.metadata["input_layout"] == "NCHW"
     assert not artifact.metadata["normalize_inside"]
     assert compare(fp32[2], got)["max_rel"] < 1e-5
-    # The standard metadata says the app normalises, per channel, in MediaPipe's [0, 255]
-    mean, std = normalization(artifact.metadata)
-    assert mean == pytest.approx([255 * m for m in artifact.metadata["mean"]])
-    assert std == pytest.approx([255 * s for s in artifact.metadata["std"]])
+    # The standard metadata, read with the schema MediaPipe ships, says the app
+    # normalises per channel, pixels in [0, 255] (the Task Library does; MediaPipe refuses)
+    tensor = standard_metadata(artifact.path).subgraphMetadata[0].inputTensorMetadata[0]
+    options = tensor.processUnits[0].options
+    assert options.mean == pytest.approx([255 * m for m in artifact.metadata["mean"]])
+    assert options.std == pytest.approx([255 * s for s in artifact.metadata["std"]])
+
+
+def standard_metadata(path):
+    """The file's TFLITE_METADATA, parsed with the schema mediapipe's wheel ships."""
+    from ai_edge_litert import schema_py_generated as schema
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as md
+
+    model = schema.Model.GetRootAsModel(bytearray(path.read_bytes()), 0)
+    entries = [model.Metadata(i) for i in range(model.MetadataLength())]
+    entry = next(e for e in entries if e.Name() == b"TFLITE_METADATA")
+    data = bytes(model.Buffers(entry.Buffer()).DataAsNumpy())
+    assert md.ModelMetadata.ModelMetadataBufferHasIdentifier(data, 0)
+    return md.ModelMetadataT.InitFromPackedBuf(data, 0)
 
 
 @pytest.mark.slow
