@@ -4,7 +4,7 @@
     python benchmarks/int8_targets.py --models fastvit_t8 --formats onnx --target 30
 
 One classifier of each family at its default size, under stress weights (no weights
-are reachable here), exported int8 at the target (default: metrics.DEFAULT_INT8_TARGET_DB)
+are reachable here), exported int8 at the target (default: judge.DEFAULT_INT8_TARGET_DB)
 in each format. Each row is the export's own record (`int8_search`): PSNR on held-out
 images before and after the search (the one that 90% of their sets of 8 reach), the
 modules kept float and their share of the weights, and size and latency against the
@@ -27,8 +27,9 @@ from mobilevit_deploy import api
 from mobilevit_deploy.errors import MvdError
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.images import natural_images, to_model_input
+from mobilevit_deploy.judge import DEFAULT_INT8_TARGET_DB
 from mobilevit_deploy.machine import machine_stamp, stamp_line
-from mobilevit_deploy.metrics import DEFAULT_INT8_TARGET_DB, MIN_DECISIVE
+from mobilevit_deploy.metrics import MIN_DECISIVE
 from mobilevit_deploy.report import markdown_table
 from mobilevit_deploy.stress import apply_stress_weights
 from mobilevit_deploy.verify import verify

@@ -25,8 +25,9 @@ from mobilevit_deploy.errors import MvdError, one_line
 from mobilevit_deploy.exporters.formats import FORMATS
 from mobilevit_deploy.exporters.int8_search import JUDGED_QUANTILE, JUDGED_SET, SEARCH_MARGIN_DB
 from mobilevit_deploy.files import atomic_path, write_json_atomic
+from mobilevit_deploy.judge import REDUCED_PRECISION
 from mobilevit_deploy.machine import machine_stamp, stamp_line
-from mobilevit_deploy.metrics import NEAR_TIE_FACTOR, REDUCED_PRECISION
+from mobilevit_deploy.metrics import NEAR_TIE_FACTOR
 from mobilevit_deploy.report import markdown_table
 from mobilevit_deploy.verify import verify
 from mobilevit_deploy.zoo import get_spec, list_models

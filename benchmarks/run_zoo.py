@@ -30,8 +30,8 @@ from pathlib import Path
 
 from mobilevit_deploy.bench import BASELINE, DEFAULT_RUNTIMES, PRECISIONS, RUNTIMES, benchmark
 from mobilevit_deploy.info import count_params
+from mobilevit_deploy.judge import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION
 from mobilevit_deploy.machine import machine_stamp
-from mobilevit_deploy.metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION
 from mobilevit_deploy.plots import plot_zoo
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.report import markdown_table

@@ -4,6 +4,7 @@ load_model("fastvit_sa12", weights="ckpt.pth.tar")   # train-time (or deploy) fo
 reparameterize(model)                               # fused copy
 export("fastvit_sa12", "onnx", output="m.onnx")     # Artifact
 verify("fastvit_sa12", formats=("onnx",))           # VerifyReport
+verify_files(["m.onnx"], weights="ckpt.pth.tar")    # VerifyReport of files you have
 benchmark("fastvit_sa12")                           # BenchReport
 """
 
@@ -11,25 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import limits
 from .configure import Features, configure, with_labels
 from .errors import BadInput
 from .exporters import Artifact, ExportJob, float_modules
-from .exporters.formats import FORMATS, check_format, check_options
+from .exporters.formats import FORMATS, Format, check_format, check_options
 from .exporters.int8_search import describe as describe_int8
 from .exporters.int8_search import search_int8
 from .exporters.metadata import CALLER_MODULE, artifact_metadata
 from .files import check_output_file, resolve_artifact_path
 from .hub import is_hub_folder, read_hub_folder
 from .images import natural_images, to_model_input
-from .metrics import DEFAULT_INT8_TARGET_DB
+from .judge import DEFAULT_INT8_TARGET_DB
 from .registry import ModelSpec
 from .reparam import reparameterize
+from .request import ImageSize, Request, parse_image_size
 from .user_images import load_images
 from .weights import load_into_spec
 from .zoo import get_spec
@@ -115,22 +120,6 @@ def spec_of(model: nn.Module, name: str) -> ModelSpec:
     return dataclasses.replace(derived, features=getattr(model, "features", None))
 
 
-ImageSize = int | tuple[int, int] | str | None
-
-
-def parse_image_size(value: ImageSize) -> tuple[int, int] | None:
-    """None, 224, (1024, 2048) or "1024x2048" -> (height, width) or None."""
-    if value is None or isinstance(value, tuple):
-        return value
-    if isinstance(value, int):
-        return (value, value)
-    parts = value.lower().replace(" ", "").split("x")
-    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
-        h, w = int(parts[0]), int(parts[-1])
-        return (h, w)
-    raise BadInput(f"image size {value!r} is not N or HxW (e.g. 224 or 1024x2048)")
-
-
 def check_image_size(spec: ModelSpec, image_size: ImageSize) -> tuple[int, int]:
     """The (height, width) to use; BadInput if the network cannot take it."""
     hw = parse_image_size(image_size) or spec.input_hw
@@ -149,6 +138,8 @@ HELD_OUT_SEED = 8_000
 # Four times verify's default count: the int8 search judges the PSNR that most sets
 # of 8 of them reach (exporters/int8_search.py), as a PSNR over 8 images is the set's.
 HELD_OUT_IMAGES = 32
+# A static batch beyond this is no phone's: it only multiplies export time and memory.
+MAX_BATCH = 256
 
 
 def int8_images(
@@ -185,65 +176,45 @@ def example_input(
     return to_model_input(natural_images(batch, image_size, seed), spec)
 
 
-def export(
-    name: str,
-    format: str = "onnx",
-    *,
-    weights: str | Path | None = None,
-    pretrained: bool | str = False,
-    model: nn.Module | None = None,
-    output: str | Path | None = None,
-    image_size: ImageSize = None,
-    batch: int = 1,
-    reparam: bool = True,
-    precision: str | None = None,
-    calibration_images: int | str | Path = 32,
-    int8_target: float | None = None,
-    upsample: str | None = None,
-    num_classes: int | None = None,
-    labels: Path | Sequence[str] | None = None,
-    features: Features = None,
-    progress: Callable[[str], None] = lambda _msg: None,
-    **options,
-) -> Artifact:
-    """Export `name` (or an already loaded `model` of that name) to one artifact.
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything an export decided before any work: the format and precision, the
+    typed options, where the file goes and what the user should hear about it."""
 
-    `precision` defaults to the format's own (CoreML: fp16, as on device; others:
-    fp32). int8 calibrates on `calibration_images`: a count of natural-looking images,
-    drawn with a seed apart from the ones verify and bench use, or a directory of the
-    user's own (a quarter of them held out). It then keeps the most sensitive modules
-    float until `int8_target` dB of PSNR holds on held-out images (int8_search.py;
-    default metrics.DEFAULT_INT8_TARGET_DB); the record says which and what they cost.
-    `upsample` ("bicubic" or "bilinear") picks a segmenter's resize mode, for runtimes
-    without bicubic resize; the metadata records it. `num_classes`, `labels` and
-    `features` configure the model as in `load_model` (not with `model`, which is
-    configured already). `output` may be a directory (`DIR/<model><suffix>`) or a
-    name without the suffix (which is added; the artifact's notes say so). `options`
-    are the format's own, the fields of its options dataclass in exporters/formats.py
-    (onnx: opset, dynamic_batch, simplify; coreml: image_input, min_target, compress;
-    tflite: nhwc, int8_mode); another format's option is refused.
-    """
-    configured = num_classes is not None or features not in (None, False)
-    if model is not None and configured:
-        raise BadInput(
-            "num_classes and features configure a model being loaded; "
-            "pass them to load_model, not with model="
-        )
-    spec = spec_of(model, name) if model is not None else get_spec(name)
-    if model is not None and labels is not None:
-        spec = with_labels(spec, labels)
-    if image_size is not None:
-        check_image_size(spec, image_size)
+    name: str
+    fmt: Format
+    precision: str
+    options: Any
+    output: Path
+    batch: int
+    reparam: bool
+    upsample: str | None
+    request: Request
+    image_size: tuple[int, int]
+    notes: tuple[str, ...] = ()
+
+
+def plan_export(
+    name: str,
+    format: str,
+    *,
+    spec: ModelSpec,
+    output: str | Path | None,
+    batch: int,
+    reparam: bool,
+    precision: str | None,
+    upsample: str | None,
+    request: Request,
+) -> ExportPlan:
+    """Check an export before any work: format, precision, options, bounds, the path."""
     fmt = check_format(format, precision)
     precision = precision or fmt.default_precision
-    typed_options = check_options(fmt, options)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
-    if int8_target is not None and precision != "int8":
+    if request.precisions:
+        raise BadInput("export writes one file: give its precision with --precision")
+    typed_options = check_options(fmt, dict(request.format_options))
+    limits.check_count("--batch", batch, 1, MAX_BATCH)
+    if request.int8_target is not None and precision != "int8":
         raise BadInput(f"--int8-target applies to int8, not {precision}")
-    others = {f.suffix: f.name for f in FORMATS.values() if f.name != format}
-    out, path_note = resolve_artifact_path(output, spec.name, fmt.suffix, others)
-    check_output_file(out, package=fmt.package)
     if upsample is not None and upsample not in ("bicubic", "bilinear"):
         raise BadInput(f"--upsample takes bicubic or bilinear, not {upsample!r}")
     if upsample == "bicubic" and not fmt.has_bicubic:
@@ -251,56 +222,147 @@ def export(
             f"{format} has no bicubic resize; "
             "use --upsample bilinear, whose cost `mvd verify` reports"
         )
-    if model is None:
-        model = load_model(
-            name,
-            weights,
-            pretrained=pretrained,
-            image_size=image_size,
-            num_classes=num_classes,
-            labels=labels,
-            features=features,
+    others = {f.suffix: f.name for f in FORMATS.values() if f.name != format}
+    out, path_note = resolve_artifact_path(output, spec.name, fmt.suffix, others)
+    check_output_file(out, package=fmt.package)
+    return ExportPlan(
+        name,
+        fmt,
+        precision,
+        typed_options,
+        out,
+        batch,
+        reparam,
+        upsample,
+        request,
+        check_image_size(spec, request.image_size),
+        (path_note,) if path_note else (),
+    )
+
+
+def _upsample_choice(plan: ExportPlan, model: nn.Module) -> tuple[str | None, str | None]:
+    """The resize mode a segmenter exports with, and a note when the format chose it."""
+    switchable = callable(getattr(model, "set_upsample", None))
+    if plan.upsample is not None and not switchable:
+        raise BadInput(f"{plan.name} has no upsampling to choose (--upsample is for segmenters)")
+    if plan.upsample is None and not plan.fmt.has_bicubic and switchable:
+        return "bilinear", (
+            f"{plan.fmt.name} has no bicubic resize, so this segmenter upsamples bilinear; "
+            "`mvd verify` reports what that costs against the bicubic original"
         )
-        spec = model.mvd_spec
-    size = check_image_size(spec, image_size)
-    if upsample is not None and not callable(getattr(model, "set_upsample", None)):
-        raise BadInput(f"{spec.name} has no upsampling to choose (--upsample is for segmenters)")
+    return plan.upsample, None
+
+
+def make_job(
+    plan: ExportPlan, model: nn.Module, spec: ModelSpec
+) -> tuple[ExportJob, list[str], np.ndarray | None]:
+    """The deployable module (fused unless asked otherwise, its resize mode chosen), its
+    record so far, the notes for the user, and int8's held-out images (else None)."""
+    size = plan.image_size
     provenance = getattr(model, "mvd_provenance", CALLER_MODULE)
-    deployable = reparameterize(model, image_size=size) if reparam else model.eval()
+    deployable = reparameterize(model, image_size=size) if plan.reparam else model.eval()
+    dynamic = getattr(plan.options, "dynamic_batch", False)
     meta = artifact_metadata(
         spec,
         model=deployable,
         provenance=provenance,
         image_size=size,
-        batch="batch" if getattr(typed_options, "dynamic_batch", False) else batch,
-        reparameterized=reparam,
-        precision=precision,
-        fmt=format,
-        extra_tools=fmt.dists,
+        batch="batch" if dynamic else plan.batch,
+        reparameterized=plan.reparam,
+        precision=plan.precision,
+        fmt=plan.fmt.name,
+        extra_tools=plan.fmt.dists,
     )
-    notes = [path_note] if path_note else []
-    notes += list(spec.adaptations)
-    if upsample is None and not fmt.has_bicubic and callable(getattr(model, "set_upsample", None)):
-        upsample = "bilinear"
-        notes.append(
-            f"{format} has no bicubic resize, so this segmenter upsamples bilinear; "
-            "`mvd verify` reports what that costs against the bicubic original"
-        )
-        meta.upsample_note = notes[-1]
+    notes = [*plan.notes, *spec.adaptations]
+    upsample, chosen = _upsample_choice(plan, model)
+    if chosen:
+        notes.append(chosen)
+        meta.upsample_note = chosen
     if upsample is not None:
         deployable.set_upsample(upsample)  # a copy (reparameterize) or the eval model
         meta.upsample = upsample
-    if precision == "int8":
+    calibration = held_out = None
+    if plan.precision == "int8":
         meta.int8_float_modules = [path for path, _ in float_modules(deployable)]
-    example = example_input(spec, size, batch)
-    if precision != "int8":
-        job = ExportJob(deployable, out, example, precision, typed_options, meta, spec)
-        record = fmt.load("exporter")(job)
+        calibration, held_out, meta.calibration = int8_images(
+            spec, size, plan.request.calibration_images
+        )
+    example = example_input(spec, size, plan.batch)
+    job = ExportJob(
+        deployable, plan.output, example, plan.precision, plan.options, meta, spec, calibration
+    )
+    return job, notes, held_out
+
+
+def run_job(
+    plan: ExportPlan,
+    job: ExportJob,
+    notes: list[str],
+    held_out: np.ndarray | None,
+    progress: Callable[[str], None],
+) -> Artifact:
+    """Write the file: the format's exporter, or the int8 accuracy search around it."""
+    if plan.precision != "int8":
+        record = plan.fmt.load("exporter")(job)
     else:
-        calibration, held_out, meta.calibration = int8_images(spec, size, calibration_images)
-        job = ExportJob(deployable, out, example, precision, typed_options, meta, spec, calibration)
-        target = DEFAULT_INT8_TARGET_DB if int8_target is None else int8_target
-        record = search_int8(fmt, job, target, held_out, progress)
+        target = plan.request.int8_target
+        target = DEFAULT_INT8_TARGET_DB if target is None else target
+        record = search_int8(plan.fmt, job, target, held_out, progress)
         notes.append(describe_int8(record.details["int8_search"]))
     notes += record.delegate_report or []
-    return Artifact(out, format, precision, record, tuple(notes))
+    return Artifact(plan.output, plan.fmt.name, plan.precision, record, tuple(notes))
+
+
+def export(
+    name: str,
+    format: str = "onnx",
+    *,
+    model: nn.Module | None = None,
+    output: str | Path | None = None,
+    batch: int = 1,
+    reparam: bool = True,
+    precision: str | None = None,
+    upsample: str | None = None,
+    request: Request | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+    **options,
+) -> Artifact:
+    """Export `name` (or an already loaded `model` of that name) to one artifact.
+
+    `request` (or `options`: its fields and the format's own options, request.py) says
+    how the model is built and the file made: weights, size, head, labels, features,
+    the int8 target and calibration images, the format's options (exporters/formats.py;
+    another format's option is refused). `precision` defaults to the format's own
+    (CoreML: fp16, as on device; others: fp32). int8 calibrates on natural-looking
+    images drawn apart from verify's and bench's, or on a folder of the user's own (a
+    quarter held out), then keeps the most sensitive modules float until the int8 target
+    holds on held-out images (int8_search.py). `upsample` ("bicubic" or "bilinear")
+    picks a segmenter's resize mode. `output` may be a directory (`DIR/<model><suffix>`)
+    or a name without the suffix (which is added; the artifact's notes say so).
+    """
+    request = Request.of(request, **options)
+    if model is not None and request.configures_model:
+        raise BadInput(
+            "num_classes and features configure a model being loaded; "
+            "pass them to load_model, not with model="
+        )
+    spec = spec_of(model, name) if model is not None else get_spec(name)
+    if model is not None and request.labels is not None:
+        spec = with_labels(spec, request.labels)
+    plan = plan_export(
+        name,
+        format,
+        spec=spec,
+        output=output,
+        batch=batch,
+        reparam=reparam,
+        precision=precision,
+        upsample=upsample,
+        request=request,
+    )
+    if model is None:
+        model = load_model(name, request.weights, **request.model_options)
+        spec = model.mvd_spec
+        plan = dataclasses.replace(plan, image_size=spec.input_hw)
+    job, notes, held_out = make_job(plan, model, spec)
+    return run_job(plan, job, notes, held_out, progress)

@@ -10,17 +10,18 @@ drifts of the machine hit them alike. PyTorch eager is shown for reference.
 A latency alone does not decide a deployment: a reduced precision is only worth its
 speed if its outputs stay close. So every candidate (runtime x precision) is also
 compared with the float64 unfused reference on natural-looking images and judged at
-its precision's bound (metrics.judge), and the report names the fastest candidate that
+its precision's bound (judge.py), and the report names the fastest candidate that
 passed (`fastest_passing`). Torch eager is timed and judged but never chosen: it is
 not an artifact one ships.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,17 +35,19 @@ from .exporters.formats import FORMATS, check_format
 from .files import artifact_size
 from .images import natural_images, to_model_input
 from .info import count_macs
+from .judge import bound_for, judge
 from .machine import machine_stamp, stamp_line
-from .metrics import DEFAULT_TOLERANCES, NOISE_FLOOR_FACTOR, REDUCED_PRECISION, compare, judge
+from .metrics import compare
+from .rebuild import open_files, rebuild
 from .reparam import reparameterize
+from .request import Request
+from .runtimes import open_runner, run_per_sample
 from .runtimes import openvino as ov_runtime
-from .runtimes import run_per_sample
 from .runtimes.onnxruntime import OrtRunner
 from .runtimes.torch_runtime import TorchRunner, torch_threads
 from .stress import apply_stress_weights
 from .timing import interleaved, time_callable
-from .verify import _bilinear_reference, _softmax
-from .zoo import get_spec
+from .verify import softmax
 
 BASELINE = "onnxruntime, unfused (plain export)"
 # onnxruntime, OpenVINO (both run the ONNX files) and torch eager, then each other
@@ -87,53 +90,50 @@ def matmul_peak_gflops(threads: int, n: int = 1024, min_time_s: float = 0.5) -> 
     return 2 * n**3 / (result.min_ms / 1e3) / 1e9
 
 
-def int8_bound_db(metadata: Mapping) -> float:
-    """The PSNR an int8 file is held to: the accuracy target its export searched for
-    and recorded (`int8_target_db`), else REDUCED_PRECISION's floor. A file is judged
-    by what it was made to meet, so a stricter export is not passed on a looser rule."""
-    target = metadata.get("int8_target_db")
-    return float(target) if target is not None else REDUCED_PRECISION["int8"]["min_psnr_db"]
-
-
 def benchmark(
-    name: str,
+    name: str | None = None,
     *,
-    weights: str | Path | None = None,
-    image_size: api.ImageSize = None,
+    files: Sequence[str | Path] = (),
+    request: Request | None = None,
     batch: int = 1,
     threads: int | None = None,
     min_time_s: float = 3.0,
     min_runs: int = 20,
     runtimes: tuple[str, ...] = DEFAULT_RUNTIMES,
-    precisions: tuple[str, ...] = ("fp32",),
     progress: Callable[[str], None] = lambda _msg: None,
+    **options,
 ) -> dict:
-    """`precisions` beyond fp32 add the fused file at fp16 / int8 as candidates, for
-    onnxruntime and for each other format whose runtime is among `runtimes` (litert:
-    the TFLite file; executorch: the .pte), at the precisions that format has.
-    openvino runs the fused ONNX file at fp32 and at each of bf16 / fp16 this CPU
-    computes natively, and the int8 QDQ file; a precision no asked runtime runs here
-    is skipped, and the report's `skipped` says why."""
-    api.check_image_size(get_spec(name), image_size)
+    """Time `name`'s fused files against the plain unfused export, or the user's own
+    `files` side by side with that baseline (the model rebuilt from their records,
+    rebuild.py). `request.precisions` beyond fp32 add the fused file at fp16 / int8 as
+    candidates, for onnxruntime and for each other format whose runtime is among
+    `runtimes` (litert: the TFLite file; executorch: the .pte), at the precisions that
+    format has. openvino runs the fused ONNX file at fp32 and at each of bf16 / fp16
+    this CPU computes natively, and the int8 QDQ file; a precision no asked runtime
+    runs here is skipped, and the report's `skipped` says why."""
+    request = Request.of(request, **options)
+    precisions = request.precisions or ("fp32",)
     unknown = set(runtimes) - set(RUNTIMES)
     if unknown or not runtimes:
         raise BadInput(f"unknown runtime {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")
-    if not set(precisions) <= set(PRECISIONS):
-        choices = ", ".join(PRECISIONS)
-        raise BadInput(f"unknown precision in {', '.join(precisions)}; choose from {choices}")
     others = [f for f in FORMATS.values() if f.name != "onnx" and f.runtime in runtimes]
-    for fmt in others:
+    for fmt in others if not files else ():
         check_format(fmt.name)
         if not fmt.runs_here():
             raise BadInput(f"{fmt.runtime} runs {fmt.runs_only_on}: it cannot be timed here")
     if "openvino" in runtimes and not ov_runtime.available():
         raise BackendUnavailable(f"the openvino runtime needs openvino: {ov_runtime.INSTALL_HINT}")
     threads = threads or os.cpu_count() or 1
-    model = api.load_model(name, weights, image_size=image_size)
+    opened = open_files([Path(f) for f in files]) if files else []
+    if opened:
+        model = rebuild(opened, request).model
+        batch = _files_batch(opened)
+    else:
+        model = api.load_model(name, request.weights, **request.model_options)
     # The model the checkpoint makes: a LeViT fine-tuned at 256 runs at 256.
     spec = model.mvd_spec
     size = spec.input_hw
-    if model.mvd_provenance is None:
+    if model.mvd_provenance is None and not opened:
         # Realistic magnitudes: freshly initialised weights can hit denormal slow paths.
         calibration = to_model_input(natural_images(4, size, 1), spec)
         apply_stress_weights(model, torch.from_numpy(calibration))
@@ -142,45 +142,32 @@ def benchmark(
     skipped = _skipped(runtimes, precisions, native)
     candidates: dict[str, Candidate] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        progress("exporting unfused and fused ONNX")
+        progress("exporting the plain unfused ONNX file (the baseline)")
         plain = api.export(
             spec.name,
             model=model,
             output=Path(tmp) / "unfused.onnx",
-            image_size=size,
             batch=batch,
             reparam=False,
             simplify=False,
         )
-        onnx_files = _FormatFiles(
-            FORMATS["onnx"], spec.name, model, size, batch, Path(tmp), progress, skipped
-        )
-        fused = onnx_files.get("fp32")
         unfused_ort = OrtRunner(plain.path, threads, ORT_LEVEL, spinning=False)
-        fused_ort = OrtRunner(fused.path, threads, ORT_LEVEL, spinning=False)
         # The plain export is the baseline of every ratio, so it always runs.
         candidates[BASELINE] = Candidate(
             unfused_ort, "onnxruntime", "fp32", plain.path, plain.metadata
         )
-        if "onnxruntime" in runtimes:
-            candidates["onnxruntime, fused (mvd)"] = Candidate(
-                fused_ort, "onnxruntime", "fp32", fused.path, fused.metadata
+        if opened:
+            candidates.update(_given_candidates(opened, threads, request.device))
+        else:
+            files_of = _FormatFiles(
+                FORMATS["onnx"], spec.name, model, size, batch, Path(tmp), progress, skipped
             )
-            for precision in (
-                p for p in precisions if p != "fp32" and p in onnx_files.fmt.precisions
-            ):
-                reduced = onnx_files.get(precision)
-                if reduced is None:
-                    continue
-                runner = OrtRunner(reduced.path, threads, ORT_LEVEL, spinning=False)
-                candidates[f"onnxruntime, fused {precision} (mvd)"] = Candidate(
-                    runner, "onnxruntime", precision, reduced.path, reduced.metadata
+            candidates.update(_onnx_candidates(files_of, runtimes, precisions, native, threads))
+            for fmt in others:
+                files = _FormatFiles(
+                    fmt, spec.name, model, size, batch, Path(tmp), progress, skipped
                 )
-        if "openvino" in runtimes:
-            candidates.update(_openvino_candidates(onnx_files, precisions, native, threads))
-        for fmt in others:
-            files = _FormatFiles(fmt, spec.name, model, size, batch, Path(tmp), progress, skipped)
-            candidates.update(_format_candidates(files, precisions, threads))
+                candidates.update(_format_candidates(files, precisions, threads))
         if "torch" in runtimes:
             fused_model = reparameterize(model, image_size=size)
             candidates["torch eager, unfused"] = Candidate(TorchRunner(model), "torch", "fp32")
@@ -194,6 +181,16 @@ def benchmark(
         timed = {label: partial(c.run, x) for label, c in candidates.items()}
         with torch_threads(threads):
             results = interleaved(timed, batch=batch, min_runs=min_runs, min_time_s=min_time_s)
+    stopping = {"min_runs": min_runs, "min_time_s": min_time_s}
+    return _report(
+        model, batch, threads, results, accuracy, unfused_ort, skipped, stopping, progress
+    )
+
+
+def _report(model, batch, threads, results, accuracy, session, skipped, stopping, progress) -> dict:
+    """The report of a timed run: each row's latency, ratio, rate and accuracy."""
+    spec = model.mvd_spec
+    size = spec.input_hw
     base = results[BASELINE].median_ms
     stamp = machine_stamp()
     progress("measuring the matmul peak")
@@ -217,18 +214,64 @@ def benchmark(
         "image_size": list(size),
         "batch": batch,
         "threads": threads,
-        "onnxruntime_session": fused_ort.options,
+        "onnxruntime_session": session.options,
         "baseline": BASELINE,
         "machine": stamp,
         "machine_line": stamp_line(stamp),
         "macs_per_image": macs,
         "matmul_peak_gflops": peak,
-        "stopping": {"min_runs": min_runs, "min_time_s": min_time_s},
+        "stopping": stopping,
         "accuracy_inputs": f"{_accuracy_count(batch)} natural-looking images",
         "results": rows,
         "fastest_passing": fastest_passing(rows),
         "skipped": skipped,
     }
+
+
+def _files_batch(files) -> int:
+    """The static batch the given files share (their records', else their shapes')."""
+    batches = set()
+    for file in files:
+        shape = (file.record or {}).get("input_shape") or file.facts.get("input_shape") or [1]
+        batches.add(shape[0] if isinstance(shape[0], int) else 1)
+    if len(batches) > 1:
+        raise BadInput(f"the files have different batch sizes ({sorted(batches)})")
+    return batches.pop()
+
+
+def _given_candidates(files, threads: int, device: str | None) -> dict:
+    """The user's files, each run by its format's runtime."""
+    out = {}
+    for file in files:
+        check_format(file.format)
+        fmt = FORMATS[file.format]
+        if device is None and not fmt.runs_here():
+            raise BadInput(
+                f"{file.path}: {fmt.runtime} runs {fmt.runs_only_on}; it cannot be timed here"
+            )
+        runner = open_runner(file.format, file.path, threads, device)
+        out[f"{fmt.runtime}, {file.path.name}"] = Candidate(
+            runner, fmt.runtime, file.precision, file.path, file.record or {"format": file.format}
+        )
+    return out
+
+
+def _onnx_candidates(onnx_files, runtimes, precisions, native, threads: int) -> dict:
+    """The fused ONNX file (and its reduced precisions) in onnxruntime and OpenVINO."""
+    out = {}
+    if "onnxruntime" in runtimes:
+        for precision in ("fp32", *(p for p in precisions if p in ("fp16", "int8"))):
+            artifact = onnx_files.get(precision)
+            if artifact is None:
+                continue
+            runner = OrtRunner(artifact.path, threads, ORT_LEVEL, spinning=False)
+            suffix = "" if precision == "fp32" else f" {precision}"
+            out[f"onnxruntime, fused{suffix} (mvd)"] = Candidate(
+                runner, "onnxruntime", precision, artifact.path, artifact.metadata
+            )
+    if "openvino" in runtimes:
+        out.update(_openvino_candidates(onnx_files, precisions, native, threads))
+    return out
 
 
 def fastest_passing(rows: list[dict]) -> str | None:
@@ -328,45 +371,42 @@ def _accuracy_count(batch: int) -> int:
 
 
 def _accuracy(model, spec, size, batch: int, candidates: dict[str, Candidate]) -> dict:
-    """Each candidate against the unfused model in float64, judged as verify judges:
-    fp32 to 1e-5 of the scale (or twice the unfused model's own fp32 error, where
-    that is larger), reduced precisions by PSNR and decisive agreement; a file without
-    bicubic resize against the model upsampling bilinear, a classifier answering with
-    probabilities against the reference's."""
+    """Each candidate against the unfused model in float64, judged as verify judges
+    (judge.py): a file that upsamples bilinear against the model upsampling bilinear, a
+    classifier answering with probabilities against the reference's."""
     task = spec.output_kind
     images = to_model_input(natural_images(_accuracy_count(batch), size, 0), spec)
     reference = TorchRunner(model, torch.float64)(images)
     noise_floor = compare(reference, TorchRunner(model)(images), task)["max_rel"]
-    fp32_bound = max(
-        {**DEFAULT_TOLERANCES, **spec.tolerances}["fp32"], NOISE_FLOOR_FACTOR * noise_floor
-    )
-    formats = sorted({c.metadata["format"] for c in candidates.values() if c.metadata})
-    bilinear = _bilinear_reference(model, formats, images)
+    bilinear = None
     out = {}
     for label, candidate in candidates.items():
         output = run_per_sample(candidate.run, images, batch)
-        fmt = candidate.metadata.get("format")
         target = reference
-        if bilinear is not None and fmt is not None and not FORMATS[fmt].has_bicubic:
+        if candidate.metadata.get("upsample") == "bilinear" and hasattr(model, "set_upsample"):
+            if bilinear is None:
+                swapped = copy.deepcopy(model)
+                swapped.set_upsample("bilinear")
+                bilinear = TorchRunner(swapped, torch.float64)(images)
             target = bilinear
         if candidate.metadata.get("probabilities"):
-            target = _softmax(target)
+            target = softmax(target)
         metrics = compare(target, output, task)
-        if candidate.precision == "int8":
-            bound = int8_bound_db(candidate.metadata)
-        elif candidate.precision in REDUCED_PRECISION:
-            bound = REDUCED_PRECISION[candidate.precision]["min_psnr_db"]
-        else:
-            bound = fp32_bound
-        passed, words = judge(metrics, candidate.precision, bound)
+        bound = bound_for(
+            candidate.precision,
+            record=candidate.metadata,
+            tolerances=spec.tolerances,
+            noise_floor=noise_floor,
+        )
+        verdict = judge(metrics, bound)
         out[label] = {
             "runtime_name": candidate.runtime,
             "precision": candidate.precision,
             "max_rel": metrics["max_rel"],
             "psnr_db": metrics["psnr_db"],
             "agreement": metrics.get("decisive_agreement"),
-            "passed": passed,
-            "bound": words,
+            "passed": verdict.passed,
+            "bound": verdict.words,
             "file_bytes": artifact_size(candidate.path) if candidate.path else None,
         }
     return out
@@ -445,4 +485,4 @@ def _decision_table(report: dict):
     return table
 
 
-__all__ = ["benchmark", "fastest_passing", "int8_bound_db", "render"]
+__all__ = ["benchmark", "fastest_passing", "render"]

@@ -1,15 +1,17 @@
 """`mvd`: a thin typer front-end. Parse, call the API, render with rich.
 
 Heavy modules (torch, onnx, the optional backends) are imported inside commands so
-that `mvd --help` stays instant and never needs the extras. Errors meant for people
-(errors.MvdError) print one line and exit with their code: 1 verification failed,
-2 bad input, 3 backend unavailable.
+that `mvd --help` stays instant and never needs the extras. Every command that builds
+a model or makes files takes the one shared option group (cli_options.shared_options)
+as a typed Request. Errors meant for people (errors.MvdError) print one line and exit
+with their code: 1 verification failed, 2 bad input, 3 backend unavailable.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,32 +23,20 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import (
-    BenchPrecisions,
-    CalibrationImages,
-    FeaturesFlag,
+    FILE_OPTIONS,
+    BenchRuntimes,
     Format,
     Formats,
-    ImageSize,
-    Int8Target,
-    JsonFlag,
     JsonPath,
     LabelledData,
-    Labels,
     MarkdownPath,
     MinTime,
-    NumClasses,
     NumImages,
-    Precision,
-    Precisions,
-    Pretrained,
-    Runtimes,
-    Stages,
     Threads,
-    Weights,
-    parse_features,
-    with_format_options,
+    shared_options,
 )
-from .errors import MvdError
+from .cli_render import artifact_outputs, fmt_int, hw, render_info, render_verify, weight_tags
+from .errors import BadInput, MvdError
 
 app = typer.Typer(
     add_completion=False,
@@ -57,9 +47,16 @@ app = typer.Typer(
 out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
-
-def _pretrained(tag: str | None) -> bool | str:
-    return True if tag == "default" else (tag or False)
+Targets = Annotated[
+    list[str],
+    typer.Argument(
+        help="A zoo model (its files are exported, then checked), or files you already "
+        "have (.onnx, .mlpackage, .tflite, .pte), checked as they are."
+    ),
+]
+# Seconds of timed runs and how many at least: beyond these a benchmark is hours long.
+MAX_MIN_TIME_S = 3600.0
+MAX_MIN_RUNS = 100_000
 
 
 def handle_errors(fn):
@@ -74,39 +71,62 @@ def handle_errors(fn):
     return wrapper
 
 
-def _print_json(data: object) -> None:
-    from .report import _clean
+def _emit_json(path: Path | None, data: object) -> bool:
+    """Write `data` as JSON to `path` ('-': stdout). True when it went to stdout, so
+    the caller prints nothing else there."""
+    if path is None:
+        return False
+    from .report import _clean, write_json
 
-    sys.stdout.write(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+    if str(path) == "-":
+        sys.stdout.write(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+        return True
+    write_json(path, data)
+    return False
 
 
-def _hw(size) -> str:
-    return "x".join(map(str, size))
+def _check_outputs(*paths: Path | None) -> None:
+    """Every file a command will write, checked writable before any work."""
+    from .files import check_output_file
+
+    for path in paths:
+        check_output_file(path)
 
 
-def _fmt_int(n: int | None) -> str:
-    return "-" if n is None else f"{n:,}"
+def _split(text: str | None, what: str, choices) -> tuple[str, ...]:
+    from .request import parse_list
+
+    return parse_list(text, what, tuple(choices))
 
 
-def _weight_tags(tags: list[str]) -> str:
-    """'in1k, dist_in1k (+ _reparam)': one line per model even with many files."""
-    base = sorted({t.removesuffix("_reparam") for t in tags})
-    fused = " (+ _reparam)" if any(t.endswith("_reparam") for t in tags) else ""
-    return ", ".join(base) + fused if base else "--weights PATH"
+def _targets(targets: list[str]) -> tuple[str | None, list[Path]]:
+    """A model name, or files: a target that exists or carries a format's suffix is a file."""
+    from .exporters.formats import FORMATS
+
+    suffixes = {f.suffix for f in FORMATS.values()}
+    files = [t for t in targets if Path(t).exists() or Path(t.rstrip("/")).suffix in suffixes]
+    if not files:
+        if len(targets) != 1:
+            raise BadInput("give one model name, or the files to check")
+        return targets[0], []
+    if len(files) != len(targets):
+        raise BadInput("give a model name or files, not both")
+    return None, [Path(t) for t in files]
 
 
 @app.command("list")
 @handle_errors
 def list_cmd(
     family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
-    as_json: JsonFlag = False,
+    json_path: JsonPath = None,
 ) -> None:
     """The zoo: every model with its family, task, input size and parameters."""
     from .info import zoo_rows
 
+    _check_outputs(json_path)
     rows = zoo_rows(family)
-    if as_json:
-        return _print_json(rows)
+    if _emit_json(json_path, rows):
+        return
     table = Table(title="mobilevit_deploy zoo")
     # The family is the name's prefix (and `--family` filters by it): no column for it.
     for col in ("model", "task", "input", "params (train)", "weights"):
@@ -120,100 +140,48 @@ def list_cmd(
         table.add_row(
             r["name"],
             r["task"],
-            _hw(r["input_size"]),
-            _fmt_int(r["params"]),
-            _weight_tags(r["weights"]),
+            hw(r["input_size"]),
+            fmt_int(r["params"]),
+            weight_tags(r["weights"]),
         )
     out.print(table)
 
 
 @app.command()
 @handle_errors
-def info(
-    model: str,
-    weights: Weights = None,
-    image_size: ImageSize = None,
-    num_classes: NumClasses = None,
-    labels: Labels = None,
-    features: FeaturesFlag = False,
-    stages: Stages = None,
-    as_json: JsonFlag = False,
-) -> None:
+@shared_options("info", unused=FILE_OPTIONS)
+def info(model: str, json_path: JsonPath = None, request=None) -> None:
     """Params unfused / deploy / fused, MACs, preprocessing, formats, weights; with
     --weights, what the checkpoint decides (head size, input size, class names)."""
     from .info import model_info
 
+    _check_outputs(json_path)
     with err.status(f"building {model} in its three forms"):
-        data = model_info(
-            model,
-            image_size,
-            weights=weights,
-            num_classes=num_classes,
-            labels=labels,
-            features=parse_features(features, stages),
-        )
-    if as_json:
-        return _print_json(data)
-    table = Table(title=data["name"], show_header=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    table.add_row("family / task", f"{data['family']} / {data['task']}")
-    table.add_row("description", data["description"])
-    table.add_row("input", f"3x{_hw(data['input_size'])} (NCHW, RGB)")
-    table.add_row("outputs", _outputs_line(data))
-    for line in data["configured_by"]:
-        table.add_row("configuration", line)
-    for line in data["adaptations"]:
-        table.add_row("note", line)
-    for form in ("train", "deploy", "fused"):
-        table.add_row(f"params ({form})", _fmt_int(data["params"][form]))
-    table.add_row("MACs (fused)", f"{data['macs'] / 1e9:.3f} G")
-    pre = data["preprocessing"]
-    table.add_row(
-        "preprocessing",
-        f"mean {pre['mean']} std {pre['std']}, crop {pre['crop_pct']}, {pre['interpolation']}",
-    )
-    table.add_row("formats", ", ".join(f"{k} ({v})" for k, v in data["formats"].items()))
-    table.add_row(
-        "weights",
-        "\n".join(f"{w['tag']}: {w['url']}" for w in data["weights"])
-        or "no download URL; load files with --weights",
-    )
-    out.print(table)
-
-
-def _outputs_line(data: dict) -> str:
-    """'logits of 10 classes' / 'stage0 (stride 4, 48 ch), ...'."""
-    outputs = data["outputs"]
-    if data["task"] == "features" and "stride" in outputs[0]:
-        return ", ".join(f"{o['name']} (stride {o['stride']}, {o['channels']} ch)" for o in outputs)
-    if data["num_classes"] == 0:
-        return "pooled features (no head)"
-    what = "class map" if data["task"] == "segmentation" else "logits"
-    names = f"; names: {', '.join(data['class_names'][:5])}" if data["class_names"] else ""
-    more = " ..." if data["class_names"] and len(data["class_names"]) > 5 else ""
-    return f"{what} of {data['num_classes']} classes ({data['labels']}){names}{more}"
+        data = model_info(model, request=request)
+    if not _emit_json(json_path, data):
+        render_info(data, out)
 
 
 @app.command()
 @handle_errors
+@shared_options("reparam", unused=FILE_OPTIONS)
 def reparam(
     model: str,
     output: Annotated[Path, typer.Option("--output", "-o", help=".pt or .safetensors")],
-    weights: Weights = None,
-    pretrained: Pretrained = None,
-    as_json: JsonFlag = False,
+    json_path: JsonPath = None,
+    request=None,
 ) -> None:
     """Fuse a model into its deploy form and save its weights (loads back with --weights)."""
     from .reparam_file import reparam_to_file
 
+    _check_outputs(json_path)
     with err.status(f"fusing {model}"):
-        data = reparam_to_file(model, output, weights=weights, pretrained=_pretrained(pretrained))
-    if as_json:
-        return _print_json(data)
+        data = reparam_to_file(model, output, request=request)
+    if _emit_json(json_path, data):
+        return
     out.print(
         f"[green]wrote[/] {data['output']}: {data['model']} fused, params "
-        f"{_fmt_int(data['params_before'])} -> {_fmt_int(data['params_after'])}, "
+        f"{fmt_int(data['params_before'])} -> {fmt_int(data['params_after'])}, "
         f"{data['batchnorms_before']} BatchNorms -> 0; check on {data['check_inputs']} inputs: "
         f"max error {data['max_rel']:.1e} of the output scale",
         soft_wrap=True,
@@ -222,7 +190,7 @@ def reparam(
 
 @app.command()
 @handle_errors
-@with_format_options
+@shared_options("export", unused=("device",))
 def export(
     model: str,
     format: Format = "onnx",
@@ -234,186 +202,119 @@ def export(
             help="File, or a directory (DIR/ gets DIR/<model><suffix>); a missing suffix is added.",
         ),
     ] = None,
-    weights: Weights = None,
-    pretrained: Pretrained = None,
-    image_size: ImageSize = None,
     batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
-    precision: Precision = None,
-    calibration_images: CalibrationImages = "32",
-    int8_target: Int8Target = None,
     upsample: Annotated[
         str | None,
         typer.Option(help="Segmenters: bicubic (official) or bilinear (runtimes without it)."),
     ] = None,
     no_reparam: Annotated[bool, typer.Option("--no-reparam", help="Export unfused.")] = False,
-    labels: Labels = None,
-    num_classes: NumClasses = None,
-    features: FeaturesFlag = False,
-    stages: Stages = None,
-    as_json: JsonFlag = False,
-    format_options: dict | None = None,
+    json_path: JsonPath = None,
+    request=None,
 ) -> None:
     """Export to a deployable file with its metadata (embedded and a sidecar JSON).
     Each format's own options follow (prefixed with the format's name)."""
-    from . import api
+    import dataclasses
 
+    from . import api
+    from .files import artifact_size
+
+    _check_outputs(json_path)
+    if len(request.precisions) > 1:
+        raise BadInput("export writes one file: give one --precision")
+    precision = request.precisions[0] if request.precisions else None
     with err.status(f"exporting {model} to {format}") as status:
         artifact = api.export(
             model,
             format,
-            weights=weights,
-            pretrained=_pretrained(pretrained),
             output=output,
-            image_size=image_size,
             batch=batch,
             reparam=not no_reparam,
             precision=precision,
-            calibration_images=calibration_images,
-            int8_target=int8_target,
             upsample=upsample,
+            request=dataclasses.replace(request, precisions=()),
             progress=lambda msg: status.update(f"exporting {model} to {format}: {msg}"),
-            num_classes=num_classes,
-            labels=labels,
-            features=parse_features(features, stages),
-            **format_options,
         )
     for note in artifact.notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    from .files import artifact_size
-
     size = artifact_size(artifact.path) / 2**20
-    if as_json:
-        return _print_json(
-            {
-                "path": str(artifact.path),
-                "sidecar": str(artifact.sidecar),
-                "size_mib": size,
-                "metadata": artifact.metadata,
-                "notes": list(artifact.notes),
-            }
-        )
+    data = {
+        "path": str(artifact.path),
+        "sidecar": str(artifact.sidecar),
+        "size_mib": size,
+        "metadata": artifact.metadata,
+        "notes": list(artifact.notes),
+    }
+    if _emit_json(json_path, data):
+        return
     out.print(
         f"[green]wrote[/] {artifact.path} ({size:.1f} MiB, {artifact.precision}, "
-        f"{'fused' if not no_reparam else 'unfused'}, {_artifact_outputs(artifact.metadata)}) "
+        f"{'fused' if not no_reparam else 'unfused'}, {artifact_outputs(artifact.metadata)}) "
         f"+ {artifact.sidecar.name}",
         soft_wrap=True,
     )
 
 
-def _artifact_outputs(meta: dict) -> str:
-    """'10 classes', '150-class map', 'pooled features', '4 feature maps'."""
-    if meta["task"] == "features":
-        maps = sum("stride" in o for o in meta["outputs"])
-        return f"{maps} feature map{'s' * (maps > 1)}" if maps else "pooled features"
-    if meta["task"] == "segmentation":
-        return f"{meta['num_classes']}-class map"
-    return f"{meta['num_classes']} classes"
+def _formats_for(name: str | None, formats: str | None, none_ok: bool = False) -> tuple[str, ...]:
+    """The formats a model-name run exports; files are checked as they are. verify
+    refuses none (it would check no file); eval with none scores the model alone."""
+    from .exporters.formats import FORMATS
+
+    if name is None:
+        if formats is not None:
+            raise BadInput(
+                "--formats picks what to export from a model; files are checked as they are"
+            )
+        return ()
+    picked = _split("onnx" if formats is None else formats, "format", FORMATS)
+    if not picked and not none_ok:
+        raise BadInput(
+            "--formats names no format: verify would check no file (e.g. --formats onnx)"
+        )
+    return picked
 
 
-def _split(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _run_verify(
-    model,
-    formats,
-    weights,
-    pretrained,
-    image_size,
-    num_images,
-    images=None,
-    precisions="",
-    **config,
-):
+def _run_verify(targets, formats, request, num_images: int, images: Path | None = None):
     from . import verify as verify_mod
 
-    fmts = _split(formats)
-    with err.status(f"verifying {model}") as status:
-        return verify_mod.verify(
-            model,
-            weights=weights,
-            pretrained=_pretrained(pretrained),
-            formats=fmts,
-            precisions=_split(precisions) or None,
-            image_size=image_size,
-            num_images=num_images,
-            images_dir=images,
-            **config,
-            progress=lambda msg: status.update(f"verifying {model}: {msg}"),
-            warn=lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"),
-        )
-
-
-def _run_bench(
-    model, weights, image_size, batch, threads, min_time, min_runs, runtime, precisions="fp32"
-):
-    from . import bench as bench_mod
-
-    with err.status(f"benchmarking {model}") as status:
-        return bench_mod.benchmark(
-            model,
-            weights=weights,
-            image_size=image_size,
-            batch=batch,
-            threads=threads,
-            min_time_s=min_time,
-            min_runs=min_runs,
-            runtimes=_split(runtime),
-            precisions=_split(precisions),
-            progress=lambda msg: status.update(f"benchmarking {model}: {msg}"),
-        )
+    name, files = _targets(targets)
+    picked = _formats_for(name, formats)
+    common = dict(
+        request=request,
+        num_images=num_images,
+        images_dir=images,
+        warn=lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"),
+    )
+    what = name or ", ".join(f.name for f in files)
+    with err.status(f"verifying {what}") as status:
+        progress = lambda msg: status.update(f"verifying {what}: {msg}")  # noqa: E731
+        if name is not None:
+            return verify_mod.verify(name, formats=picked, progress=progress, **common)
+        return verify_mod.verify_files(files, progress=progress, **common)
 
 
 @app.command()
 @handle_errors
+@shared_options("verify")
 def verify(
-    model: str,
-    formats: Formats = "onnx",
-    precisions: Precisions = "",
-    weights: Weights = None,
-    pretrained: Pretrained = None,
-    image_size: ImageSize = None,
+    targets: Targets,
+    formats: Formats = None,
     num_images: NumImages = 8,
     images: Annotated[
         Path | None, typer.Option(help="A folder of your images to verify on (any format).")
     ] = None,
-    num_classes: NumClasses = None,
-    labels: Labels = None,
-    features: FeaturesFlag = False,
-    stages: Stages = None,
-    int8_target: Int8Target = None,
-    calibration_images: CalibrationImages = "32",
     json_path: JsonPath = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report.")] = None,
     markdown: MarkdownPath = None,
+    request=None,
 ) -> None:
-    """Prove fused torch and every artifact match the unfused model; exit 1 if not."""
-    from .files import check_output_file
-    from .report import verify_markdown, write_json, write_text, write_verify_junit
+    """Prove that files compute the unfused model's function (and that fusing does);
+    exit 1 if not. Give a model (its files are exported first) or your files."""
+    from .report import verify_markdown, write_text, write_verify_junit
 
-    for path in (json_path, junit, markdown):
-        check_output_file(path)
-    report = _run_verify(
-        model,
-        formats,
-        weights,
-        pretrained,
-        image_size,
-        num_images,
-        images,
-        precisions,
-        num_classes=num_classes,
-        labels=labels,
-        features=parse_features(features, stages),
-        int8_target=int8_target,
-        calibration_images=calibration_images,
-    )
-    if json_path == Path("-"):
-        _print_json(report.to_dict())
-    else:
-        _render_verify(report)
-        if json_path:
-            write_json(json_path, report.to_dict())
+    _check_outputs(json_path, junit, markdown)
+    report = _run_verify(targets, formats, request, num_images, images)
+    if not _emit_json(json_path, report.to_dict()):
+        render_verify(report, out)
     if junit:
         write_verify_junit(junit, report)
     if markdown:
@@ -422,104 +323,82 @@ def verify(
         raise typer.Exit(1)
 
 
-def _render_verify(report) -> None:
-    table = Table(title=f"{report.model} @ {_hw(report.image_size)}: vs {report.reference}")
-    segments = report.task == "segmentation"
-    agreement = ("argmax px",) if segments else ("top-1", "top-5")
-    if report.task == "features":
-        agreement = ()
-    columns = ("candidate", "max abs", "max rel", "bound", "1 - cos", "PSNR dB", *agreement)
-    for col in (*columns, ""):
-        table.add_column(col, justify="left" if col == "candidate" else "right")
-    for p in report.pairs:
-        m = p.metrics
-        table.add_row(
-            p.candidate,
-            f"{m['max_abs']:.2e}",
-            f"{m['max_rel']:.2e}",
-            p.bound,
-            f"{1 - m['cosine']:.1e}",
-            f"{m['psnr_db']:.1f}",
-            *(
-                []
-                if not agreement
-                else [f"{m['agreement']:.4f}"]
-                if segments
-                else [f"{m['top1']:.3f}", f"{m['top5']:.3f}"]
-            ),
-            "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
-        )
-    out.print(
-        f"weights: {report.weights}; inputs: {report.inputs}; the unfused model's own fp32 "
-        f"run differs from the reference by {report.fp32_noise_floor:.1e}",
-        soft_wrap=True,
-    )
-    if len(report.outputs) > 1:
-        out.print(
-            f"outputs compared: {', '.join(report.outputs)} (each row: the worst of them)",
-            soft_wrap=True,
-        )
-    out.print(table)
-    for note in report.notes:
-        out.print(f"note: {escape(note)}", soft_wrap=True)
-    for problem in report.problems:
-        out.print(f"[bold red]FAIL[/] {escape(problem)}")
-    out.print("[green]verified[/]" if report.passed else "[bold red]verification failed[/]")
-
-
 @app.command("eval")
 @handle_errors
+@shared_options("eval")
 def eval_cmd(
-    model: str,
-    weights: Weights,
+    targets: Targets,
     data: LabelledData,
-    formats: Formats = "onnx",
-    precisions: Precisions = "",
-    image_size: ImageSize = None,
-    labels: Labels = None,
+    formats: Formats = None,
     json_path: JsonPath = None,
     markdown: MarkdownPath = None,
+    request=None,
 ) -> None:
-    """Accuracy on your labelled images: torch, each artifact, and the drop between them."""
-    options = dict(locals())  # the parameters above, which evaluate.run_cli takes by name
+    """Accuracy on your labelled images: torch, each file, and the drop between them."""
     from .evaluate import run_cli
 
-    run_cli(out, err, _print_json, **options)
+    _check_outputs(json_path, markdown)
+    name, files = _targets(targets)
+    picked = _formats_for(name, formats, none_ok=True)
+    run_cli(
+        out, err, _emit_json, name=name, files=files, data=data, formats=picked,
+        request=request, json_path=json_path, markdown=markdown,
+    )  # fmt: skip
+
+
+def _bench_numbers(threads: int | None, min_time: float, min_runs: int) -> None:
+    from .limits import check_count, check_real
+
+    if threads is not None:
+        check_count("--threads", threads, 1, os.cpu_count() or 1)
+    check_real("--min-time", min_time, 0.0, MAX_MIN_TIME_S)
+    check_count("--min-runs", min_runs, 1, MAX_MIN_RUNS)
+
+
+def _run_bench(targets, request, batch, threads, min_time, min_runs, runtime):
+    from . import bench as bench_mod
+
+    name, files = _targets(targets)
+    what = name or ", ".join(f.name for f in files)
+    with err.status(f"benchmarking {what}") as status:
+        return bench_mod.benchmark(
+            name,
+            files=files,
+            request=request,
+            batch=batch,
+            threads=threads,
+            min_time_s=min_time,
+            min_runs=min_runs,
+            runtimes=_split(runtime, "runtime", bench_mod.RUNTIMES),
+            progress=lambda msg: status.update(f"benchmarking {what}: {msg}"),
+        )
 
 
 @app.command()
 @handle_errors
+@shared_options("bench")
 def bench(
-    model: str,
-    weights: Weights = None,
-    image_size: ImageSize = None,
-    batch: Annotated[int, typer.Option()] = 1,
+    targets: Targets,
+    batch: Annotated[int, typer.Option(help="Static batch size.")] = 1,
     threads: Threads = None,
     min_time: MinTime = 3.0,
-    min_runs: Annotated[int, typer.Option()] = 20,
-    runtime: Runtimes = "onnxruntime,torch",
-    precisions: BenchPrecisions = "fp32",
+    min_runs: Annotated[int, typer.Option(help="Timed runs at least.")] = 20,
+    runtime: BenchRuntimes = "onnxruntime,torch",
     json_path: JsonPath = None,
     markdown: MarkdownPath = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG bar chart.")] = None,
+    request=None,
 ) -> None:
-    """onnxruntime CPU latency of the fused export against the plain unfused export, each
-    candidate's accuracy against the float64 model, and the fastest within its bound."""
+    """CPU latency of the fused export (or your files) against the plain unfused export,
+    each candidate's accuracy against the float64 model, and the fastest within its bound."""
     from . import bench as bench_mod
-    from .files import check_output_file
-    from .report import bench_markdown, write_json, write_text
+    from .report import bench_markdown, write_text
 
-    for path in (json_path, markdown, plot):
-        check_output_file(path)
-    report = _run_bench(
-        model, weights, image_size, batch, threads, min_time, min_runs, runtime, precisions
-    )
-    if json_path == Path("-"):
-        _print_json(report)
-    else:
+    _check_outputs(json_path, markdown, plot)
+    _bench_numbers(threads, min_time, min_runs)
+    report = _run_bench(targets, request, batch, threads, min_time, min_runs, runtime)
+    if not _emit_json(json_path, report):
         bench_mod.render(report, out)
-        if json_path:
-            write_json(json_path, report)
     if markdown:
         write_text(markdown, bench_markdown(report))
     if plot:
@@ -530,25 +409,26 @@ def bench(
 
 @app.command()
 @handle_errors
+@shared_options("report")
 def report(
     model: str,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("mvd-report"),
-    formats: Formats = "onnx",
-    weights: Weights = None,
-    image_size: ImageSize = None,
+    formats: Formats = None,
     num_images: NumImages = 8,
     threads: Threads = None,
     min_time: MinTime = 3.0,
+    request=None,
 ) -> None:
     """verify + bench in one CI report: report.json, report.md, junit.xml; exit 1 on failure."""
     from . import bench as bench_mod
     from .files import ensure_writable_dir
     from .report import bench_markdown, verify_markdown, write_json, write_text, write_verify_junit
 
+    _bench_numbers(threads, min_time, 20)
     ensure_writable_dir(output_dir)
-    checked = _run_verify(model, formats, weights, None, image_size, num_images)
-    _render_verify(checked)
-    timed = _run_bench(model, weights, image_size, 1, threads, min_time, 20, "onnxruntime")
+    checked = _run_verify([model], formats, request, num_images)
+    render_verify(checked, out)
+    timed = _run_bench([model], request, 1, threads, min_time, 20, "onnxruntime")
     bench_mod.render(timed, out)
     write_json(output_dir / "report.json", {"verify": checked.to_dict(), "bench": timed})
     write_text(output_dir / "report.md", verify_markdown(checked) + "\n" + bench_markdown(timed))
@@ -560,13 +440,14 @@ def report(
 
 @app.command()
 @handle_errors
-def doctor(as_json: JsonFlag = False) -> None:
+def doctor(json_path: JsonPath = None) -> None:
     """Versions, machine, which formats this machine can export and run, and the runtimes."""
     from .info import doctor_info
 
+    _check_outputs(json_path)
     data = doctor_info()
-    if as_json:
-        return _print_json(data)
+    if _emit_json(json_path, data):
+        return
     out.print(f"machine: {data['machine_line']}")
     table = Table(title="formats")
     for col in ("format", "export", "run here", "install"):

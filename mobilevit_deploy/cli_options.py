@@ -14,8 +14,9 @@ from typing import Annotated
 
 import typer
 
+from .errors import BadInput
 from .exporters.formats import FORMATS, all_options, shown_choices
-from .metrics import DEFAULT_INT8_TARGET_DB
+from .judge import DEFAULT_INT8_TARGET_DB
 
 Weights = Annotated[
     str | None, typer.Option("--weights", "-w", help="Checkpoint path or http(s) URL.")
@@ -29,7 +30,6 @@ Pretrained = Annotated[
 ImageSize = Annotated[
     str | None, typer.Option(help="N or HxW (e.g. 224, 1024x2048); default: the model's.")
 ]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NumClasses = Annotated[
     int | None,
     typer.Option(
@@ -55,7 +55,11 @@ Format = Annotated[str, typer.Option("--format", "-f", help=", ".join(FORMATS) +
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write a JSON report ('-': stdout).")]
 MarkdownPath = Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown table.")]
 Formats = Annotated[
-    str, typer.Option(help=f"Comma-separated formats to export and check: {', '.join(FORMATS)}.")
+    str | None,
+    typer.Option(
+        help=f"With a model name: comma-separated formats to export and check, from "
+        f"{', '.join(FORMATS)} (default onnx)."
+    ),
 ]
 
 
@@ -68,13 +72,11 @@ def _own_defaults() -> str:
 Precisions = Annotated[
     str,
     typer.Option(
-        help="Comma-separated precisions of each format: fp32, fp16, int8 "
-        f"(default: the format's own, {_own_defaults()})."
+        "--precision",
+        "--precisions",
+        help="Comma-separated precisions: fp32, fp16, int8 (export: one; default the "
+        f"format's own, {_own_defaults()}); bench also bf16 (openvino, where the CPU has it).",
     ),
-]
-Precision = Annotated[
-    str | None,
-    typer.Option(help=f"fp32, fp16 or int8; default the format's own: {_own_defaults()}."),
 ]
 NumImages = Annotated[int, typer.Option(help="Natural-looking test images.")]
 CalibrationImages = Annotated[
@@ -103,7 +105,7 @@ LabelledData = Annotated[
 ]
 Threads = Annotated[int | None, typer.Option(help="Intra-op threads; default all cores.")]
 MinTime = Annotated[float, typer.Option(help="Seconds of timed runs per candidate.")]
-Runtimes = Annotated[
+BenchRuntimes = Annotated[
     str,
     typer.Option(
         "--runtime",
@@ -112,27 +114,47 @@ Runtimes = Annotated[
         + ".",
     ),
 ]
-BenchPrecisions = Annotated[
-    str,
+
+
+Model = Annotated[
+    str | None,
     typer.Option(
-        help="Comma-separated: fp32, fp16, int8 (each format that has it), bf16 (openvino "
-        "only, where the CPU computes it; other runtimes skip it)."
+        "--model",
+        help="The zoo model of a file made by another tool (mvd files name their own).",
+    ),
+]
+Device = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the files on another machine: a command that starts a Python there "
+        "(e.g. 'ssh pi@raspberrypi python3'), or arm64 (the emulated ARM device)."
     ),
 ]
 
+# The option group every command that builds a model or makes files takes
+# (request.py): name -> (annotation, default). The format options follow from the table.
+SHARED = {
+    "model_name": (Model, None),
+    "weights": (Weights, None),
+    "pretrained": (Pretrained, None),
+    "image_size": (ImageSize, None),
+    "num_classes": (NumClasses, None),
+    "labels": (Labels, None),
+    "features": (FeaturesFlag, False),
+    "stages": (Stages, None),
+    "precisions": (Precisions, ""),
+    "int8_target": (Int8Target, None),
+    "calibration_images": (CalibrationImages, "32"),
+    "device": (Device, None),
+}
+# The shared options that make or run files, which commands of the model alone refuse.
+FILE_OPTIONS = ("precisions", "int8_target", "calibration_images", "device")
 
-def with_format_options(command):
-    """Give `command` one flag per field of every format's options (exporters/formats.py),
-    typed, defaulted and described by the table, so a format's options reach the CLI
-    without a line here. The command receives `format_options`: the ones the user typed
-    (api.export refuses another format's option, given at all)."""
-    signature = inspect.signature(command)
-    hints = typing.get_type_hints(command, include_extras=True)
-    own = [
-        p.replace(annotation=hints[p.name])
-        for p in signature.parameters.values()
-        if p.name != "format_options"
-    ]
+
+def _format_parameters() -> tuple[dict, list[inspect.Parameter]]:
+    """One flag per field of every format's options (exporters/formats.py), typed,
+    defaulted and described by the table, so a format's options reach the CLI without
+    a line here."""
     defaults, added = {}, []
     for fmt, f in all_options():
         text = f"{fmt.name}: {f.metadata['help']}"
@@ -147,34 +169,74 @@ def with_format_options(command):
                 f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=annotation
             )
         )
+    return defaults, added
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        context = kwargs.pop("mvd_context")  # typer passes the click context by its type
-        typed = {
-            name
-            for name in defaults
-            if getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"
-        }
-        chosen = {name: kwargs.pop(name, defaults[name]) for name in defaults}
-        return command(*args, format_options={k: chosen[k] for k in typed}, **kwargs)
 
-    context = inspect.Parameter(
-        "mvd_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context
+def shared_options(command: str, unused: tuple[str, ...] = ()):
+    """Give the decorated command every option of the shared group and every format's
+    options, and call it with `request`: the typed Request built and checked from them
+    (request.py). Options in `unused` (and format options, where FILE_OPTIONS are
+    unused) do nothing for this command: given, they are refused by name."""
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [
+            p.replace(annotation=hints[p.name])
+            for p in signature.parameters.values()
+            if p.name != "request"
+        ]
+        format_defaults, format_params = _format_parameters()
+        shared = [
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+            for name, (annotation, default) in SHARED.items()
+        ]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            context = kwargs.pop("mvd_context")  # typer passes the click context by its type
+            given = {
+                name
+                for name in (*SHARED, *format_defaults)
+                if getattr(context.get_parameter_source(name), "name", "") == "COMMANDLINE"
+            }
+            values = {name: kwargs.pop(name) for name in SHARED}
+            options = {name: kwargs.pop(name) for name in format_defaults}
+            refused = set(unused) | (
+                set(format_defaults) if set(FILE_OPTIONS) <= set(unused) else set()
+            )
+            for name in sorted(given & refused):
+                raise BadInput(f"{_flag(name)} does not apply to mvd {command}")
+            return fn(*args, request=build_request(values, options, given), **kwargs)
+
+        context = inspect.Parameter(
+            "mvd_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context
+        )
+        params = [*own, *shared, *format_params, context]
+        wrapper.__signature__ = signature.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
+def _flag(name: str) -> str:
+    return {"model_name": "--model"}.get(name, "--" + name.replace("_", "-"))
+
+
+def build_request(values: dict, format_options: dict, given: set[str]):
+    """The Request of the typed options: format options only where typed (api.export
+    refuses another format's option, given at all)."""
+    from .request import Request, parse_features
+
+    tag = values.pop("pretrained")
+    features = parse_features(values.pop("features"), values.pop("stages"))
+    typed = {k: v for k, v in format_options.items() if k in given}
+    return Request.of(
+        **values,
+        pretrained=True if tag == "default" else (tag or False),
+        features=features,
+        format_options=typed,
     )
-    params = [*own, *added, context]
-    wrapper.__signature__ = signature.replace(parameters=params)
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
-    return wrapper
-
-
-def parse_features(features: bool, stages: str | None) -> bool | tuple[int, ...] | None:
-    """--features alone: every stage; --stages picks some (and implies --features)."""
-    if stages is None:
-        return True if features else None
-    try:
-        return tuple(int(part) for part in stages.split(",") if part.strip())
-    except ValueError:
-        from .errors import BadInput
-
-        raise BadInput(f"--stages takes comma-separated stage indices, not {stages!r}") from None

@@ -35,12 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import api
+from . import api, limits
 from .errors import BadInput
 from .eval_data import IGNORE_INDEX, LabelledSet, check_data_path, read_labelled_set
 from .exporters.formats import FORMATS
 from .images import to_model_input
-from .report import markdown_table, write_json, write_text
+from .rebuild import open_files, rebuild
+from .report import markdown_table, write_text
+from .request import Request
+from .runtimes import open_runner
 from .runtimes.torch_runtime import TorchRunner
 from .verify import check_formats
 
@@ -173,34 +176,42 @@ class _SegmentationScore:
 
 
 def evaluate(
-    name: str,
+    name: str | None = None,
     *,
-    weights: str | Path,
     data: str | Path,
+    files: Sequence[str | Path] = (),
     formats: Sequence[str] = ("onnx",),
-    precisions: Sequence[str] | None = None,
-    image_size: api.ImageSize = None,
-    num_classes: int | None = None,
-    labels: Path | Sequence[str] | None = None,
+    request: Request | None = None,
     batch: int = 8,
     work_dir: Path | None = None,
     progress: Progress = _quiet,
     warn: Callable[[str], None] = _quiet,
+    **options,
 ) -> EvalReport:
-    """Score `name` (configured by its checkpoint and `num_classes`, `labels`,
-    `image_size` as `api.load_model` does) and each of its artifacts on `data`.
+    """Score `name` (built as the request says: weights, size, head, labels) and each
+    of its artifacts on `data`; or score the user's own `files`, against the model their
+    records describe (rebuild.py).
 
     `batch` is the torch row's batch (lower it for large segmenters); artifacts run one
     image at a time. Every fault of the data is raised before the first export.
     """
-    check_formats(formats, precisions)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
+    request = Request.of(request, **options)
+    if not files and request.weights is None and not request.pretrained:
+        raise BadInput(
+            "eval scores a trained model on your images: give its checkpoint with --weights "
+            "(or --pretrained)"
+        )
+    opened = open_files([Path(f) for f in files]) if files else []
+    if not opened:
+        check_formats(formats, request.precisions)
+        request.check_formats(formats)
+    limits.check_count("batch", batch, 1, 1024)
     data = Path(data)
     check_data_path(data)
-    model = api.load_model(
-        name, weights, image_size=image_size, num_classes=num_classes, labels=labels
-    )
+    if opened:
+        model = rebuild(opened, request).model
+    else:
+        model = api.load_model(name, request.weights, **request.model_options)
     spec = model.mvd_spec
     labelled = read_labelled_set(data, spec, warn)
     report = EvalReport(
@@ -232,16 +243,40 @@ def evaluate(
 
     reference = score("torch", TorchRunner(model), batch)
     report.candidates.append(CandidateResult("torch", "fp32", reference.metrics()))
+    for file in opened:
+        if _skipped_here(file.format, report, request.device):
+            continue
+        runner = open_runner(file.format, file.path, device=request.device)
+        tally = score(file.path.name, runner, 1)
+        report.candidates.append(
+            _row(file.path.name, file.precision, file.format, tally, reference)
+        )
+    if not opened:
+        _score_exports(model, formats, request, work_dir, report, score, reference, progress)
+    return report
+
+
+def _skipped_here(fmt: str, report: EvalReport, device: str | None) -> bool:
+    """A format that cannot run here (CoreML off macOS) is skipped, with a note."""
+    info = FORMATS[fmt]
+    if device is not None or info.runs_here():
+        return False
+    report.notes.append(
+        f"{fmt}: skipped, its files run on {info.runs_only_on} (`mvd verify` "
+        "checks them statically here)"
+    )
+    return True
+
+
+def _score_exports(model, formats, request, work_dir, report, score, reference, progress):
+    """Export each format at each precision asked, and score the files."""
+    spec = model.mvd_spec
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for fmt in formats:
             info = FORMATS[fmt]
-            if not info.runs_here():
-                report.notes.append(
-                    f"{fmt}: skipped, its files run on {info.runs_only_on} (`mvd verify` "
-                    "checks them statically here)"
-                )
+            if _skipped_here(fmt, report, request.device):
                 continue
-            for precision in precisions or (info.default_precision,):
+            for precision in request.precisions or (info.default_precision,):
                 label = f"{fmt} {precision}"
                 progress(f"exporting {label}", 0, None)
                 artifact = api.export(
@@ -249,14 +284,14 @@ def evaluate(
                     fmt,
                     model=model,
                     output=Path(tmp) / f"{spec.name}.{precision}{info.suffix}",
-                    image_size=spec.input_hw,
                     precision=precision,
+                    request=request.for_loaded_model(fmt),
                 )
                 progress(f"exporting {label}", 1, 1)
                 report.notes += [f"{label}: {n}" for n in artifact.notes if n not in report.notes]
-                tally = score(label, info.open_runner(artifact.path), 1)
+                runner = open_runner(fmt, artifact.path, device=request.device)
+                tally = score(label, runner, 1)
                 report.candidates.append(_row(label, precision, fmt, tally, reference))
-    return report
 
 
 def _row(label: str, precision: str, fmt: str, tally, reference) -> CandidateResult:
@@ -379,51 +414,35 @@ def progress_bars(console) -> Iterator[Progress]:
         yield update
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def run_cli(
     out,
     err,
-    print_json: Callable[[object], None],
+    emit_json: Callable[[Path | None, object], bool],
     *,
-    model: str,
-    weights: str,
+    name: str | None,
+    files: Sequence[Path],
     data: Path,
-    formats: str,
-    precisions: str,
-    image_size: str | None,
-    labels: Path | None,
+    formats: Sequence[str],
+    request: Request,
     json_path: Path | None,
     markdown: Path | None,
 ) -> EvalReport:
-    """`mvd eval`, its options as typed: the outputs checked writable first, bars while
-    it runs, then the table (or JSON on stdout for `--json -`) and the files."""
+    """`mvd eval`, its options as typed: bars while it runs, then the table (or JSON on
+    stdout for `--json -`) and the files."""
     from rich.markup import escape
 
-    from .files import check_output_file
-
-    for path in (json_path, markdown):
-        check_output_file(path)
     with progress_bars(err) as progress:
         report = evaluate(
-            model,
-            weights=weights,
+            name,
             data=data,
-            formats=_names(formats),
-            precisions=_names(precisions) or None,
-            image_size=image_size,
-            labels=labels,
+            files=files,
+            formats=formats,
+            request=request,
             progress=progress,
             warn=lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"),
         )
-    if json_path == Path("-"):
-        print_json(report.to_dict())
-    else:
+    if not emit_json(json_path, report.to_dict()):
         render(report, out)
-        if json_path:
-            write_json(json_path, report.to_dict())
     if markdown:
         write_text(markdown, eval_markdown(report))
     return report

@@ -52,10 +52,16 @@ def model_info(
     num_classes: int | None = None,
     labels: Path | None = None,
     features: bool | tuple[int, ...] | None = None,
+    request=None,
 ) -> dict:
-    """What the model is; with `weights`, the user's model as their checkpoint sizes it."""
+    """What the model is; with `weights`, the user's model as their checkpoint sizes it.
+    `request` (request.py, what the CLI passes) holds the same options."""
     from .api import load_model, parse_image_size
     from .exporters.metadata import describe_outputs
+
+    if request is not None:
+        weights, image_size = request.weights, request.image_size
+        num_classes, labels, features = request.num_classes, request.labels, request.features
 
     asked = parse_image_size(image_size)
     if asked is not None:  # FLOPs are counted on a real image of that size

@@ -17,8 +17,10 @@ from .api import example_input, load_model
 from .errors import BadInput, VerificationFailed
 from .files import atomic_path, check_output_file
 from .info import count_params
-from .metrics import DEFAULT_TOLERANCES, compare
+from .judge import DEFAULT_TOLERANCES
+from .metrics import compare
 from .reparam import reparameterize, training_leftovers
+from .request import Request
 from .runtimes.torch_runtime import TorchRunner
 
 CHECK_INPUTS = 4
@@ -28,13 +30,14 @@ def _count_bn(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def reparam_to_file(
-    name: str, output: Path, *, weights: str | None = None, pretrained: bool | str = False
-) -> dict:
+def reparam_to_file(name: str, output: Path, *, request: Request | None = None, **options) -> dict:
+    """Fuse the model the request builds (its weights, size, head, labels, features) and
+    write its weights; `options` are Request fields (request.py)."""
+    request = Request.of(request, **options)
     if output.suffix not in (".pt", ".pth", ".safetensors"):
         raise BadInput(f"{output}: choose a .pt, .pth or .safetensors file name")
     check_output_file(output)
-    model = load_model(name, weights, pretrained=pretrained)
+    model = load_model(name, request.weights, **request.model_options)
     spec = model.mvd_spec  # the checkpoint's model: its head, a LeViT's grid
     fused = reparameterize(model, image_size=spec.input_hw)
     leftovers = training_leftovers(fused)

@@ -5,12 +5,12 @@ The reference is the unfused model in float64, so fp32 noise of the reference it
   torch fused (fp64)  a float64 copy fused and run in float64 vs the reference: the
                       fuse math alone, held to 1e-9 (exact folds land near 1e-14);
   torch fused (fp32)  vs reference: what fp32 execution adds;
-  <format> (precision) vs reference: each exported artifact, end to end.
-fp32 candidates are held to 1e-5 of the output scale, or to twice the unfused model's
-own fp32 error where that is larger (a 512x512 SeaFormer-L segmenter: 1.5e-5): no fused
-fp32 model can beat the arithmetic it runs on, and the fp64 pair still catches every
-fold error far below that.
-Without real weights the model gets stress weights first (stress.py).
+  <file>              vs reference: each artifact, end to end, judged at its
+                      precision's bound (judge.py).
+Two forms share the checking: `verify_files` checks files the user already has (the
+model rebuilt from each file's record, rebuild.py), `verify` exports a model's files
+into a temporary folder and checks those. Without real weights the model-name form
+gets stress weights first (stress.py).
 """
 
 from __future__ import annotations
@@ -25,33 +25,30 @@ import numpy as np
 import torch
 
 from . import api
-from .configure import Features
 from .errors import BadInput
 from .exporters.formats import FORMATS, check_format
 from .exporters.int8_search import describe as describe_int8
 from .exporters.metadata import output_names
 from .images import natural_images, random_normal_inputs, to_model_input
-from .metrics import (
-    DEFAULT_TOLERANCES,
-    MIN_DECISIVE,
-    NEAR_TIE_FACTOR,
-    NOISE_FLOOR_FACTOR,
-    REDUCED_PRECISION,
-    compare,
-    judge,
-)
+from .judge import bound_for, judge
+from .metrics import MIN_DECISIVE, NEAR_TIE_FACTOR, compare
+from .rebuild import FileToCheck, Rebuilt, open_files, rebuild
 from .reparam import reparameterize, training_leftovers
-from .runtimes import run_per_sample
+from .request import Request
+from .runtimes import open_runner, run_per_sample
 from .runtimes.torch_runtime import TorchRunner
 from .stress import apply_stress_weights, check_sane_outputs
 from .user_images import load_images
+from .weights import Provenance
+
+STRESSED = "stress weights (no weights given)"
 
 
 @dataclass
 class PairResult:
     """One candidate against the reference. `candidate` is for display only; what the
-    row is lies in `format` (None for a torch row), `precision` and `estimated` (the
-    numbers come from torch at the file's precision: the format does not run here)."""
+    row is lies in `format` (None for a torch row), `precision`, `file` and `estimated`
+    (the numbers come from torch at the file's precision: the format does not run here)."""
 
     candidate: str
     precision: str
@@ -61,6 +58,7 @@ class PairResult:
     bound: str = ""
     format: str | None = None
     estimated: bool = False
+    file: str | None = None
 
 
 @dataclass
@@ -79,6 +77,8 @@ class VerifyReport:
     outputs: list[str] = field(default_factory=lambda: ["output"])
     # How far the unfused model's own fp32 run is from the reference (max rel).
     fp32_noise_floor: float = 0.0
+    # Where each fact about the model came from, for files checked as they are.
+    facts: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -97,11 +97,6 @@ def check_formats(formats: Sequence[str], precisions: Sequence[str] | None = Non
             check_format(fmt, precision)
 
 
-def _precisions_of(fmt: str, precisions: Sequence[str] | None) -> Sequence[str]:
-    """The asked precisions, or the format's own default (CoreML: fp16)."""
-    return precisions or (FORMATS[fmt].default_precision,)
-
-
 def near_tie_note(metrics: dict, task: str) -> str:
     """Why a row's raw agreement is not what was judged: its flips were near-ties, and
     with fewer than MIN_DECISIVE decisive inputs no agreement rate was judged at all."""
@@ -118,49 +113,17 @@ def near_tie_note(metrics: dict, task: str) -> str:
     )
 
 
-def verify(
-    name: str,
-    *,
-    weights: str | Path | None = None,
-    pretrained: bool | str = False,
-    formats: Sequence[str] = ("onnx",),
-    precisions: Sequence[str] | None = None,
-    image_size: api.ImageSize = None,
-    num_images: int = 8,
-    seed: int = 0,
-    work_dir: Path | None = None,
-    images_dir: Path | None = None,
-    num_classes: int | None = None,
-    labels: Path | Sequence[str] | None = None,
-    features: Features = None,
-    int8_target: float | None = None,
-    calibration_images: int | str | Path = 32,
-    progress: Callable[[str], None] = lambda _msg: None,
-    warn: Callable[[str], None] = lambda _msg: None,
-) -> VerifyReport:
-    """`images_dir`: the user's images (the model's preprocessing) instead of made ones.
-    `num_classes`, `labels`, `features`: the model as `api.load_model` configures it;
-    every output of a feature model is compared. `int8_target` and
-    `calibration_images` go to the int8 exports (api.export); an int8 file is held to
-    the target it was searched to, on the images alone (calibration is for images;
-    random normals lie outside any calibrated range), with its decision judged on
-    decisive inputs as fp16's is."""
-    check_formats(formats, precisions)
-    if num_images < 1:
-        raise BadInput(f"--num-images must be at least 1, got {num_images}")
-    model = api.load_model(
-        name,
-        weights,
-        pretrained=pretrained,
-        image_size=image_size,
-        num_classes=num_classes,
-        labels=labels,
-        features=features,
-    )
-    spec = model.mvd_spec
+@dataclass
+class Inputs:
+    """What every candidate runs: `n` images, then random normals."""
+
+    x: np.ndarray
+    n: int
+    described: str
+
+
+def make_inputs(spec, num_images: int, seed: int, images_dir, warn) -> Inputs:
     size = spec.input_hw
-    task = spec.output_kind
-    provenance = model.mvd_provenance
     if images_dir is not None:
         pictures = load_images(Path(images_dir), spec, size, num_images, warn)
         described = f"{len(pictures)} images from {images_dir}"
@@ -169,101 +132,225 @@ def verify(
         described = f"{num_images} natural-looking images"
     images = to_model_input(pictures, spec)
     normals = random_normal_inputs(max(num_images // 2, 2), size, seed)
-    x = np.concatenate([images, normals])
-    n = len(images)
-    if provenance is None:
-        progress("applying stress weights")
-        calibration = to_model_input(natural_images(8, size, seed + 1000), spec)
-        apply_stress_weights(model, torch.from_numpy(calibration), seed)
-    report = VerifyReport(
-        spec.name,
-        size,
-        provenance.source if provenance else "stress weights (no weights given)",
+    return Inputs(
+        np.concatenate([images, normals]),
+        len(images),
         f"{described} + {len(normals)} random normals",
-        task=task,
-        outputs=output_names(spec),
     )
-    report.notes += list(spec.adaptations)
-    tolerances = {**DEFAULT_TOLERANCES, **spec.tolerances}
 
-    def add(candidate: str, precision: str, output, against=None, psnr_floor=None, **row) -> None:
-        metrics = compare(reference if against is None else against, output, task)
-        if precision in REDUCED_PRECISION:  # judged by PSNR: the file's own target or the floor
-            tol = psnr_floor or REDUCED_PRECISION[precision]["min_psnr_db"]
+
+class _Checker:
+    """The reference of one model and the rows judged against it."""
+
+    def __init__(self, model, inputs: Inputs, weights: str, progress) -> None:
+        spec = model.mvd_spec
+        self.model, self.spec, self.inputs, self.progress = model, spec, inputs, progress
+        self.report = VerifyReport(
+            spec.name,
+            spec.input_hw,
+            weights,
+            inputs.described,
+            task=spec.output_kind,
+            outputs=output_names(spec),
+        )
+        self.report.notes += list(spec.adaptations)
+        progress("running the unfused reference in float64")
+        self.reference = TorchRunner(model, torch.float64)(inputs.x)
+        self.report.problems += [f"reference: {p}" for p in check_sane_outputs(self.reference)]
+        own = compare(self.reference, TorchRunner(model)(inputs.x), spec.output_kind)
+        self.report.fp32_noise_floor = own["max_rel"]
+        self._bilinear = None
+
+    def add(self, candidate: str, precision: str, output, target=None, record=None, **row):
+        metrics = compare(self.reference if target is None else target, output, self.report.task)
+        bound = bound_for(
+            precision,
+            record=record,
+            tolerances=self.spec.tolerances,
+            noise_floor=self.report.fp32_noise_floor,
+        )
+        verdict = judge(metrics, bound)
+        self.report.pairs.append(
+            PairResult(
+                candidate, precision, bound.limit, metrics, verdict.passed, verdict.words, **row
+            )
+        )
+        decisive = metrics.get("decisive_agreement")
+        if bound.by_psnr and decisive is not None and metrics.get("agreement", 1.0) < decisive:
+            self.report.notes.append(f"{candidate}: {near_tie_note(metrics, self.report.task)}")
+
+    def check_fusion(self) -> torch.nn.Module:
+        """The torch rows: the fuse math in float64, then the fused model in fp32."""
+        x, size = self.inputs.x, self.spec.input_hw
+        self.progress("fusing a float64 copy (the fuse math alone)")
+        fused64 = reparameterize(copy.deepcopy(self.model).double(), image_size=size)
+        self.add("torch fused (fp64)", "fp64", TorchRunner(fused64, torch.float64)(x))
+        del fused64
+        fused = reparameterize(self.model, image_size=size)
+        self.report.problems += [f"left after reparam: {m}" for m in training_leftovers(fused)]
+        self.progress("running the fused model")
+        self.add("torch fused (fp32)", "fp32", TorchRunner(fused, torch.float32)(x))
+        return fused
+
+    def bilinear(self) -> np.ndarray:
+        """The unfused model upsampling bilinear, in float64: the reference of a file
+        whose record says it upsamples bilinear (runtimes without bicubic resize)."""
+        if self._bilinear is None:
+            swapped = copy.deepcopy(self.model)
+            swapped.set_upsample("bilinear")
+            self._bilinear = TorchRunner(swapped, torch.float64)(self.inputs.x)
+            self.report.pairs.append(
+                PairResult(
+                    "torch bilinear upsample",
+                    "fp64",
+                    0.0,
+                    compare(self.reference, self._bilinear, self.report.task),
+                    True,
+                    "informational",
+                )
+            )
+            self.report.notes.append(
+                "bilinear upsample: files that upsample bilinear (formats without bicubic "
+                "resize) are compared with the unfused model upsampling bilinear; the row "
+                "'torch bilinear upsample' is what the swap costs against the bicubic original"
+            )
+        return self._bilinear
+
+    def check_file(self, file: FileToCheck, fused, label: str, device: str | None) -> None:
+        """One file against the reference, judged at its precision's bound."""
+        record = file.record or {}
+        fmt = FORMATS[file.format]
+        target = self.reference
+        if record.get("upsample") == "bilinear" and hasattr(self.model, "set_upsample"):
+            target = self.bilinear()
+        estimated = device is None and not fmt.runs_here()
+        if estimated:
+            output = _static_check(file, fused, self.inputs.x, self.report)
+            label = (
+                label.removesuffix(")") + ", estimated)"
+                if label.endswith(")")
+                else f"{label} ({file.precision}, estimated)"
+            )
         else:
-            tol = tolerances[precision]
-        if precision == "fp32":
-            tol = max(tol, NOISE_FLOOR_FACTOR * report.fp32_noise_floor)
-        passed, bound = judge(metrics, precision, tol)
-        report.pairs.append(PairResult(candidate, precision, tol, metrics, passed, bound, **row))
-        raw = metrics.get("agreement", 1.0)
-        judged = REDUCED_PRECISION.get(precision, {}).get("min_agreement")
-        if judged and "decisive_agreement" in metrics and raw < metrics["decisive_agreement"]:
-            report.notes.append(f"{candidate}: {near_tie_note(metrics, task)}")
+            self.progress(f"running {file.label}")
+            runner = open_runner(file.format, file.path, device=device)
+            output = run_per_sample(runner, self.inputs.x)
+            if record.get("probabilities"):  # a classifier answering with probabilities
+                target = softmax(target)
+        if file.precision == "int8":  # calibrated for images: judged on the images alone
+            n = self.inputs.n
+            output, target = _rows(output, n), _rows(target, n)
+            search = record.get("int8_search")
+            if search:
+                self.report.notes.append(
+                    f"{label}: {describe_int8(search)}; held to its "
+                    f"{record['int8_target_db']:g} dB target on the {n} images"
+                )
+        self.add(
+            label,
+            file.precision,
+            output,
+            target,
+            record,
+            format=file.format,
+            estimated=estimated,
+            file=str(file.path),
+        )
+        self.report.notes += [f"{label}: {n}" for n in record.get("delegate_report") or []]
 
-    progress("running the unfused reference in float64")
-    reference = TorchRunner(model, torch.float64)(x)
-    report.problems += [f"reference: {p}" for p in check_sane_outputs(reference)]
-    report.fp32_noise_floor = compare(reference, TorchRunner(model)(x), task)["max_rel"]
-    progress("fusing a float64 copy (the fuse math alone)")
-    fused64 = reparameterize(copy.deepcopy(model).double(), image_size=size)
-    add("torch fused (fp64)", "fp64", TorchRunner(fused64, torch.float64)(x))
-    del fused64
-    fused = reparameterize(model, image_size=size)
-    report.problems += [f"left after reparam: {m}" for m in training_leftovers(fused)]
-    progress("running the fused model")
-    add("torch fused (fp32)", "fp32", TorchRunner(fused, torch.float32)(x))
-    bilinear = _bilinear_reference(model, formats, x)
-    if bilinear is not None:
-        metrics = compare(reference, bilinear, task)
-        report.pairs.append(
-            PairResult("torch bilinear upsample", "fp64", 0.0, metrics, True, "informational")
-        )
-        report.notes.append(
-            "bilinear upsample: the formats without bicubic resize ("
-            + ", ".join(f for f in formats if not FORMATS[f].has_bicubic)
-            + ") are compared with the unfused model upsampling bilinear; the row "
-            "'torch bilinear upsample' is what the swap costs against the bicubic original"
-        )
+
+def verify(
+    name: str,
+    *,
+    formats: Sequence[str] = ("onnx",),
+    request: Request | None = None,
+    num_images: int = 8,
+    seed: int = 0,
+    work_dir: Path | None = None,
+    images_dir: Path | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+    warn: Callable[[str], None] = lambda _msg: None,
+    **options,
+) -> VerifyReport:
+    """Export `name` to each format at each precision asked (`request.precisions`, else
+    the format's own) into a temporary folder, and check those files. `options` are
+    Request fields or format options (request.py). `images_dir`: the user's images
+    (the model's preprocessing) instead of made ones. An int8 file is held to the
+    target it was searched to, on the images alone (calibration is for images; random
+    normals lie outside any calibrated range)."""
+    request = Request.of(request, **options)
+    check_formats(formats, request.precisions)
+    request.check_formats(formats)
+    _check_count(num_images)
+    model = api.load_model(name, request.weights, **request.model_options)
+    spec = model.mvd_spec
+    inputs = make_inputs(spec, num_images, seed, images_dir, warn)
+    if model.mvd_provenance is None:
+        progress("applying stress weights")
+        calibration = to_model_input(natural_images(8, spec.input_hw, seed + 1000), spec)
+        apply_stress_weights(model, torch.from_numpy(calibration), seed)
+        # The files made from it record what they hold, not the initialisation.
+        model.mvd_provenance = Provenance(STRESSED, None, "train")
+    weights = model.mvd_provenance.source
+    checker = _Checker(model, inputs, weights, progress)
+    fused = checker.check_fusion()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         for fmt in formats:
-            against = None if FORMATS[fmt].has_bicubic else bilinear
-            for precision in _precisions_of(fmt, precisions):
-                progress(f"exporting and running {fmt} {precision}")
+            for precision in request.precisions or (FORMATS[fmt].default_precision,):
+                progress(f"exporting {fmt} {precision}")
                 artifact = api.export(
                     spec.name,
                     fmt,
                     model=model,
                     output=Path(tmp) / f"{spec.name}.{precision}{FORMATS[fmt].suffix}",
-                    image_size=size,
                     precision=precision,
-                    int8_target=int8_target if precision == "int8" else None,
-                    calibration_images=calibration_images,
+                    request=request.for_loaded_model(fmt),
+                    progress=progress,
                 )
+                file = FileToCheck(artifact.path, fmt, artifact.metadata, {})
                 label = f"{fmt} fused" + ("" if precision == "fp32" else f" ({precision})")
-                estimated = not FORMATS[fmt].runs_here()
-                if estimated:
-                    output = _static_check(artifact, fused, x, report)
-                    label = f"{fmt} fused ({precision}, estimated)"
-                else:
-                    output = run_per_sample(FORMATS[fmt].open_runner(artifact.path), x)
-                target = against
-                if not estimated and artifact.metadata.get("probabilities"):  # a classifier
-                    target = _softmax(reference if against is None else against)
-                floor = None
-                if precision == "int8":  # calibrated for images: judged on the images alone
-                    output, target = (
-                        _rows(output, n),
-                        _rows(reference if target is None else target, n),
-                    )
-                    floor = artifact.record.int8_target_db
-                    report.notes.append(
-                        f"{label}: {describe_int8(artifact.metadata['int8_search'])}; held "
-                        f"to its {floor:g} dB target on the {n} images"
-                    )
-                add(label, precision, output, target, floor, format=fmt, estimated=estimated)
-                report.notes += [f"{label}: {n}" for n in artifact.record.delegate_report or []]
-    return report
+                checker.check_file(file, fused, label, request.device)
+    return checker.report
+
+
+def verify_files(
+    paths: Sequence[str | Path],
+    *,
+    request: Request | None = None,
+    num_images: int = 8,
+    seed: int = 0,
+    images_dir: Path | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+    warn: Callable[[str], None] = lambda _msg: None,
+    **options,
+) -> VerifyReport:
+    """Check files the user already has, each against the model its record describes
+    (rebuild.py): mvd files by their record, other tools' files with `model_name` and
+    `weights`. The model is not stressed: the files hold the weights they hold."""
+    request = Request.of(request, **options)
+    if not paths:
+        raise BadInput("give at least one file to verify")
+    _check_count(num_images)
+    files = open_files([Path(p) for p in paths])
+    for file in files:
+        check_format(file.format)
+    rebuilt: Rebuilt = rebuild(files, request)
+    model = rebuilt.model
+    inputs = make_inputs(model.mvd_spec, num_images, seed, images_dir, warn)
+    provenance = model.mvd_provenance
+    weights = provenance.source if provenance else "the seeded initialisation (no weights)"
+    checker = _Checker(model, inputs, weights, progress)
+    checker.report.facts = rebuilt.facts
+    fused = checker.check_fusion()
+    for file in files:
+        checker.check_file(file, fused, file.label, request.device)
+    return checker.report
+
+
+def _check_count(num_images: int) -> None:
+    from .limits import check_count
+
+    check_count("--num-images", num_images, 1, 1024)
 
 
 def _rows(outputs, n: int):
@@ -271,30 +358,21 @@ def _rows(outputs, n: int):
     return tuple(o[:n] for o in outputs) if isinstance(outputs, tuple) else outputs[:n]
 
 
-def _bilinear_reference(model, formats: Sequence[str], x: np.ndarray) -> np.ndarray | None:
-    """The unfused model upsampling bilinear, in float64: the reference for formats
-    without bicubic resize (the export switches them), or None if none is needed."""
-    if all(FORMATS[f].has_bicubic for f in formats) or not hasattr(model, "set_upsample"):
-        return None
-    swapped = copy.deepcopy(model)
-    swapped.set_upsample("bilinear")
-    return TorchRunner(swapped, torch.float64)(x)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.ndarray:
+def _static_check(file: FileToCheck, fused, x: np.ndarray, report: VerifyReport) -> np.ndarray:
     """Where a format cannot run here (CoreML off macOS): check the file statically, and
     estimate its numbers with the fused model in torch at the file's precision (fp16 on
     every op, as CoreML's ANE and GPU compute; a CPU may use fp32 for some, so the
     estimate is the harsher one)."""
-    dtype = torch.float16 if artifact.precision == "fp16" else torch.float32
-    if "upsample" in artifact.metadata:  # the file's resize mode, not the model's
+    dtype = torch.float16 if file.precision == "fp16" else torch.float32
+    record = file.record or {}
+    if "upsample" in record:  # the file's resize mode, not the model's
         fused = copy.deepcopy(fused)
-        fused.set_upsample(artifact.metadata["upsample"])
+        fused.set_upsample(record["upsample"])
     estimate = TorchRunner(fused, dtype)(x)
     if isinstance(estimate, tuple):
         estimate = tuple(e.astype(np.float32) for e in estimate)
@@ -302,8 +380,8 @@ def _static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.nd
     else:
         estimate = estimate.astype(np.float32)
         shapes = [(1, *estimate.shape[1:])]
-    fmt = FORMATS[artifact.format]
-    checked = fmt.load("static_check")(artifact.path, shapes)
+    fmt = FORMATS[file.format]
+    checked = fmt.load("static_check")(file.path, shapes)
     report.problems += [f"{fmt.name} file: {p}" for p in checked["problems"]]
     checks = (
         checked["summary"]
@@ -311,7 +389,7 @@ def _static_check(artifact, fused, x: np.ndarray, report: VerifyReport) -> np.nd
         else "the file failed its static checks (listed below)"
     )
     report.notes.append(
-        f"{fmt.name} {artifact.precision}: device numerics were NOT run ({fmt.name} runs on "
+        f"{fmt.name} {file.precision}: device numerics were NOT run ({fmt.name} runs on "
         f"{fmt.runs_only_on}); {checks}; the row's numbers are the fused model run in torch "
         f"{str(dtype).removeprefix('torch.')} on every op"
     )

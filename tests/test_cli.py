@@ -62,7 +62,7 @@ def test_list_table_shows_the_whole_zoo(monkeypatch):
 
 
 def test_list_json():
-    rows = json_out("list", "--json")
+    rows = json_out("list", "--json", "-")
     by_name = {r["name"]: r for r in rows}
     assert set(FASTVITS) <= set(by_name)
     t8 = by_name["fastvit_t8"]
@@ -74,12 +74,12 @@ def test_list_json():
 
 
 def test_list_family_filter():
-    rows = json_out("list", "--family", "fastvit", "--json")
+    rows = json_out("list", "--family", "fastvit", "--json", "-")
     assert {r["name"] for r in rows} == set(FASTVITS)
 
 
 def test_info_json():
-    data = json_out("info", "fastvit_t8", "--json")
+    data = json_out("info", "fastvit_t8", "--json", "-")
     assert data["name"] == "fastvit_t8"
     assert data["params"] == T8_PARAMS
     assert data["macs"] > 0
@@ -91,8 +91,8 @@ def test_info_json():
 
 
 def test_info_at_a_smaller_size_counts_fewer_macs():
-    full = json_out("info", "fastvit_t8", "--json")
-    half = json_out("info", "fastvit_t8", "--image-size", "128", "--json")
+    full = json_out("info", "fastvit_t8", "--json", "-")
+    half = json_out("info", "fastvit_t8", "--image-size", "128", "--json", "-")
     assert half["input_size"] == [128, 128]
     assert 0 < half["macs"] < full["macs"] / 3  # ~1/4: the cost is mostly per pixel
 
@@ -104,7 +104,7 @@ def test_info_table():
 
 
 def test_doctor_json():
-    data = json_out("doctor", "--json")
+    data = json_out("doctor", "--json", "-")
     machine = data["machine"]
     assert machine["logical_cores"] >= 1
     assert machine["versions"]["torch"] == torch.__version__
@@ -153,7 +153,7 @@ def test_reparam_then_export_loads_fused_weights(tmp_path):
 
 def test_reparam_json(tmp_path):
     out = tmp_path / "x.safetensors"
-    data = json_out("reparam", "fastvit_t8", "-o", out, "--json")
+    data = json_out("reparam", "fastvit_t8", "-o", out, "--json", "-")
     assert data["output"] == str(out)
     assert data["model"] == "fastvit_t8"
     assert data["params_before"] == T8_PARAMS["train"]
@@ -199,7 +199,7 @@ def test_reparam_refuses_to_write_a_wrong_fold(tmp_path, monkeypatch):
 
 def test_export_json(tmp_path):
     out = tmp_path / "m.onnx"
-    data = json_out("export", "fastvit_t8", *SMALL, "-o", out, "--json")
+    data = json_out("export", "fastvit_t8", *SMALL, "-o", out, "--json", "-")
     assert out.is_file()
     assert Path(data["path"]) == out
     assert Path(data["sidecar"]) == tmp_path / "m.onnx.json"
@@ -232,7 +232,7 @@ def test_export_default_output_name(tmp_path, monkeypatch):
 
 def test_export_rectangular_image_size(tmp_path):
     out = tmp_path / "r.onnx"
-    data = json_out("export", "fastvit_t8", "--image-size", "64x96", "-o", out, "--json")
+    data = json_out("export", "fastvit_t8", "--image-size", "64x96", "-o", out, "--json", "-")
     assert data["metadata"]["input_shape"] == [1, 3, 64, 96]
     assert OrtRunner(out)(np.zeros((1, 3, 64, 96), np.float32)).shape == (1, 1000)
 

@@ -529,7 +529,7 @@ def test_cli_export_reports_the_delegation_and_refuses_other_formats_options(tmp
 
 
 def test_doctor_lists_executorch():
-    result = CliRunner().invoke(app, ["doctor", "--json"])
+    result = CliRunner().invoke(app, ["doctor", "--json", "-"])
     rows = {f["name"]: f for f in json.loads(result.stdout)["formats"]}
     assert rows["executorch"]["export"] == "yes" and rows["executorch"]["run"] == "yes"
     assert rows["executorch"]["install"] == "pip install 'mobilevit_deploy[executorch]'"

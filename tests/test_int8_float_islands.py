@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -88,7 +89,7 @@ def test_onnx_int8_keeps_lite_mla_float_and_gains_from_it(source_b1, tmp_path, m
     handlers = list(logging.getLogger().handlers)
     # The all-int8 file of each kind, as it is: the search's agreement rule (which at
     # this size flips decisions of the plain file) must not add float modules.
-    monkeypatch.setattr(int8_search, "judge", lambda *_args: (True, ""))
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: SimpleNamespace(passed=True))
     art = api.export(
         GAIN_NAME,
         model=model,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -28,12 +29,8 @@ from mobilevit_deploy.exporters.int8_search import (
 )
 from mobilevit_deploy.exporters.onnx import node_owner, node_scope, owner_scopes
 from mobilevit_deploy.exporters.tflite import float_patterns
-from mobilevit_deploy.metrics import (
-    DEFAULT_INT8_TARGET_DB,
-    NEAR_TIE_FACTOR,
-    compare,
-    set_psnr_quantile,
-)
+from mobilevit_deploy.judge import DEFAULT_INT8_TARGET_DB
+from mobilevit_deploy.metrics import NEAR_TIE_FACTOR, compare, set_psnr_quantile
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.runtimes import run_per_sample
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
@@ -176,7 +173,9 @@ def test_entries_that_repeat_modules_reuse_the_file_of_the_same_set(model, tmp_p
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 2)
     judged = []
     hits = iter([False, False, True])  # all-int8, stem + head, every module
-    monkeypatch.setattr(int8_search, "judge", lambda *_args: judged.append(1) or (next(hits), ""))
+    monkeypatch.setattr(
+        int8_search, "judge", lambda *_args: judged.append(1) or SimpleNamespace(passed=next(hits))
+    )
     with pytest.raises(VerificationFailed, match="only with all 3 ranked modules float"):
         _int8(model, tmp_path / "q.onnx")
     assert len(judged) == 3  # entries 1-3 keep stem + head: measured once, not again
@@ -308,7 +307,7 @@ def test_a_kept_module_keeps_its_own_nodes_float_not_its_childrens(model, tmp_pa
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: [((block,), 1.0), UNNEEDED])
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, True])  # all-int8 misses, the block float hits
-    monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: SimpleNamespace(passed=next(hits)))
     art = _int8(model, tmp_path / "q.onnx")
     search = art.metadata["int8_search"]
     assert search["kept_float"] == [block]
@@ -342,7 +341,7 @@ def test_a_step_the_format_cannot_make_is_a_miss_and_the_search_goes_on(
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, True])  # all-int8 misses, the first two modules float hit
-    monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: SimpleNamespace(passed=next(hits)))
     real = onnx_exporter.export_onnx
 
     def refusing(job):
@@ -374,7 +373,7 @@ def test_a_format_without_restamp_ships_the_file_it_measured(model, tmp_path, mo
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 2)
     monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
     hits = iter([False, True, False, True])  # two searches: all-int8 misses, then a hit
-    monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: SimpleNamespace(passed=next(hits)))
     art = _int8(model, tmp_path / "q.onnx")
     assert art.metadata["int8_float_modules"] == [path for (path,), _ in ranked[:2]]
     real = onnx_exporter.export_onnx
@@ -393,8 +392,8 @@ def test_an_unreachable_target_is_an_error_naming_the_best(model, tmp_path, monk
     monkeypatch.setattr(int8_search, "BISECT_STEPS", 0)
     ranked = [(("stem.0.reparam_conv",), 1.0), (("head.fc",), 0.5)]
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
-    with pytest.raises(VerificationFailed, match=r"does not reach 200 dB .* \(best [\d.]+ dB"):
-        _int8(model, tmp_path / "q.onnx", int8_target=200)
+    with pytest.raises(VerificationFailed, match=r"does not reach 79 dB .* \(best [\d.]+ dB"):
+        _int8(model, tmp_path / "q.onnx", int8_target=79)
     assert not list(tmp_path.iterdir())
 
 
@@ -407,7 +406,7 @@ def test_only_every_module_float_is_no_int8_file(model, tmp_path, monkeypatch):
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: ranked)
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, False, False, True])  # 0, 1 and 2 modules float miss, all 3 hit
-    monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: SimpleNamespace(passed=next(hits)))
     with pytest.raises(VerificationFailed) as failed:
         _int8(model, tmp_path / "q.onnx")
     assert re.search(
@@ -526,7 +525,7 @@ def test_search_keeps_modules_float_in_tflite_and_executorch(model, tmp_path, fm
     monkeypatch.setattr(int8_search, "rank_modules", lambda *_args: [((conv,), 1.0), UNNEEDED])
     monkeypatch.setattr(int8_search, "first_guess", lambda *_args: 1)
     hits = iter([False, True])
-    monkeypatch.setattr(int8_search, "judge", lambda *_args: (next(hits), ""))
+    monkeypatch.setattr(int8_search, "judge", lambda *_args: SimpleNamespace(passed=next(hits)))
     from mobilevit_deploy.exporters import tflite
 
     conversions = []  # TFLite: the steps quantize one fp32 flatbuffer (ExportJob.scratch)
@@ -572,7 +571,7 @@ def test_verify_fails_a_collapsed_int8_file(monkeypatch):
         return calibration * 1000, held_out, described
 
     monkeypatch.setattr(api, "int8_images", saturating)
-    monkeypatch.setattr(int8_search, "judge", lambda *_: (True, "fooled"))
+    monkeypatch.setattr(int8_search, "judge", lambda *_: SimpleNamespace(passed=True))
     collapsed = runner.invoke(app, args)
     assert collapsed.exit_code == 1 and isinstance(collapsed.exception, SystemExit), (
         collapsed.output

@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from mobilevit_deploy.exporters.int8_search import SEARCH_TIE_FACTOR
-from mobilevit_deploy.metrics import NEAR_TIE_FACTOR, compare, judge
+from mobilevit_deploy.judge import Bound, judge
+from mobilevit_deploy.metrics import NEAR_TIE_FACTOR, compare
 from mobilevit_deploy.verify import near_tie_note
 
 
@@ -35,8 +36,9 @@ def test_features_are_judged_by_psnr_alone():
     ref = rng.normal(size=(4, 32))
     close = compare(ref, ref + 1e-4 * rng.normal(size=ref.shape), "features")
     far = compare(ref, ref + 0.1 * rng.normal(size=ref.shape), "features")
-    assert judge(close, "fp16", 40.0) == (True, ">=40dB")
-    assert judge(far, "fp16", 40.0)[0] is False
+    verdict = judge(close, Bound("fp16", 40.0, "given"))
+    assert (verdict.passed, verdict.words) == (True, ">=40dB")
+    assert judge(far, Bound("fp16", 40.0, "given")).passed is False
 
 
 def test_an_overflowed_candidate_fails_instead_of_raising():
@@ -48,7 +50,10 @@ def test_an_overflowed_candidate_fails_instead_of_raising():
         candidate[1, 3] = bad
         metrics = compare(reference, candidate)
         assert metrics["psnr_db"] == -math.inf
-        assert not judge(metrics, "fp16", 40.0)[0] and not judge(metrics, "fp32", 1e-5)[0]
+        assert (
+            not judge(metrics, Bound("fp16", 40.0, "given")).passed
+            and not judge(metrics, Bound("fp32", 1e-5, "given")).passed
+        )
 
 
 def test_files_of_a_static_batch_run_in_chunks_padded_at_the_end():
@@ -99,12 +104,12 @@ def test_a_flip_a_few_rms_errors_from_its_runner_up_is_a_tie_for_verify_not_the_
     verified = compare(reference, candidate)
     assert verified["top1"] == 7 / 8 and verified["psnr_db"] > 30
     assert verified["decisive"] == 7 and verified["decisive_agreement"] == 1.0
-    assert judge(verified, "int8", 25.0)[0]
+    assert judge(verified, Bound("int8", 25.0, "given")).passed
     searched = compare(reference, candidate, tie_factor=SEARCH_TIE_FACTOR)
     assert searched["decisive"] == 8 and searched["decisive_agreement"] == 7 / 8
-    assert not judge(searched, "int8", 25.0)[0]
+    assert not judge(searched, Bound("int8", 25.0, "given")).passed
     candidate[1, 1] = candidate[1, 0] + 0.3  # a decisive flip fails verify too
-    assert not judge(compare(reference, candidate), "int8", 25.0)[0]
+    assert not judge(compare(reference, candidate), Bound("int8", 25.0, "given")).passed
 
 
 def test_flipped_pixels_do_not_widen_the_noise_that_would_excuse_them():
@@ -124,7 +129,7 @@ def test_flipped_pixels_do_not_widen_the_noise_that_would_excuse_them():
     metrics = compare(reference, candidate, "segmentation")
     assert metrics["pixel_agreement"] == 1 - flipped.mean()
     assert metrics["decisive"] == flipped.size and metrics["decisive_agreement"] < 0.9
-    assert not judge(metrics, "fp16", 30.0)[0]
+    assert not judge(metrics, Bound("fp16", 30.0, "given")).passed
 
 
 def test_a_file_whose_every_decision_flipped_fails_on_agreement():
@@ -134,4 +139,4 @@ def test_a_file_whose_every_decision_flipped_fails_on_agreement():
     candidate = reference[:, [1, 0, 2]]  # top-1 and runner-up swapped on every input
     metrics = compare(reference, candidate)
     assert metrics["decisive"] == 4 and metrics["decisive_agreement"] == 0.0
-    assert not judge(metrics, "fp16", 0.0)[0]
+    assert not judge(metrics, Bound("fp16", 0.0, "given")).passed

@@ -9,7 +9,8 @@ from onnx import TensorProto
 
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput
-from mobilevit_deploy.metrics import compare, judge
+from mobilevit_deploy.judge import Bound, judge
+from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.verify import verify
@@ -123,11 +124,11 @@ def test_a_flip_within_the_precisions_noise_is_a_near_tie_not_a_failure():
     metrics = compare(reference, candidate)
     assert metrics["top1"] == pytest.approx(199 / 200)
     assert metrics["decisive_agreement"] == 1.0 and metrics["near_ties"] == pytest.approx(1 / 200)
-    assert judge(metrics, "fp16", 40.0)[0]
+    assert judge(metrics, Bound("fp16", 40.0, "given")).passed
     candidate[1:31, 1] += 0.1  # 30 decisive flips: small errors, PSNR fine, decisions wrong
     metrics = compare(reference, candidate)
     assert metrics["psnr_db"] > 40 and metrics["decisive_agreement"] < 0.9
-    assert not judge(metrics, "fp16", 40.0)[0]
+    assert not judge(metrics, Bound("fp16", 40.0, "given")).passed
 
 
 def test_int8_calibration_folds_each_image_before_reading_the_next(tmp_path, monkeypatch):

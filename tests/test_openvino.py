@@ -13,13 +13,14 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from mobilevit_deploy import api
-from mobilevit_deploy.bench import benchmark, fastest_passing, int8_bound_db, render
+from mobilevit_deploy.bench import benchmark, fastest_passing, render
 from mobilevit_deploy.cli import app
 from mobilevit_deploy.errors import BackendUnavailable, BadInput
 from mobilevit_deploy.images import natural_images, to_model_input
 from mobilevit_deploy.info import runtime_rows
+from mobilevit_deploy.judge import REDUCED_PRECISION, bound_for
 from mobilevit_deploy.machine import machine_stamp
-from mobilevit_deploy.metrics import REDUCED_PRECISION, compare
+from mobilevit_deploy.metrics import compare
 from mobilevit_deploy.runtimes import openvino as ov_runtime
 from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 from mobilevit_deploy.runtimes.openvino import OpenVINORunner, inference_precisions
@@ -134,7 +135,7 @@ def test_this_cpu_reports_the_bf16_its_flags_have():
 
 
 def test_doctor_lists_openvino_with_the_cpus_precisions():
-    result = CliRunner().invoke(app, ["doctor", "--json"])
+    result = CliRunner().invoke(app, ["doctor", "--json", "-"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     rows = {r["name"]: r for r in data["runtimes"]}
@@ -167,9 +168,10 @@ def test_a_runtime_not_installed_is_named_with_its_install_hint():
 
 
 def test_the_int8_bound_is_the_files_target_else_the_floor():
-    assert int8_bound_db({"int8_target_db": 34.5}) == 34.5
-    assert int8_bound_db({"int8_target_db": None}) == REDUCED_PRECISION["int8"]["min_psnr_db"]
-    assert int8_bound_db({}) == REDUCED_PRECISION["int8"]["min_psnr_db"]
+    floor = REDUCED_PRECISION["int8"]["min_psnr_db"]
+    assert bound_for("int8", record={"int8_target_db": 34.5}).limit == 34.5
+    assert bound_for("int8", record={"int8_target_db": None}).limit == floor
+    assert bound_for("int8", record={}).limit == floor
 
 
 def test_fastest_passing_skips_failures_and_torch_eager():

@@ -22,7 +22,7 @@ from test_levit import to_official
 from mobilevit_deploy import api
 from mobilevit_deploy.errors import BadInput, CheckpointMismatch
 from mobilevit_deploy.images import natural_images, to_model_input
-from mobilevit_deploy.metrics import NOISE_FLOOR_FACTOR
+from mobilevit_deploy.judge import NOISE_FLOOR_FACTOR
 from mobilevit_deploy.registry import ModelSpec
 from mobilevit_deploy.reparam import reparameterize
 from mobilevit_deploy.stress import apply_stress_weights

@@ -83,9 +83,9 @@ def test_info_shows_what_the_checkpoint_decided(ten_classes):
     result = ok("info", "fastvit_t8", "--weights", ten_classes)
     assert "logits of 10 classes (custom)" in result.stdout
     assert "head: 10 classes (read from the checkpoint)" in result.stdout
-    data = json.loads(ok("info", "fastvit_t8", "--weights", ten_classes, "--json").stdout)
+    data = json.loads(ok("info", "fastvit_t8", "--weights", ten_classes, "--json", "-").stdout)
     assert data["num_classes"] == 10 and data["weights_form"] == "train"
-    features = json.loads(ok("info", "fastvit_t8", "--features", "--json").stdout)
+    features = json.loads(ok("info", "fastvit_t8", "--features", "--json", "-").stdout)
     assert [o["stride"] for o in features["outputs"]] == [4, 8, 16, 32]
 
 
@@ -122,8 +122,17 @@ def test_export_features_names_every_output(tmp_path):
         o.shape for o in OrtRunner(out)(api.example_input(get_spec("efficientvit_b0"), (64, 64)))
     ]
     assert shapes == [(1, 32, 8, 8), (1, 64, 4, 4), (1, 128, 2, 2)]
-    assert_user_error(mvd("export", "efficientvit_b0", "--stages", "1,x"), "--stages")
-    one = ok("export", "efficientvit_b0", "--stages", "3", *SMALL, "-o", tmp_path / "one.onnx")
+    assert_user_error(mvd("export", "efficientvit_b0", "--features", "--stages", "1,x"), "--stages")
+    one = ok(
+        "export",
+        "efficientvit_b0",
+        "--features",
+        "--stages",
+        "3",
+        *SMALL,
+        "-o",
+        tmp_path / "one.onnx",
+    )
     assert "1 feature map)" in one.stdout
     lite = tmp_path / "backbone.tflite"
     ok(

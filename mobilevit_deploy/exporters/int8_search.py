@@ -9,7 +9,7 @@ to float until a bound holds. This module does that for every int8 format:
 1. The all-int8 file (only the modules that declare `int8_keeps_float` in float) is
    exported by the format's own exporter and run by its own runtime on held-out images
    (never calibrated on), against the fused fp32 model in torch, and judged as verify
-   judges int8 (metrics.judge: the PSNR, and the decision on decisive inputs), with a
+   judges int8 (judge.py: the PSNR, and the decision on decisive inputs), with a
    margin on both (SEARCH_MARGIN_DB, SEARCH_TIE_FACTOR).
 2. If it misses the target, modules are ranked once on the ONNX QDQ graph of
    onnxruntime.quantization (onnx_precision.int8_module_gain): each module's own
@@ -52,7 +52,8 @@ from torch import nn
 
 from ..errors import ExportFailed, VerificationFailed
 from ..files import artifact_size, atomic_artifact
-from ..metrics import compare, judge, set_psnr_quantile
+from ..judge import bound_for, judge
+from ..metrics import compare, set_psnr_quantile
 from ..runtimes import run_per_sample
 from ..runtimes.torch_runtime import TorchRunner
 from ..timing import interleaved
@@ -81,7 +82,7 @@ class Attempt:
     psnr_db: float
     agreement: float | None  # on decisive inputs (metrics.py); None for features
     path: Path
-    hit: bool  # judged as verify judges int8 (metrics.judge), at the aimed PSNR
+    hit: bool  # judged as verify judges int8 (judge.py), at the aimed PSNR
     metadata: ArtifactMetadata | None = None  # as the exporter recorded the file
     error: str | None = None  # the format could not make this step's file: a miss
 
@@ -183,7 +184,7 @@ def search_int8(
             # Agreement over every held-out image; the PSNR is that of most sets of 8.
             metrics = compare(reference, got, job.spec.output_kind, SEARCH_TIE_FACTOR)
             metrics["psnr_db"] = set_psnr_quantile(reference, got, JUDGED_SET, JUDGED_QUANTILE)
-            hit = judge(metrics, "int8", goal)[0]
+            hit = judge(metrics, bound_for("int8", int8_target_db=goal)).passed
             agreement = metrics.get("decisive_agreement")
             tried = Attempt(keep, metrics["psnr_db"], agreement, out, hit, made)
             attempts.append(tried)

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 Outputs = np.ndarray | tuple[np.ndarray, ...]
+
+
+def open_runner(
+    format_name: str, path: Path, threads: int | None = None, device: str | None = None
+) -> Callable[[np.ndarray], Outputs]:
+    """The runner of a file: here by its format's runtime, or on `device` (a command
+    that starts a Python on the target; docs/architecture.md, "Devices"). Every command
+    that runs a file opens it here."""
+    from ..exporters.formats import FORMATS
+
+    if device is None:
+        return FORMATS[format_name].open_runner(path, threads)
+    from ..device import open_remote_runner  # also has .time(x, ...) and .facts
+
+    return open_remote_runner(format_name, path, threads, device)
 
 
 def run_per_sample(
