@@ -20,16 +20,15 @@ to float until a bound holds. This module does that for every int8 format:
    format, because a module's own ops are what each can leave float: ONNX by node-name
    scope, TFLite by a recipe regex on its module chain, ExecuTorch by a PT2E filter on
    the module stack. Only the module's own ops: a block owns its residual add, and
-   keeping the block float with its children cost every weight (FastViT at 64x64).
-3. The float set grows through the ranking (its first 1, 2, 4, ... entries), then bisects between
-   the last miss and the first hit; each step is a real file of the format, run by its
-   runtime. A step's PSNR is the one that 90% of the sets of `JUDGED_SET` (verify's
-   default count) of its held-out images reach, and it must be `SEARCH_MARGIN_DB`
-   above the target: a PSNR over a few images is the set's (its error and its peak),
-   and a file must hold its target on the next such set, verify's. Judged on one set
-   of 8 images, the stressed all-int8 EfficientViT-B1 TFLite file passed at 26.9 dB;
-   on 64 images it scores 24.6 dB, its sets of 8 range from 21.7 to 26.4 dB, and
-   verify failed it (23.8 dB on its 8).
+   keeping a FastViT block float with its children keeps every weight float.
+3. The float set grows through the ranking (its first 1, 2, 4, ... entries), then
+   bisects between the last miss and the first hit; each step is a real file of the
+   format, run by its runtime. A step's PSNR is the one that 90% of the sets of
+   `JUDGED_SET` (verify's default count) of its held-out images reach, and it must be
+   `SEARCH_MARGIN_DB` above the target: a PSNR over a few images is the set's (its
+   error and its peak), and a file must hold its target on the next such set, verify's.
+   One set is not enough: the stressed all-int8 EfficientViT-B1 TFLite file scores
+   26.9 dB on one set of 8, 21.7-26.4 dB across its sets of 8, and 23.8 dB on verify's.
 
 The record says which modules stayed float, the PSNR of every step, and what the
 float modules cost against the all-int8 file in size and latency. The chosen file is
