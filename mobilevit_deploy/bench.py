@@ -113,34 +113,17 @@ def benchmark(
     runs here is skipped, and the report's `skipped` says why."""
     request = Request.of(request, **options)
     precisions = request.precisions or ("fp32",)
-    unknown = set(runtimes) - set(RUNTIMES)
-    if unknown or not runtimes:
-        raise BadInput(f"unknown runtime {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")
-    others = [f for f in FORMATS.values() if f.name != "onnx" and f.runtime in runtimes]
-    for fmt in others if not files else ():
-        check_format(fmt.name)
-        if not fmt.runs_here():
-            raise BadInput(f"{fmt.runtime} runs {fmt.runs_only_on}: it cannot be timed here")
-    if "openvino" in runtimes and not ov_runtime.available():
-        raise BackendUnavailable(f"the openvino runtime needs openvino: {ov_runtime.INSTALL_HINT}")
+    others = _check_runtimes(runtimes, given_files=bool(files))
     threads = threads or os.cpu_count() or 1
     opened = open_files([Path(f) for f in files]) if files else []
+    model = _bench_model(name, opened, request)
     if opened:
-        model = rebuild(opened, request).model
         batch = _files_batch(opened)
-    else:
-        model = api.load_model(name, request.weights, **request.model_options)
-    # The model the checkpoint makes: a LeViT fine-tuned at 256 runs at 256.
-    spec = model.mvd_spec
+    spec = model.mvd_spec  # the checkpoint's model: a LeViT fine-tuned at 256 runs at 256
     size = spec.input_hw
-    if model.mvd_provenance is None and not opened:
-        # Realistic magnitudes: freshly initialised weights can hit denormal slow paths.
-        calibration = to_model_input(natural_images(4, size, 1), spec)
-        apply_stress_weights(model, torch.from_numpy(calibration))
     x = to_model_input(natural_images(batch, size, 0), spec)
     native = ov_runtime.inference_precisions() if "openvino" in runtimes else ()
     skipped = _skipped(runtimes, precisions, native)
-    candidates: dict[str, Candidate] = {}
     with tempfile.TemporaryDirectory() as tmp:
         progress("exporting the plain unfused ONNX file (the baseline)")
         plain = api.export(
@@ -153,27 +136,16 @@ def benchmark(
         )
         unfused_ort = OrtRunner(plain.path, threads, ORT_LEVEL, spinning=False)
         # The plain export is the baseline of every ratio, so it always runs.
-        candidates[BASELINE] = Candidate(
-            unfused_ort, "onnxruntime", "fp32", plain.path, plain.metadata
-        )
+        candidates = {
+            BASELINE: Candidate(unfused_ort, "onnxruntime", "fp32", plain.path, plain.metadata)
+        }
         if opened:
             candidates.update(_given_candidates(opened, threads, request.device))
         else:
-            files_of = _FormatFiles(
-                FORMATS["onnx"], spec.name, model, size, batch, Path(tmp), progress, skipped
-            )
-            candidates.update(_onnx_candidates(files_of, runtimes, precisions, native, threads))
-            for fmt in others:
-                files = _FormatFiles(
-                    fmt, spec.name, model, size, batch, Path(tmp), progress, skipped
-                )
-                candidates.update(_format_candidates(files, precisions, threads))
+            made = _Made(spec.name, model, size, batch, Path(tmp), progress, skipped)
+            candidates.update(_made_candidates(made, runtimes, others, precisions, native, threads))
         if "torch" in runtimes:
-            fused_model = reparameterize(model, image_size=size)
-            candidates["torch eager, unfused"] = Candidate(TorchRunner(model), "torch", "fp32")
-            candidates["torch eager, fused (mvd)"] = Candidate(
-                TorchRunner(fused_model), "torch", "fp32"
-            )
+            candidates.update(_torch_candidates(model))
         progress(f"measuring the accuracy of {len(candidates)} candidates")
         with torch_threads(threads):
             accuracy = _accuracy(model, spec, size, batch, candidates)
@@ -185,6 +157,72 @@ def benchmark(
     return _report(
         model, batch, threads, results, accuracy, unfused_ort, skipped, stopping, progress
     )
+
+
+def _check_runtimes(runtimes: Sequence[str], given_files: bool) -> list:
+    """The formats (beyond ONNX) whose runtimes were asked, each able to run here; an
+    unknown or missing runtime is refused before any work."""
+    unknown = set(runtimes) - set(RUNTIMES)
+    if unknown or not runtimes:
+        raise BadInput(f"unknown runtime {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")
+    others = [f for f in FORMATS.values() if f.name != "onnx" and f.runtime in runtimes]
+    for fmt in others if not given_files else ():
+        check_format(fmt.name)
+        if not fmt.runs_here():
+            raise BadInput(f"{fmt.runtime} runs {fmt.runs_only_on}: it cannot be timed here")
+    if "openvino" in runtimes and not ov_runtime.available():
+        raise BackendUnavailable(f"the openvino runtime needs openvino: {ov_runtime.INSTALL_HINT}")
+    return others
+
+
+def _bench_model(name: str | None, opened: list, request: Request):
+    """The unfused model: rebuilt from the given files' records, or loaded by name (with
+    stress weights where none were given: freshly initialised weights can hit denormal
+    slow paths, which no trained model does)."""
+    if opened:
+        return rebuild(opened, request).model
+    model = api.load_model(name, request.weights, **request.model_options)
+    if model.mvd_provenance is None:
+        spec = model.mvd_spec
+        calibration = to_model_input(natural_images(4, spec.input_hw, 1), spec)
+        apply_stress_weights(model, torch.from_numpy(calibration))
+    return model
+
+
+def _torch_candidates(model) -> dict:
+    """Torch eager, unfused and fused: timed and judged for reference, never shipped."""
+    fused = reparameterize(model, image_size=model.mvd_spec.input_hw)
+    return {
+        "torch eager, unfused": Candidate(TorchRunner(model), "torch", "fp32"),
+        "torch eager, fused (mvd)": Candidate(TorchRunner(fused), "torch", "fp32"),
+    }
+
+
+@dataclass(frozen=True)
+class _Made:
+    """What the fused files of a model-name run are made from."""
+
+    name: str
+    model: object
+    size: tuple[int, int]
+    batch: int
+    tmp: Path
+    progress: Callable[[str], None]
+    skipped: list[str]
+
+    def files(self, fmt) -> _FormatFiles:
+        return _FormatFiles(
+            fmt, self.name, self.model, self.size, self.batch, self.tmp, self.progress, self.skipped
+        )
+
+
+def _made_candidates(made: _Made, runtimes, others, precisions, native, threads: int) -> dict:
+    """The fused files of a model-name run: ONNX in onnxruntime and OpenVINO, then each
+    other asked format in its runtime."""
+    out = _onnx_candidates(made.files(FORMATS["onnx"]), runtimes, precisions, native, threads)
+    for fmt in others:
+        out.update(_format_candidates(made.files(fmt), precisions, threads))
+    return out
 
 
 def _report(model, batch, threads, results, accuracy, session, skipped, stopping, progress) -> dict:
