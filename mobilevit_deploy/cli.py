@@ -25,6 +25,7 @@ from rich.table import Table
 from .cli_options import (
     FILE_OPTIONS,
     BenchRuntimes,
+    Device,
     Format,
     Formats,
     JsonPath,
@@ -440,15 +441,21 @@ def report(
 
 @app.command()
 @handle_errors
-def doctor(json_path: JsonPath = None) -> None:
-    """Versions, machine, which formats this machine can export and run, and the runtimes."""
+def doctor(json_path: JsonPath = None, device: Device = None) -> None:
+    """Versions, machine, which formats this machine can export and run, and the runtimes;
+    with --device, that device's CPU and which files it can run."""
     from .info import doctor_info
 
     _check_outputs(json_path)
+    if device is not None:
+        _doctor_device(device, json_path)
+        return
     data = doctor_info()
     if _emit_json(json_path, data):
         return
     out.print(f"machine: {data['machine_line']}")
+    for extra, why in data["not_on_this_platform"].items():
+        out.print(f"[{extra}] does not install on this platform: {escape(why)}")
     table = Table(title="formats")
     for col in ("format", "export", "run here", "install"):
         table.add_column(col)
@@ -463,6 +470,26 @@ def doctor(json_path: JsonPath = None) -> None:
         cpu = "-" if native is None else "native " + (", ".join(native) or "fp32 only")
         version = r["version"] or "not installed"
         table.add_row(r["name"], r["runs"], version, cpu, escape(r["install"] or "-"))
+    out.print(table)
+
+
+def _doctor_device(device: str, json_path) -> None:
+    from .device import describe
+
+    data = describe(device)
+    if _emit_json(json_path, data):
+        return
+    out.print(f"device {escape(device)}: {escape(data['machine_line'])}")
+    if data["emulated"]:
+        out.print("emulated: its numbers are the core's, its timings the emulator's")
+    for note in data["notes"]:
+        out.print(f"  {escape(note)}")
+    table = Table(title="files it runs")
+    for col in ("format", "runtime", "version", "install"):
+        table.add_column(col)
+    for f in data["formats"]:
+        version = f["version"] or "not installed"
+        table.add_row(f["name"], f["runtime"], version, escape(f["install"] or "-"))
     out.print(table)
 
 

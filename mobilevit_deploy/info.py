@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .exporters.formats import FORMATS
 from .limits import check_image_hw, check_num_classes
 from .machine import machine_stamp, stamp_line
+from .platforms import ARM_INSTALLS, platform_key
 from .reparam import reparameterize
 from .runtimes import openvino
 from .zoo import list_models
@@ -136,6 +137,7 @@ def doctor_info() -> dict:
         "machine_line": stamp_line(stamp),
         "formats": formats,
         "runtimes": runtime_rows(stamp["versions"]),
+        "not_on_this_platform": dict(ARM_INSTALLS.get(platform_key() or "", {})),
     }
 
 

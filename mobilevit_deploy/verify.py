@@ -216,6 +216,15 @@ class _Checker:
             )
         return self._bilinear
 
+    def _note_device(self, device: str, facts: dict) -> None:
+        """Where the files ran, said once: the reference and the judging stayed here."""
+        from .device.stamp import device_stamp
+        from .machine import stamp_line
+
+        note = f"files ran on the device {device!r}: {stamp_line(device_stamp(facts))}"
+        if note not in self.report.notes:
+            self.report.notes.append(note)
+
     def check_file(self, file: FileToCheck, fused, label: str, device: str | None) -> None:
         """One file against the reference, judged at its precision's bound."""
         record = file.record or {}
@@ -235,6 +244,8 @@ class _Checker:
             self.progress(f"running {file.label}")
             runner = open_runner(file.format, file.path, device=device)
             output = run_per_sample(runner, self.inputs.x)
+            if device is not None:
+                self._note_device(device, runner.facts)
             if record.get("probabilities"):  # a classifier answering with probabilities
                 target = softmax(target)
         if file.precision == "int8":  # calibrated for images: judged on the images alone

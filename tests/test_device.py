@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from cli_helpers import VERIFY_SMALL, json_out
 from onnx import TensorProto, helper
 
 from mobilevit_deploy import device
@@ -138,3 +139,16 @@ def test_a_real_board_is_named_from_its_cpuinfo():
     assert stamp["isa"] == ["neon"] and not stamp["emulated"]
     assert stamp["cpu_model"] == "Cortex-A72"
     assert core_name("0x00000000410fd083") == "Cortex-A72"
+
+
+def test_verify_runs_the_files_on_the_device_and_judges_here():
+    report = json_out(*VERIFY_SMALL, "--formats", "onnx", "--device", PYTHON, "--json", "-")
+    assert report["passed"]
+    assert any(n.startswith(f"files ran on the device {PYTHON!r}") for n in report["notes"])
+
+
+def test_doctor_describes_a_device():
+    data = json_out("doctor", "--device", PYTHON, "--json", "-")
+    assert data["machine"]["arch"] and not data["emulated"]
+    assert {f["name"] for f in data["formats"]} == {"onnx", "tflite", "executorch"}
+    assert "not_on_this_platform" in json_out("doctor", "--json", "-")

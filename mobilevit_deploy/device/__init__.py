@@ -20,10 +20,18 @@ import numpy as np
 
 from ..errors import BackendUnavailable, BadInput
 from ..files import sidecar_path
+from ..machine import stamp_line
 from . import arm64
 from .session import DeviceLost, Session
 
-__all__ = ["DeviceLost", "RemoteRunner", "device_facts", "is_emulated", "open_remote_runner"]
+__all__ = [
+    "DeviceLost",
+    "RemoteRunner",
+    "describe",
+    "device_facts",
+    "is_emulated",
+    "open_remote_runner",
+]
 
 _sessions: dict[str, Session] = {}
 
@@ -52,6 +60,36 @@ def device_facts(device: str) -> dict:
     """What the device says about itself: machine, CPU (cpuinfo, HWCAP features, MIDR),
     Python and runtime versions."""
     return session(device).facts
+
+
+def describe(device: str) -> dict:
+    """`mvd doctor --device`: the device's stamp, what its CPU means for the reduced
+    precisions, and which formats' files it can run (or what to pip install there)."""
+    from .remote_runner import PIP_NAMES
+    from .stamp import device_stamp
+
+    facts = device_facts(device)
+    stamp = device_stamp(facts)
+    versions = facts.get("versions", {})
+    formats = []
+    for fmt, (_module, pip) in PIP_NAMES.items():
+        dist = pip.partition("==")[0]
+        formats.append(
+            {
+                "name": fmt,
+                "runtime": dist,
+                "version": versions.get(dist),
+                "install": None if versions.get(dist) else f"pip install {pip} (there)",
+            }
+        )
+    return {
+        "device": device,
+        "machine": stamp,
+        "machine_line": stamp_line(stamp),
+        "emulated": stamp["emulated"],
+        "notes": stamp["notes"],
+        "formats": formats,
+    }
 
 
 def is_emulated(facts: dict) -> bool:
