@@ -3,8 +3,9 @@
 - `cli.md`, the CLI reference, is walked out of the typer app (`mobilevit_deploy.cli.app`)
   on every build, so a flag added, renamed or removed shows up without anyone editing a
   page, and a page cannot describe a flag that no longer exists.
-- `benchmarks/*.md` (and the zoo plot) are the dated measurement records that the
-  benchmark scripts write at the repository's root; the site shows them as they are.
+- `benchmarks/*.md` (and the plots) are the dated measurement records that the
+  benchmark scripts write at the repository's root; the site shows them as they are,
+  so a page links one as `benchmarks/NAME.md` (those not in the nav are still built).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import typer.core
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPE_NAMES = {str: "text", int: "integer", float: "number", Path: "path"}
-RECORDS = ("RESULTS.md", "MATRIX.md", "INT8.md", "MEMORY.md", "zoo_latency.png")
 
 
 def click_command():
@@ -109,7 +109,7 @@ def on_files(files, config):
     from mkdocs.structure.files import File
 
     files.append(File.generated(config, "cli.md", content=cli_reference()))
-    for record in RECORDS:
-        path = ROOT / "benchmarks" / record
-        files.append(File.generated(config, f"benchmarks/{record}", abs_src_path=str(path)))
+    records = ROOT / "benchmarks"
+    for path in sorted([*records.glob("*.md"), *records.glob("*.png")]):
+        files.append(File.generated(config, f"benchmarks/{path.name}", abs_src_path=str(path)))
     return files
