@@ -273,7 +273,7 @@ def make_job(
         fmt=plan.fmt.name,
         extra_tools=plan.fmt.dists,
     )
-    notes = [*plan.notes, *spec.adaptations]
+    notes = [*plan.notes, *spec.adaptations, *plan.fmt.default_notes(plan.options)]
     upsample, chosen = _upsample_choice(plan, model)
     if chosen:
         notes.append(chosen)

@@ -96,6 +96,13 @@ def named_classifier(tmp_path_factory):
 def test_a_classifier_with_names_loads_in_mediapipe(named_classifier):
     record = named_classifier.metadata
     assert record["input_layout"] == "NHWC" and record["normalize_inside"]
+    # the export says so, each default that changed in a note
+    assert [n for n in named_classifier.notes if "a new default" in n] == [
+        "tflite: channels-last (NHWC) input, as MediaPipe takes it (a new default); "
+        "--no-nhwc keeps NCHW",
+        "tflite: RGB input in [0, 1], (x - mean) / std inside the file (a new default); "
+        "--no-normalize-inside takes the normalised input",
+    ]
     check_agrees(named_classifier)
     found = classified(named_classifier.path, natural_images(1, SIZE, seed=1)[0])
     assert {c.category_name for c in found} == {"cat", "dog", "bird"}

@@ -24,9 +24,10 @@ from typing import Any
 from ..errors import BackendUnavailable, BadInput, one_line
 
 
-def option(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A format option: its default, its help line, and the values it takes."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple | None = None, note: str | None = None) -> Any:
+    """A format option: its default, its help line, and the values it takes. `note` is
+    what an export left at this default says (a default that changed: CHANGELOG.md)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "note": note})
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class OnnxOptions:
 class CoreMLOptions:
     # An image input is what Vision (VNCoreMLModel) and Xcode's preview take.
     image_input: bool = option(
-        True, "An image input (RGB pixels), preprocessing inside; else a normalised tensor."
+        True,
+        "An image input (RGB pixels), preprocessing inside; else a normalised tensor.",
+        note="an image input, as Vision and Xcode take it (a new default); "
+        "--no-image-input gives the normalised tensor input",
     )
     min_target: str = option(
         "iOS16",
@@ -60,9 +64,17 @@ class TFLiteOptions:
     # The defaults are what MediaPipe, the Task Library and Android bitmaps take:
     # channels-last, and RGB in [0, 1] (MediaPipe normalises with one mean and std for
     # all channels, so a per-channel one must be inside the file).
-    nhwc: bool = option(True, "Channels-last input and output, as MediaPipe takes them.")
+    nhwc: bool = option(
+        True,
+        "Channels-last input and output, as MediaPipe takes them.",
+        note="channels-last (NHWC) input, as MediaPipe takes it (a new default); "
+        "--no-nhwc keeps NCHW",
+    )
     normalize_inside: bool = option(
-        True, "(x - mean) / std in the file, which then takes RGB in [0, 1]."
+        True,
+        "(x - mean) / std in the file, which then takes RGB in [0, 1].",
+        note="RGB input in [0, 1], (x - mean) / std inside the file (a new default); "
+        "--no-normalize-inside takes the normalised input",
     )
     int8_mode: str = option(
         "static", "int8: static (full integer) or dynamic (range).", ("static", "dynamic")
@@ -156,6 +168,14 @@ class Format:
 
     def open_runner(self, path, threads: int | None = None) -> Callable:
         return self.load("runner")(path, threads)
+
+    def default_notes(self, options: Any) -> list[str]:
+        """What the export says of the options left at a default that changed."""
+        return [
+            f"{self.name}: {f.metadata['note']}"
+            for f in dataclasses.fields(self.options)
+            if f.metadata.get("note") and getattr(options, f.name) == f.default
+        ]
 
     def make_options(self, values: dict) -> Any:
         """The typed options from the values given (the rest take their defaults),
