@@ -29,13 +29,13 @@ vision = pytest.importorskip("mediapipe.tasks.python.vision")
 SIZE = 64  # a multiple of every family's stride, small enough to export the zoo quickly
 
 
-def _exported(name: str, tmp_path, labels=None):
+def _exported(name: str, tmp_path, labels=None, **options):
     """A stressed model of `name` at SIZE, exported to TFLite with default options."""
     classes = len(labels) if labels else None
     model = api.load_model(name, image_size=SIZE, num_classes=classes, labels=labels)
     calibration = torch.from_numpy(to_model_input(natural_images(4, SIZE, 100), model.mvd_spec))
     apply_stress_weights(model, calibration, seed=0)
-    return api.export(name, "tflite", model=model, output=tmp_path / f"{name}.tflite")
+    return api.export(name, "tflite", model=model, output=tmp_path / f"{name}.tflite", **options)
 
 
 def _base(path):
@@ -114,6 +114,16 @@ def test_the_labels_file_is_packed_as_the_populator_packs_it(named_classifier):
     with zipfile.ZipFile(named_classifier.path) as archive:
         assert archive.namelist() == [LABELS_FILE]
         assert archive.read(LABELS_FILE) == b"cat\ndog\nbird\n"
+
+
+@pytest.mark.slow
+def test_an_int8_file_loads_in_mediapipe_as_the_fp32_one_does(tmp_path):
+    """int8 inside, float32 in and out: the same app code runs it."""
+    artifact = _exported(
+        "fastvit_t8", tmp_path, precision="int8", int8_target=0, calibration_images=8
+    )
+    assert artifact.metadata["input_details"] == {"shape": [1, SIZE, SIZE, 3], "dtype": "float32"}
+    check_agrees(artifact)
 
 
 ZOO = [s.name for s in list_models() if s.output_kind in ("classification", "segmentation")]
