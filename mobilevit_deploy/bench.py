@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import api
+from .bench_device import device_machine, device_runtimes, emulation_note, time_on_device
 from .errors import BackendUnavailable, BadInput, ExportFailed, VerificationFailed
 from .exporters.formats import FORMATS, check_format
 from .files import artifact_size
@@ -113,7 +114,11 @@ def benchmark(
     runs here is skipped, and the report's `skipped` says why."""
     request = Request.of(request, **options)
     precisions = request.precisions or ("fp32",)
-    others = _check_runtimes(runtimes, given_files=bool(files))
+    device = request.device
+    device_skipped: list[str] = []
+    if device is not None:  # only files go to a device (bench_device.py)
+        runtimes = device_runtimes(tuple(runtimes), device_skipped)
+    others = _check_runtimes(runtimes, given_files=bool(files) or device is not None)
     threads = threads or os.cpu_count() or 1
     opened = open_files([Path(f) for f in files]) if files else []
     model = _bench_model(name, opened, request)
@@ -123,7 +128,7 @@ def benchmark(
     size = spec.input_hw
     x = to_model_input(natural_images(batch, size, 0), spec)
     native = ov_runtime.inference_precisions() if "openvino" in runtimes else ()
-    skipped = _skipped(runtimes, precisions, native)
+    skipped = device_skipped + _skipped(runtimes, precisions, native)
     with tempfile.TemporaryDirectory() as tmp:
         progress("exporting the plain unfused ONNX file (the baseline)")
         plain = api.export(
@@ -134,29 +139,59 @@ def benchmark(
             reparam=False,
             simplify=False,
         )
-        unfused_ort = OrtRunner(plain.path, threads, ORT_LEVEL, spinning=False)
+        unfused_ort = (
+            OrtRunner(plain.path, threads, ORT_LEVEL, spinning=False)
+            if device is None
+            else open_runner("onnx", plain.path, threads, device)
+        )
         # The plain export is the baseline of every ratio, so it always runs.
         candidates = {
             BASELINE: Candidate(unfused_ort, "onnxruntime", "fp32", plain.path, plain.metadata)
         }
         if opened:
-            candidates.update(_given_candidates(opened, threads, request.device))
+            candidates.update(_given_candidates(opened, threads, device))
         else:
-            made = _Made(spec.name, model, size, batch, Path(tmp), progress, skipped)
+            made = _Made(spec.name, model, size, batch, Path(tmp), progress, skipped, device)
             candidates.update(_made_candidates(made, runtimes, others, precisions, native, threads))
         if "torch" in runtimes:
             candidates.update(_torch_candidates(model))
         progress(f"measuring the accuracy of {len(candidates)} candidates")
         with torch_threads(threads):
             accuracy = _accuracy(model, spec, size, batch, candidates)
-        progress(f"timing {len(candidates)} candidates interleaved")
-        timed = {label: partial(c.run, x) for label, c in candidates.items()}
-        with torch_threads(threads):
-            results = interleaved(timed, batch=batch, min_runs=min_runs, min_time_s=min_time_s)
+        results = _timings(candidates, x, batch, threads, min_time_s, min_runs, device, progress)
+    if results is None:
+        skipped.append(emulation_note(device))
     stopping = {"min_runs": min_runs, "min_time_s": min_time_s}
-    return _report(
-        model, batch, threads, results, accuracy, unfused_ort, skipped, stopping, progress
+    report = _report(
+        model,
+        batch,
+        threads,
+        results,
+        accuracy,
+        unfused_ort,
+        skipped,
+        stopping,
+        progress,
+        here=device is None,
     )
+    if device is not None:
+        report["machine"] = device_machine(device)
+        report["machine_line"] = stamp_line(report["machine"])
+    return report
+
+
+def _timings(candidates, x, batch, threads, min_time_s, min_runs, device, progress):
+    """Every candidate's latency: here interleaved, on a device by its own loop there,
+    and under emulation none (None)."""
+    if device is not None:
+        if emulation_note(device):
+            return None
+        runners = {label: c.run for label, c in candidates.items()}
+        return time_on_device(runners, x, batch, min_time_s, min_runs, progress)
+    progress(f"timing {len(candidates)} candidates interleaved")
+    timed = {label: partial(c.run, x) for label, c in candidates.items()}
+    with torch_threads(threads):
+        return interleaved(timed, batch=batch, min_runs=min_runs, min_time_s=min_time_s)
 
 
 def _check_runtimes(runtimes: Sequence[str], given_files: bool) -> list:
@@ -209,11 +244,14 @@ class _Made:
     tmp: Path
     progress: Callable[[str], None]
     skipped: list[str]
+    device: str | None = None  # where the files run (None: here)
 
     def files(self, fmt) -> _FormatFiles:
-        return _FormatFiles(
+        files = _FormatFiles(
             fmt, self.name, self.model, self.size, self.batch, self.tmp, self.progress, self.skipped
         )
+        files.device = self.device
+        return files
 
 
 def _made_candidates(made: _Made, runtimes, others, precisions, native, threads: int) -> dict:
@@ -225,27 +263,29 @@ def _made_candidates(made: _Made, runtimes, others, precisions, native, threads:
     return out
 
 
-def _report(model, batch, threads, results, accuracy, session, skipped, stopping, progress) -> dict:
-    """The report of a timed run: each row's latency, ratio, rate and accuracy."""
+def _report(
+    model, batch, threads, results, accuracy, session, skipped, stopping, progress, here=True
+) -> dict:
+    """The report of a run: each row's latency, ratio, rate and accuracy (`results`
+    None: accuracy alone). The matmul peak is this machine's, so only `here`."""
     spec = model.mvd_spec
     size = spec.input_hw
-    base = results[BASELINE].median_ms
     stamp = machine_stamp()
-    progress("measuring the matmul peak")
-    peak = matmul_peak_gflops(threads)
+    peak = None
+    if here:
+        progress("measuring the matmul peak")
+        peak = matmul_peak_gflops(threads)
     # The useful work is the fused model's: unfused branches are overhead, not output.
     macs = count_macs(reparameterize(model, image_size=size), size)
     gflop = 2 * macs * batch / 1e9
+    base = results[BASELINE].median_ms if results else None
     rows = [
         {
             "runtime": key,
-            **res.to_dict(),
-            "ratio_to_baseline": res.median_ms / base,
-            "gflops": gflop / (res.median_ms / 1e3),
-            "percent_of_peak": 100 * gflop / (res.median_ms / 1e3) / peak,
+            **_timing_fields(results[key] if results else None, base, gflop, peak),
             **accuracy[key],
         }
-        for key, res in results.items()
+        for key in accuracy
     ]
     return {
         "model": spec.name,
@@ -263,6 +303,18 @@ def _report(model, batch, threads, results, accuracy, session, skipped, stopping
         "results": rows,
         "fastest_passing": fastest_passing(rows),
         "skipped": skipped,
+    }
+
+
+def _timing_fields(res, base: float | None, gflop: float, peak: float | None) -> dict:
+    if res is None:
+        return {"median_ms": None}
+    rate = gflop / (res.median_ms / 1e3)
+    return {
+        **res.to_dict(),
+        "ratio_to_baseline": res.median_ms / base,
+        "gflops": rate,
+        "percent_of_peak": 100 * rate / peak if peak else None,
     }
 
 
@@ -302,7 +354,7 @@ def _onnx_candidates(onnx_files, runtimes, precisions, native, threads: int) -> 
             artifact = onnx_files.get(precision)
             if artifact is None:
                 continue
-            runner = OrtRunner(artifact.path, threads, ORT_LEVEL, spinning=False)
+            runner = onnx_files.runner(artifact, threads)
             suffix = "" if precision == "fp32" else f" {precision}"
             out[f"onnxruntime, fused{suffix} (mvd)"] = Candidate(
                 runner, "onnxruntime", precision, artifact.path, artifact.metadata
@@ -315,7 +367,11 @@ def _onnx_candidates(onnx_files, runtimes, precisions, native, threads: int) -> 
 def fastest_passing(rows: list[dict]) -> str | None:
     """The label of the fastest row that passed its bound, torch eager excluded (no
     artifact ships it); None when nothing deployable passed."""
-    passing = [r for r in rows if r["passed"] and r["runtime_name"] != "torch"]
+    passing = [
+        r
+        for r in rows
+        if r["passed"] and r["runtime_name"] != "torch" and r["median_ms"] is not None
+    ]
     return min(passing, key=lambda r: r["median_ms"])["runtime"] if passing else None
 
 
@@ -330,6 +386,15 @@ class _FormatFiles:
         self.fmt, self.name, self.model, self.size, self.batch = fmt, name, model, size, batch
         self.tmp, self.progress, self.skipped = tmp, progress, skipped
         self.files: dict[str, api.Artifact | None] = {}
+        self.device: str | None = None
+
+    def runner(self, artifact: api.Artifact, threads: int):
+        """onnxruntime at the benchmark's session settings here; the device's runner there."""
+        if self.device is not None:
+            return open_runner(self.fmt.name, artifact.path, threads, self.device)
+        if self.fmt.name == "onnx":
+            return OrtRunner(artifact.path, threads, ORT_LEVEL, spinning=False)
+        return self.fmt.open_runner(artifact.path, threads)
 
     def get(self, precision: str) -> api.Artifact | None:
         if precision not in self.files:
@@ -395,7 +460,7 @@ def _format_candidates(files: _FormatFiles, precisions, threads: int) -> dict:
         artifact = files.get(precision)
         if artifact is None:
             continue
-        runner = fmt.open_runner(artifact.path, threads)
+        runner = files.runner(artifact, threads)
         suffix = "" if precision == "fp32" else f" {precision}"
         out[f"{fmt.runtime}, fused{suffix} (mvd)"] = Candidate(
             runner, fmt.runtime, precision, artifact.path, artifact.metadata
@@ -453,7 +518,23 @@ def _accuracy(model, spec, size, batch: int, candidates: dict[str, Candidate]) -
 def render(report: dict, console) -> None:
     """The timing table, then the decision table: each candidate's accuracy, bound and
     size beside its latency, the fastest one that passed marked. Two tables, because
-    one holding both is too wide for a terminal or a CI log."""
+    one holding both is too wide for a terminal or a CI log. Without timings (an
+    emulated device), the decision table alone."""
+    if any(r["median_ms"] is not None for r in report["results"]):
+        _timing_table(report, console)
+    else:
+        console.print(f"machine: {report['machine_line']}")
+    console.print(_decision_table(report))
+    fastest = report["fastest_passing"]
+    console.print(
+        "agree: top-1 (or pixel) agreement on decisive inputs; fastest: the fastest row within "
+        f"its bound, torch eager aside: {fastest or 'none passed'}"
+    )
+    for note in report["skipped"]:
+        console.print(f"skipped: {note}")
+
+
+def _timing_table(report: dict, console) -> None:
     from rich.table import Table
 
     table = Table(
@@ -481,23 +562,18 @@ def render(report: dict, console) -> None:
             f"{r['min_ms']:.2f}",
             f"{r['std_ms']:.2f}",
             f"{r['throughput_per_s']:.1f}",
-            f"{r['gflops']:.1f} ({r['percent_of_peak']:.0f}%)",
+            f"{r['gflops']:.1f}"
+            + ("" if r["percent_of_peak"] is None else f" ({r['percent_of_peak']:.0f}%)"),
             f"{r['ratio_to_baseline']:.2f}x",
         )
     console.print(table)
+    peak = report["matmul_peak_gflops"]
     console.print(
         f"baseline: {report['baseline']}; GFLOP/s from {report['macs_per_image'] / 1e9:.2f} GMACs "
-        f"per image, % of this machine's fp32 matmul peak "
-        f"({report['matmul_peak_gflops']:.0f} GFLOP/s); machine: {report['machine_line']}"
+        "per image"
+        + ("" if peak is None else f", % of this machine's fp32 matmul peak ({peak:.0f} GFLOP/s)")
+        + f"; machine: {report['machine_line']}"
     )
-    console.print(_decision_table(report))
-    fastest = report["fastest_passing"]
-    console.print(
-        "agree: top-1 (or pixel) agreement on decisive inputs; fastest: the fastest row within "
-        f"its bound, torch eager aside: {fastest or 'none passed'}"
-    )
-    for note in report["skipped"]:
-        console.print(f"skipped: {note}")
 
 
 def _decision_table(report: dict):
@@ -513,7 +589,7 @@ def _decision_table(report: dict):
             verdict = "[green]pass[/]" if r["passed"] else "[bold red]FAIL[/]"
         table.add_row(
             r["runtime"],
-            f"{r['median_ms']:.2f}",
+            "-" if r["median_ms"] is None else f"{r['median_ms']:.2f}",
             f"{r['psnr_db']:.1f}",
             "-" if r["agreement"] is None else f"{r['agreement']:.2f}",
             r["bound"],

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import json_out
 from torch import nn
 
 from mobilevit_deploy.device import device_facts, is_emulated
@@ -67,3 +68,64 @@ def test_a_file_runs_over_ssh(ssh_device, tmp_path):
     runner = open_runner("onnx", path, device=ssh_device)
     np.testing.assert_array_equal(runner(x), open_runner("onnx", path)(x))
     assert len(runner.time(x, min_time_s=0.0, min_runs=3)) >= 3
+
+
+# One classifier of each family and a segmenter, small: emulated inference is slow.
+ON_ARM = [
+    ("fastvit_t8", "64"),
+    ("efficientvit_b0", "64"),
+    ("levit_128s", "64"),
+    ("seaformer_tiny", "64"),
+    ("sepvit_lite", "64"),
+    ("efficientvit_seg_b0_cityscapes", "64x128"),
+]
+
+
+@pytest.mark.parametrize("name, size", ON_ARM)
+def test_verify_on_the_a76(arm64_device, name, size):
+    """ONNX fp32/fp16/int8 and TFLite fp32/int8, exported here, run on the emulated
+    Cortex-A76 and judged here: the fp16 ONNX file holds its bound there too."""
+    common = ["--image-size", size, "--num-images", "2", "--device", arm64_device, "--json", "-"]
+    onnx_report = json_out(
+        "verify", name, "--formats", "onnx", "--precisions", "fp32,fp16,int8", *common
+    )
+    tflite_report = json_out(
+        "verify", name, "--formats", "tflite", "--precisions", "fp32,int8", *common
+    )
+    for report in (onnx_report, tflite_report):
+        failed = [
+            (p["candidate"], p["metrics"]["psnr_db"]) for p in report["pairs"] if not p["passed"]
+        ]
+        assert report["passed"], failed
+        assert any("Cortex-A76 (emulated" in n for n in report["notes"])
+    fp16 = next(p for p in onnx_report["pairs"] if p["candidate"] == "onnx fused (fp16)")
+    assert fp16["metrics"]["psnr_db"] >= 40
+
+
+def test_bench_under_emulation_times_nothing_and_says_why(arm64_device):
+    report = json_out(
+        "bench", "fastvit_t8", "--image-size", "64", "--device", arm64_device, "--json", "-"
+    )
+    assert report["results"] and all(r["median_ms"] is None for r in report["results"])
+    assert all(r["passed"] for r in report["results"])
+    assert any("emulated by qemu-user" in note for note in report["skipped"])
+    assert report["fastest_passing"] is None
+
+
+def test_bench_over_ssh_times_on_the_device(ssh_device):
+    report = json_out(
+        "bench",
+        "fastvit_t8",
+        "--image-size",
+        "64",
+        "--min-time",
+        "0.1",
+        "--min-runs",
+        "3",
+        "--device",
+        ssh_device,
+        "--json",
+        "-",
+    )
+    assert all(r["median_ms"] > 0 for r in report["results"])
+    assert report["fastest_passing"] and report["machine"]["device"] == ssh_device

@@ -152,7 +152,8 @@ class RemoteRunner:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def time(self, x: np.ndarray, min_time_s: float, min_runs: int) -> list[float]:
-        """Seconds per inference, timed on the device (after one warm-up run there)."""
+        """Seconds per inference, timed on the device (after three warm-up runs there, as
+        timing.time_callable does here)."""
         header = {"op": "time", "handle": self.handle, "min_time_s": min_time_s}
         answer, _ = self._checked({**header, "min_runs": min_runs}, arrays=(x,))
         return answer["seconds"]

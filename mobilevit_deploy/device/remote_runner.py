@@ -265,7 +265,7 @@ def serve(inp, out) -> None:
                 send({"ok": True, "seconds": time.perf_counter() - t0}, outs)
             elif op == "time":
                 model = models[msg["handle"]]
-                runs = time_runs(model, arrays[0], msg["min_time_s"], msg["min_runs"], 1)
+                runs = time_runs(model, arrays[0], msg["min_time_s"], msg["min_runs"], 3)
                 send({"ok": True, "seconds": runs})
             elif op == "unload":
                 models[msg["handle"]] = None
