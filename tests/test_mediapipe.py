@@ -126,6 +126,25 @@ def test_an_int8_file_loads_in_mediapipe_as_the_fp32_one_does(tmp_path):
     check_agrees(artifact)
 
 
+@pytest.mark.slow
+def test_pooled_features_load_in_mediapipes_image_embedder(tmp_path):
+    """A headless model's file carries input metadata and a plain output: MediaPipe's
+    ImageEmbedder takes it, and its embedding is mvd's LiteRT output."""
+    artifact = api.export(
+        "fastvit_t8", "tflite", output=tmp_path / "e.tflite", image_size=SIZE, num_classes=0
+    )
+    image = natural_images(1, SIZE, seed=7)[0]
+    options = vision.ImageEmbedderOptions(base_options=_base(artifact.path))
+    with vision.ImageEmbedder.create_from_options(options) as embedder:
+        found = embedder.embed(mp.Image(image_format=mp.ImageFormat.SRGB, data=image))
+    record = artifact.metadata
+    x = ((image / 255.0 - record["mean"]) / record["std"]).astype(np.float32)
+    ours = LiteRTRunner(artifact.path)(x.transpose(2, 0, 1)[None])[0]
+    theirs = found.embeddings[0].embedding
+    assert np.abs(theirs - ours).max() <= 1e-5 * np.abs(ours).max()
+    assert not zipfile.is_zipfile(artifact.path)  # no classes, no labels file
+
+
 ZOO = [s.name for s in list_models() if s.output_kind in ("classification", "segmentation")]
 
 
