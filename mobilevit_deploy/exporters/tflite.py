@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ExportFailed, one_line
 from ..files import atomic_artifact
 from ..quiet import quiet
-from ..runtimes.litert import METADATA_NAME
+from ..runtimes.litert import METADATA_NAME, pixels
 from . import ExportJob, float_modules, module_outputs, tflite_metadata, writers
 from .formats import FORMATS
 from .metadata import ArtifactMetadata
@@ -74,13 +74,6 @@ class _Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.model((x - self.mean) * self.inv_std)
-
-
-def pixels(x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """Normalised NCHW input back to RGB in [0, 1]: what a file with the normalisation
-    inside takes."""
-    mean_, std_ = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
-    return (x * std_ + mean_).astype(np.float32)
 
 
 class _NamedOutputs(nn.Module):

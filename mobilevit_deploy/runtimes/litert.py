@@ -94,6 +94,13 @@ def file_facts(path: Path) -> dict:
     }
 
 
+def pixels(x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """Normalised NCHW input back to RGB in [0, 1]: what a file with the normalisation
+    inside takes."""
+    mean_, std_ = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (mean, std))
+    return (x * std_ + mean_).astype(np.float32)
+
+
 class LiteRTRunner:
     def __init__(self, path: Path | str, threads: int | None = None) -> None:
         with quiet():
@@ -114,7 +121,7 @@ class LiteRTRunner:
         self.nhwc = layout == "NHWC"
         # A file with the normalisation inside takes RGB in [0, 1]; the caller speaks
         # normalised input, as to every runner.
-        self.pixels = (meta["mean"], meta["std"]) if meta.get("normalize_inside") else None
+        self.normalization = (meta["mean"], meta["std"]) if meta.get("normalize_inside") else None
         self.options = {"num_threads": threads or 0, "delegate": "XNNPACK (default CPU)"}
 
     def _output_order(self, names: list[str] | None) -> list[int]:
@@ -128,9 +135,8 @@ class LiteRTRunner:
         return [d["index"] for d in self.interpreter.get_output_details()]
 
     def _feed(self, x: np.ndarray) -> None:
-        if self.pixels is not None:
-            mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in self.pixels)
-            x = x * std + mean
+        if self.normalization is not None:
+            x = pixels(x, *self.normalization)
         if self.nhwc:
             x = x.transpose(0, 2, 3, 1)
         if tuple(x.shape) != tuple(self.input["shape"]):
