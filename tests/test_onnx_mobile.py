@@ -19,6 +19,7 @@ from mobilevit_deploy.runtimes.onnxruntime import OrtRunner
 NAME, SIZE = "fastvit_t8", 64
 
 
+@pytest.mark.slow
 def test_the_ort_file_runs_and_equals_the_onnx_run(tmp_path):
     model = stressed(NAME, SIZE)
     out = tmp_path / "ft8.onnx"
@@ -59,6 +60,7 @@ def test_every_onnx_export_says_what_the_mobile_eps_take(tmp_path):
     assert sidecar["ort_mobile"] == found and not (tmp_path / "ft8.ort").exists()
 
 
+@pytest.mark.slow
 def test_ort_with_int8_is_refused_before_any_work(tmp_path):
     with pytest.raises(BadInput, match="--ort is not available with int8"):
         api.export(
