@@ -16,7 +16,7 @@ from mobilevit_deploy import device
 from mobilevit_deploy.device import arm64
 from mobilevit_deploy.device.stamp import core_name, device_stamp
 from mobilevit_deploy.errors import BackendUnavailable, BadInput
-from mobilevit_deploy.runtimes import open_runner
+from mobilevit_deploy.runtimes import open_runner, run_per_sample
 
 PYTHON = shlex.quote(sys.executable)
 
@@ -152,3 +152,21 @@ def test_doctor_describes_a_device():
     assert data["machine"]["arch"] and not data["emulated"]
     assert {f["name"] for f in data["formats"]} == {"onnx", "tflite", "executorch"}
     assert "not_on_this_platform" in json_out("doctor", "--json", "-")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_tflite_file_runs_on_the_device_as_here(tmp_path, precision):
+    """The default TFLite file (NHWC, the normalisation inside, int8 input and output at
+    int8): the device's runner feeds and reads it as runtimes/litert.py does."""
+    from mobilevit_deploy import api
+    from mobilevit_deploy.images import natural_images, to_model_input
+
+    artifact = api.export(
+        "fastvit_t8", "tflite", output=tmp_path / "m.tflite", image_size=64, precision=precision
+    )
+    spec = api.load_model("fastvit_t8", image_size=64).mvd_spec
+    x = to_model_input(natural_images(2, (64, 64), 0), spec)
+    here = run_per_sample(open_runner("tflite", artifact.path), x)
+    there = run_per_sample(open_runner("tflite", artifact.path, device=PYTHON), x)
+    np.testing.assert_array_equal(here, there)

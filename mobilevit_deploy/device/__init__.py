@@ -97,16 +97,25 @@ def is_emulated(facts: dict) -> bool:
     return bool(facts.get("qemu_cpu"))
 
 
-def _metadata(format_name: str, path: Path) -> dict:
-    """What the device's runner needs of the record (LiteRT: layout and output order)."""
-    sidecar = sidecar_path(path)
-    if sidecar.is_file():
-        return json.loads(sidecar.read_text())
-    if format_name == "tflite":
-        from ..runtimes.litert import read_metadata
+def _litert_options(format_name: str, path: Path) -> dict:
+    """What the device's LiteRT runner needs of the file's record, resolved here as
+    runtimes/litert.py resolves it: the output order, the input layout, and the
+    normalisation a file with it inside takes back (the caller speaks normalised NCHW)."""
+    if format_name != "tflite":
+        return {}
+    from ..records import layout_of
+    from ..runtimes.litert import file_facts, read_metadata
 
-        return read_metadata(path)
-    return {}
+    meta = read_metadata(path)
+    if not meta and sidecar_path(path).is_file():
+        meta = json.loads(sidecar_path(path).read_text())
+    layout = meta.get("input_layout") or layout_of(file_facts(path)["input_shape"])
+    inside = meta.get("normalize_inside")
+    return {
+        "output_names": meta.get("output_names"),
+        "nhwc": layout == "NHWC",
+        "normalization": [meta["mean"], meta["std"]] if inside else None,
+    }
 
 
 class RemoteRunner:
@@ -118,7 +127,7 @@ class RemoteRunner:
         path = Path(path)
         if not path.is_file():
             raise BadInput(f"--device runs single files; {path} is not one")
-        meta = _metadata(format_name, path)
+        meta = _litert_options(format_name, path)
         self.device = device
         self._session = session(device)
         self.facts = self._session.facts
@@ -128,7 +137,7 @@ class RemoteRunner:
             "format": format_name,
             "suffix": path.suffix,
             "threads": threads or 0,
-            "meta": {k: meta.get(k) for k in ("output_names", "input_layout")},
+            "meta": meta,
         }
         answer, _ = self._checked(header, path.read_bytes())
         self.handle = answer["handle"]

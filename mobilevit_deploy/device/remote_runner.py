@@ -150,8 +150,9 @@ class Onnx:
 
 
 class LiteRT:
-    """NCHW in and out, as every mvd runner speaks: a channels-last file is transposed,
-    an int8 input or output quantized with the file's own scale and zero point."""
+    """NCHW normalised input and NCHW output, as every mvd runner speaks: the client
+    resolved the file's layout, output order and inside normalisation (`meta`); int8
+    inputs and outputs are quantized with the file's own scale and zero point."""
 
     def __init__(self, path: str, threads: int, meta: dict) -> None:
         interpreter = _import("tflite", "ai_edge_litert.interpreter").Interpreter
@@ -165,10 +166,13 @@ class LiteRT:
             self.outputs = [outputs[name] for name in names]
         else:
             self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
-        layout = meta.get("input_layout")
-        self.nhwc = layout == "NHWC" or (layout is None and self.input["shape"][-1] == 3)
+        self.nhwc = meta["nhwc"]
+        self.normalization = meta.get("normalization")
 
     def __call__(self, x):
+        if self.normalization:  # back to RGB in [0, 1], which the file normalises itself
+            mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in self.normalization)
+            x = (x * std + mean).astype(np.float32)
         if self.nhwc:
             x = x.transpose(0, 2, 3, 1)
         if self.input["dtype"] != np.float32:
