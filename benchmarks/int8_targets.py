@@ -69,9 +69,9 @@ def measure(name: str, fmt: str, target: float) -> dict:
         "steps": len(search["steps"]),
         "size_ratio": search["bytes"] / search["bytes_all_int8"],
         "latency_ratio": search["latency_ratio_to_all_int8"],
-        "verify_psnr_db": judged.metrics["psnr_db"],
-        "verify_agreement": judged.metrics.get("decisive_agreement"),
-        "verify_decisive": judged.metrics.get("decisive"),
+        "verify_psnr_db": judged.metrics.psnr_db,
+        "verify_agreement": judged.metrics.decisive_agreement,
+        "verify_decisive": judged.metrics.decisive,
         "verify": "pass" if judged.passed else "FAIL",
     }
 

@@ -480,7 +480,7 @@ def _accuracy(model, spec, size, batch: int, candidates: dict[str, Candidate]) -
     task = spec.output_kind
     images = to_model_input(natural_images(_accuracy_count(batch), size, 0), spec)
     reference = TorchRunner(model, torch.float64)(images)
-    noise_floor = compare(reference, TorchRunner(model)(images), task)["max_rel"]
+    noise_floor = compare(reference, TorchRunner(model)(images), task).max_rel
     bilinear = None
     out = {}
     for label, candidate in candidates.items():
@@ -505,9 +505,9 @@ def _accuracy(model, spec, size, batch: int, candidates: dict[str, Candidate]) -
         out[label] = {
             "runtime_name": candidate.runtime,
             "precision": candidate.precision,
-            "max_rel": metrics["max_rel"],
-            "psnr_db": metrics["psnr_db"],
-            "agreement": metrics.get("decisive_agreement"),
+            "max_rel": metrics.max_rel,
+            "psnr_db": metrics.psnr_db,
+            "agreement": metrics.decisive_agreement,
             "passed": verdict.passed,
             "bound": verdict.words,
             "file_bytes": artifact_size(candidate.path) if candidate.path else None,

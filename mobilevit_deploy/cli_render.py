@@ -88,17 +88,17 @@ def render_verify(report, out: Console) -> None:
         m = p.metrics
         table.add_row(
             p.candidate,
-            f"{m['max_abs']:.2e}",
-            f"{m['max_rel']:.2e}",
+            f"{m.max_abs:.2e}",
+            f"{m.max_rel:.2e}",
             p.bound,
-            f"{1 - m['cosine']:.1e}",
-            f"{m['psnr_db']:.1f}",
+            f"{1 - m.cosine:.1e}",
+            f"{m.psnr_db:.1f}",
             *(
                 []
                 if not agreement
-                else [f"{m['agreement']:.4f}"]
+                else [f"{m.agreement:.4f}"]
                 if segments
-                else [f"{m['top1']:.3f}", f"{m['top5']:.3f}"]
+                else [f"{m.agreement:.3f}", f"{m.top5:.3f}"]
             ),
             "[green]pass[/]" if p.passed else "[bold red]FAIL[/]",
         )

@@ -285,7 +285,7 @@ def _score_exports(model, formats, request, work_dir, report, score, reference, 
                     model=model,
                     output=Path(tmp) / f"{spec.name}.{precision}{info.suffix}",
                     precision=precision,
-                    request=request.for_loaded_model(fmt),
+                    request=request.for_loaded_model(fmt, precision),
                 )
                 progress(f"exporting {label}", 1, 1)
                 report.notes += [f"{label}: {n}" for n in artifact.notes if n not in report.notes]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .metrics import MIN_DECISIVE
+from .metrics import MIN_DECISIVE, Metrics
 
 # Max error relative to the reference scale, per precision of the candidate. fp64 is
 # the fuse math alone (a fused float64 copy against the unfused one): an exact fold
@@ -99,17 +99,17 @@ def bound_for(
     return Bound(precision, limit, "max error of the output scale")
 
 
-def judge(metrics: Mapping, bound: Bound) -> Verdict:
+def judge(metrics: Metrics, bound: Bound) -> Verdict:
     """Pass/fail of one candidate's metrics (metrics.compare) at `bound`. Features
     have no decision to agree on: PSNR alone judges their reduced precisions, as it
     does where too few inputs are decisive to judge an agreement rate."""
     if not bound.by_psnr:
-        return Verdict(metrics["max_rel"] <= bound.limit, bound, f"{bound.limit:.0e}")
-    psnr_ok = metrics["psnr_db"] >= bound.limit
+        return Verdict(metrics.max_rel <= bound.limit, bound, f"{bound.limit:.0e}")
+    psnr_ok = metrics.psnr_db >= bound.limit
     floor = f">={bound.limit:g}dB"
-    if "decisive_agreement" not in metrics:
+    if metrics.decisive_agreement is None:
         return Verdict(psnr_ok, bound, floor)
-    if metrics.get("decisive", MIN_DECISIVE) < MIN_DECISIVE:
+    if metrics.decisive < MIN_DECISIVE:
         return Verdict(psnr_ok, bound, f"{floor} (too few decisive inputs to judge)")
-    agreed = metrics["decisive_agreement"] >= bound.min_agreement
+    agreed = metrics.decisive_agreement >= bound.min_agreement
     return Verdict(psnr_ok and agreed, bound, f"{floor}, agree>={bound.min_agreement:g}")

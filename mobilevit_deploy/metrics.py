@@ -8,7 +8,10 @@ wrong eps by ~6e-4 (docs/architecture.md), hence the 1e-5 bound, 150x tighter th
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,12 +32,71 @@ MIN_DECISIVE = 3
 Outputs = np.ndarray | tuple[np.ndarray, ...]
 
 
+@dataclass(frozen=True)
+class Metrics(Mapping):
+    """One candidate's agreement with its reference, the same type for classifiers,
+    segmenters and feature maps: the decision fields are None where there is no
+    decision (features), `top5` where there is no top-5 (segmenters), and `outputs`
+    holds each output's own where there are several (the fields are the worst of them).
+
+    It reads as a mapping too, with the keys of the JSON reports (`top1` or
+    `pixel_agreement` name `agreement` for readers of a task's report), so a report is
+    `dict(metrics)` and nothing has to know which task wrote it."""
+
+    max_abs: float
+    max_rel: float
+    cosine: float
+    psnr_db: float
+    task: str = "classification"
+    agreement: float | None = None  # of the decision: top-1, or the argmax of each pixel
+    near_ties: float | None = None  # the share of decisions within the near-tie band
+    decisive_agreement: float | None = None  # agreement of the decisive ones
+    decisive: int | None = None  # how many were decisive
+    top5: float | None = None
+    outputs: tuple[Metrics, ...] = ()
+
+    def with_psnr(self, psnr_db: float) -> Metrics:
+        """The same metrics judged on another PSNR (the int8 search's set quantile)."""
+        return dataclasses.replace(self, psnr_db=psnr_db)
+
+    def to_dict(self) -> dict:
+        data = {
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "cosine": self.cosine,
+            "psnr_db": self.psnr_db,
+        }
+        if self.agreement is not None:
+            data.update(
+                agreement=self.agreement,
+                near_ties=self.near_ties,
+                decisive_agreement=self.decisive_agreement,
+                decisive=self.decisive,
+            )
+            if self.task == "classification":
+                data.update(top1=self.agreement, top5=self.top5)
+            else:
+                data["pixel_agreement"] = self.agreement
+        if self.outputs:
+            data["outputs"] = [m.to_dict() for m in self.outputs]
+        return data
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
 def compare(
     reference: Outputs,
     candidate: Outputs,
     task: str = "classification",
     tie_factor: float = NEAR_TIE_FACTOR,
-) -> dict:
+) -> Metrics:
     """Metrics of one candidate. Several outputs (feature maps) are compared each
     against its own scale; the pair is as good as its worst output, and `outputs`
     keeps every output's own metrics. `tie_factor` is the near-tie margin in units of
@@ -45,13 +107,14 @@ def compare(
         each = [
             _compare_one(r, c, task, tie_factor) for r, c in zip(reference, candidate, strict=True)
         ]
-        worst = {
-            "max_abs": max(m["max_abs"] for m in each),
-            "max_rel": max(m["max_rel"] for m in each),
-            "cosine": min(m["cosine"] for m in each),
-            "psnr_db": min(m["psnr_db"] for m in each),
-        }
-        return {**worst, "outputs": each}
+        return Metrics(
+            max_abs=max(m.max_abs for m in each),
+            max_rel=max(m.max_rel for m in each),
+            cosine=min(m.cosine for m in each),
+            psnr_db=min(m.psnr_db for m in each),
+            task=task,
+            outputs=tuple(each),
+        )
     return _compare_one(reference, candidate, task, tie_factor)
 
 
@@ -101,7 +164,7 @@ def _psnr(scale: float, rmse: float) -> float:
 
 def _compare_one(
     reference: np.ndarray, candidate: np.ndarray, task: str, tie_factor: float
-) -> dict:
+) -> Metrics:
     ref = np.asarray(reference, dtype=np.float64)
     out = np.asarray(candidate, dtype=np.float64)
     if ref.shape != out.shape:
@@ -113,12 +176,13 @@ def _compare_one(
     flat_r, flat_o = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
     norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
     cosine = np.sum(flat_r * flat_o, axis=1) / np.maximum(norms, 1e-300)
-    result = {
-        "max_abs": float(diff.max()),
-        "max_rel": float(diff.max()) / scale,
-        "cosine": float(cosine.min()),
-        "psnr_db": _psnr(scale, rmse),
-    }
+    result = Metrics(
+        max_abs=float(diff.max()),
+        max_rel=float(diff.max()) / scale,
+        cosine=float(cosine.min()),
+        psnr_db=_psnr(scale, rmse),
+        task=task,
+    )
     if task == "features":  # maps or embeddings: no decision to agree on
         return result
     agrees = ref.argmax(1) == out.argmax(1)
@@ -129,19 +193,20 @@ def _compare_one(
         decisive = top2[:, 0] - top2[:, 1] > tie_factor * noise
     else:  # one class: no runner-up to tie with
         decisive = np.ones_like(agrees)
-    # `agreement` is the decision's, whatever the task (top-1, or argmax per pixel);
-    # `top1` / `pixel_agreement` name the same number for readers of the JSON.
-    result["agreement"] = float(np.mean(agrees))
-    result["near_ties"] = float(1 - np.mean(decisive))
-    result["decisive_agreement"] = float(np.mean(agrees[decisive])) if decisive.any() else 1.0
-    result["decisive"] = int(np.sum(decisive))
-    if task == "classification":
-        result["top1"] = float(np.mean(agrees))
-        k = min(5, ref.shape[1])  # a head of fewer than 5 classes: all of them
-        top5_r = np.argsort(-ref, axis=1)[:, :k]
-        top5_o = np.argsort(-out, axis=1)[:, :k]
-        overlap = [len(set(a) & set(b)) / k for a, b in zip(top5_r, top5_o, strict=True)]
-        result["top5"] = float(np.mean(overlap))
-    else:
-        result["pixel_agreement"] = float(np.mean(agrees))
-    return result
+    return dataclasses.replace(
+        result,
+        agreement=float(np.mean(agrees)),
+        near_ties=float(1 - np.mean(decisive)),
+        decisive_agreement=float(np.mean(agrees[decisive])) if decisive.any() else 1.0,
+        decisive=int(np.sum(decisive)),
+        top5=_top5(ref, out) if task == "classification" else None,
+    )
+
+
+def _top5(ref: np.ndarray, out: np.ndarray) -> float:
+    """The mean overlap of the top-5 sets (all classes for a head of fewer than 5)."""
+    k = min(5, ref.shape[1])
+    top5_r = np.argsort(-ref, axis=1)[:, :k]
+    top5_o = np.argsort(-out, axis=1)[:, :k]
+    overlap = [len(set(a) & set(b)) / k for a, b in zip(top5_r, top5_o, strict=True)]
+    return float(np.mean(overlap))

@@ -22,6 +22,7 @@ from . import api
 from .errors import BadInput
 from .records import file_facts, format_of, read_record
 from .request import Request
+from .weights import file_sha256
 
 # What the record says of a model exported without weights (exporters/metadata.py).
 NO_WEIGHTS = "random initialisation (no weights)"
@@ -128,6 +129,8 @@ def rebuild(files: list[FileToCheck], request: Request) -> Rebuilt:
                 f"--{key.replace('_', '-')} {value}: {files[0].path} records {options[key]}"
             )
     weights = _weights_for(record, request, files[0].path)
+    if weights is not None and Path(weights).is_file():  # before loading a wrong head
+        _check_hash(record.get("weights_sha256"), file_sha256(Path(weights)), files[0].path)
     model = api.load_model(record["model"], weights, pretrained=request.pretrained, **options)
     _check_checkpoint(model, record, files[0].path)
     facts = {key: source for key in ("model", "image size", "head", "class names", "layout")}
@@ -156,9 +159,12 @@ def _weights_for(record: dict, request: Request, path: Path) -> str | Path | Non
 
 def _check_checkpoint(model: nn.Module, record: dict, path: Path) -> None:
     """Refuse a checkpoint other than the one the file was made from."""
-    expected = record.get("weights_sha256")
     provenance = model.mvd_provenance
     got = provenance.sha256 if provenance is not None else None
+    _check_hash(record.get("weights_sha256"), got, path)
+
+
+def _check_hash(expected: str | None, got: str | None, path: Path) -> None:
     if expected is not None and got is not None and got != expected:
         raise BadInput(
             f"{path} was made from a checkpoint with SHA-256 {expected}, the one given has "

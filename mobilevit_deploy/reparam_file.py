@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import example_input, load_model
+from . import api
 from .errors import BadInput, VerificationFailed
 from .files import atomic_path, check_output_file
 from .info import count_params
@@ -37,17 +37,17 @@ def reparam_to_file(name: str, output: Path, *, request: Request | None = None, 
     if output.suffix not in (".pt", ".pth", ".safetensors"):
         raise BadInput(f"{output}: choose a .pt, .pth or .safetensors file name")
     check_output_file(output)
-    model = load_model(name, request.weights, **request.model_options)
+    model = api.load_model(name, request.weights, **request.model_options)
     spec = model.mvd_spec  # the checkpoint's model: its head, a LeViT's grid
     fused = reparameterize(model, image_size=spec.input_hw)
     leftovers = training_leftovers(fused)
-    x = example_input(spec, spec.input_hw, CHECK_INPUTS)
+    x = api.example_input(spec, spec.input_hw, CHECK_INPUTS)
     metrics = compare(
         TorchRunner(model, torch.float64)(x), TorchRunner(fused, torch.float64)(x), spec.output_kind
     )
-    if leftovers or metrics["max_rel"] > DEFAULT_TOLERANCES["fp32"]:
+    if leftovers or metrics.max_rel > DEFAULT_TOLERANCES["fp32"]:
         raise VerificationFailed(
-            f"fusing {spec.name} changed its output by {metrics['max_rel']:.2e} of the scale"
+            f"fusing {spec.name} changed its output by {metrics.max_rel:.2e} of the scale"
             + (f"; left unfused: {', '.join(leftovers)}" if leftovers else "")
         )
     state = {k: v.contiguous() for k, v in fused.state_dict().items()}
@@ -67,6 +67,6 @@ def reparam_to_file(name: str, output: Path, *, request: Request | None = None, 
         "params_after": count_params(fused),
         "batchnorms_before": _count_bn(model),
         "check_inputs": CHECK_INPUTS,
-        "max_rel": metrics["max_rel"],
+        "max_rel": metrics.max_rel,
         "weights": meta["weights"] or "random initialisation",
     }

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from pathlib import Path
 
 from .files import atomic_path, write_json_atomic
+from .metrics import Metrics
 
 
 def _clean(value):
     """JSON has no Infinity: a perfect PSNR becomes the string "inf"."""
     if isinstance(value, float) and math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # dicts, and metrics.Metrics as its report keys
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
@@ -49,8 +51,8 @@ def write_verify_junit(path: Path, report) -> Path:
             ET.SubElement(
                 case,
                 "failure",
-                message=f"outside the bound {pair.bound} (max_rel {pair.metrics['max_rel']:.3g}, "
-                f"PSNR {pair.metrics['psnr_db']:.1f} dB)",
+                message=f"outside the bound {pair.bound} (max_rel {pair.metrics.max_rel:.3g}, "
+                f"PSNR {pair.metrics.psnr_db:.1f} dB)",
             ).text = summary
         ET.SubElement(case, "system-out").text = summary
     with atomic_path(path) as tmp:
@@ -58,10 +60,10 @@ def write_verify_junit(path: Path, report) -> Path:
     return path
 
 
-def _metrics_summary(metrics: dict, outputs: list[str]) -> str:
+def _metrics_summary(metrics: Metrics, outputs: list[str]) -> str:
     """'max_abs=1e-06, ...'; a model with several outputs adds each one's line."""
     line = ", ".join(f"{k}={v:.3g}" for k, v in metrics.items() if k != "outputs")
-    for name, each in zip(outputs, metrics.get("outputs", []), strict=False):
+    for name, each in zip(outputs, metrics.outputs, strict=False):
         line += f"\n{name}: " + ", ".join(f"{k}={v:.3g}" for k, v in each.items())
     return line
 
@@ -100,9 +102,9 @@ def verify_markdown(report) -> str:
     rows = [
         [
             p.candidate,
-            f"{p.metrics['max_rel']:.2e}",
+            f"{p.metrics.max_rel:.2e}",
             p.bound,
-            f"{p.metrics['psnr_db']:.1f}",
+            f"{p.metrics.psnr_db:.1f}",
             "pass" if p.passed else "**FAIL**",
         ]
         for p in report.pairs

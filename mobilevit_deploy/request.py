@@ -175,9 +175,10 @@ class Request:
         """The format's typed options: those given for it, the rest its defaults."""
         return check_options(FORMATS[format_name], dict(self.format_options))
 
-    def for_loaded_model(self, format_name: str) -> Request:
+    def for_loaded_model(self, format_name: str, precision: str) -> Request:
         """The request one export of an already loaded model takes: the model options
-        were applied by loading it, and only that format's options apply."""
+        were applied by loading it, and only that format's options and, at int8, the
+        int8 target apply."""
         own = {k: v for k, v in self.format_options.items() if option_owner(k).name == format_name}
         return dataclasses.replace(
             self,
@@ -188,6 +189,7 @@ class Request:
             labels=None,
             features=None,
             precisions=(),
+            int8_target=self.int8_target if precision == "int8" else None,
             format_options=own,
         )
 

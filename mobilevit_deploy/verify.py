@@ -31,7 +31,7 @@ from .exporters.int8_search import describe as describe_int8
 from .exporters.metadata import output_names
 from .images import natural_images, random_normal_inputs, to_model_input
 from .judge import bound_for, judge
-from .metrics import MIN_DECISIVE, NEAR_TIE_FACTOR, compare
+from .metrics import MIN_DECISIVE, NEAR_TIE_FACTOR, Metrics, compare
 from .rebuild import FileToCheck, Rebuilt, open_files, rebuild
 from .reparam import reparameterize, training_leftovers
 from .request import Request
@@ -53,7 +53,7 @@ class PairResult:
     candidate: str
     precision: str
     tolerance: float
-    metrics: dict
+    metrics: Metrics
     passed: bool
     bound: str = ""
     format: str | None = None
@@ -86,6 +86,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        for pair, row in zip(self.pairs, data["pairs"], strict=True):
+            row["metrics"] = pair.metrics.to_dict()
         data["passed"] = self.passed
         return data
 
@@ -97,17 +99,17 @@ def check_formats(formats: Sequence[str], precisions: Sequence[str] | None = Non
             check_format(fmt, precision)
 
 
-def near_tie_note(metrics: dict, task: str) -> str:
+def near_tie_note(metrics: Metrics, task: str) -> str:
     """Why a row's raw agreement is not what was judged: its flips were near-ties, and
     with fewer than MIN_DECISIVE decisive inputs no agreement rate was judged at all."""
     units = "pixels" if task == "segmentation" else "inputs"
     judgement = (
-        f"agreement judged on decisive {units} ({metrics['decisive_agreement']:.3f})"
-        if metrics.get("decisive", MIN_DECISIVE) >= MIN_DECISIVE
-        else f"agreement not judged ({metrics['decisive']} decisive {units})"
+        f"agreement judged on decisive {units} ({metrics.decisive_agreement:.3f})"
+        if metrics.decisive >= MIN_DECISIVE
+        else f"agreement not judged ({metrics.decisive} decisive {units})"
     )
     return (
-        f"{judgement}; {metrics['near_ties']:.1%} are near-ties (reference margin within "
+        f"{judgement}; {metrics.near_ties:.1%} are near-ties (reference margin within "
         f"{NEAR_TIE_FACTOR:.1f}x the RMS error of the agreeing ones), where a flip is not a "
         "defect"
     )
@@ -158,7 +160,7 @@ class _Checker:
         self.reference = TorchRunner(model, torch.float64)(inputs.x)
         self.report.problems += [f"reference: {p}" for p in check_sane_outputs(self.reference)]
         own = compare(self.reference, TorchRunner(model)(inputs.x), spec.output_kind)
-        self.report.fp32_noise_floor = own["max_rel"]
+        self.report.fp32_noise_floor = own.max_rel
         self._bilinear = None
 
     def add(self, candidate: str, precision: str, output, target=None, record=None, **row):
@@ -175,8 +177,8 @@ class _Checker:
                 candidate, precision, bound.limit, metrics, verdict.passed, verdict.words, **row
             )
         )
-        decisive = metrics.get("decisive_agreement")
-        if bound.by_psnr and decisive is not None and metrics.get("agreement", 1.0) < decisive:
+        decisive = metrics.decisive_agreement
+        if bound.by_psnr and decisive is not None and metrics.agreement < decisive:
             self.report.notes.append(f"{candidate}: {near_tie_note(metrics, self.report.task)}")
 
     def check_fusion(self) -> torch.nn.Module:
@@ -315,7 +317,7 @@ def verify(
                     model=model,
                     output=Path(tmp) / f"{spec.name}.{precision}{FORMATS[fmt].suffix}",
                     precision=precision,
-                    request=request.for_loaded_model(fmt),
+                    request=request.for_loaded_model(fmt, precision),
                     progress=progress,
                 )
                 file = FileToCheck(artifact.path, fmt, artifact.metadata, {})

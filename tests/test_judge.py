@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -54,7 +56,7 @@ def test_reduced_precisions_need_psnr_and_decisive_agreement(precision):
     bound = bound_for(precision)
     good, bad = (compare(*_pair(floor + d)) for d in (10, -10))
     assert judge(good, bound).passed and not judge(bad, bound).passed
-    flipped = dict(good, decisive_agreement=0.5)
+    flipped = dataclasses.replace(good, decisive_agreement=0.5)
     verdict = judge(flipped, bound)
     assert not verdict.passed and "agree>=" in verdict.words
 
@@ -62,6 +64,18 @@ def test_reduced_precisions_need_psnr_and_decisive_agreement(precision):
 def test_features_are_judged_by_psnr_alone():
     reference, candidate = _pair(50.0)
     metrics = compare(reference, candidate, "features")
-    assert "decisive_agreement" not in metrics
+    assert metrics.decisive_agreement is None and "decisive_agreement" not in metrics
     assert judge(metrics, bound_for("fp16")).words == ">=40dB"
     assert judge(metrics, bound_for("fp16")).passed
+
+
+def test_metrics_are_one_type_that_reads_as_its_report():
+    """Classifier, segmenter and features: one Metrics; the report keys name the task's."""
+    reference, candidate = _pair(50.0)
+    classifier = compare(reference, candidate)
+    maps = compare(reference[:, :, None, None], candidate[:, :, None, None], "segmentation")
+    features = compare((reference, reference), (candidate, candidate), "features")
+    assert {type(classifier), type(maps), type(features)} == {type(classifier)}
+    assert classifier["top1"] == classifier.agreement and "pixel_agreement" not in classifier
+    assert maps["pixel_agreement"] == maps.agreement and maps.top5 is None
+    assert len(features.outputs) == 2 and features.to_dict()["outputs"][0]["psnr_db"] > 40

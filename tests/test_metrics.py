@@ -8,7 +8,7 @@ import numpy as np
 
 from mobilevit_deploy.exporters.int8_search import SEARCH_TIE_FACTOR
 from mobilevit_deploy.judge import Bound, judge
-from mobilevit_deploy.metrics import NEAR_TIE_FACTOR, compare
+from mobilevit_deploy.metrics import NEAR_TIE_FACTOR, Metrics, compare
 from mobilevit_deploy.verify import near_tie_note
 
 
@@ -74,11 +74,11 @@ def test_files_of_a_static_batch_run_in_chunks_padded_at_the_end():
 def test_the_near_tie_note_says_when_no_agreement_was_judged():
     """FastViT-SA12's int8 row: every input near-tied, and the note said "agreement
     judged on decisive inputs (1.000)" of none."""
-    none = {"decisive_agreement": 1.0, "decisive": 0, "near_ties": 1.0}
+    none = Metrics(0, 0, 1, 60, agreement=1.0, decisive_agreement=1.0, decisive=0, near_ties=1.0)
     assert near_tie_note(none, "classification").startswith(
         "agreement not judged (0 decisive inputs); 100.0% are near-ties"
     )
-    some = {"decisive_agreement": 0.9, "decisive": 10, "near_ties": 0.5}
+    some = Metrics(0, 0, 1, 60, agreement=0.9, decisive_agreement=0.9, decisive=10, near_ties=0.5)
     assert near_tie_note(some, "segmentation").startswith(
         "agreement judged on decisive pixels (0.900); 50.0% are near-ties"
     )

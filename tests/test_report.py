@@ -7,6 +7,7 @@ import pytest
 
 from mobilevit_deploy.bench import BASELINE, benchmark
 from mobilevit_deploy.errors import BadInput
+from mobilevit_deploy.metrics import Metrics
 from mobilevit_deploy.plots import _short_label, plot_bench, plot_zoo
 from mobilevit_deploy.report import (
     bench_markdown,
@@ -119,14 +120,17 @@ def test_bench_markdown_and_plots(bench_report, tmp_path):
 
 
 def _verify_report(passed: bool) -> VerifyReport:
-    metrics = {
-        "max_abs": 1e-6,
-        "max_rel": 2e-7 if passed else 3e-3,
-        "cosine": 1.0,
-        "psnr_db": float("inf"),
-        "top1": 1.0,
-        "top5": 1.0,
-    }
+    metrics = Metrics(
+        max_abs=1e-6,
+        max_rel=2e-7 if passed else 3e-3,
+        cosine=1.0,
+        psnr_db=float("inf"),
+        agreement=1.0,
+        near_ties=0.0,
+        decisive_agreement=1.0,
+        decisive=2,
+        top5=1.0,
+    )
     pair = PairResult("onnx fused", "fp32", 1e-5, metrics, passed)
     return VerifyReport("fastvit_t8", (64, 64), "stress", "2 images", [pair])
 

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from mobilevit_deploy.metrics import Metrics
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "run_matrix.py"
 # models, or (model, format)s, whose verify is stopped (Ctrl-C, a session's end)
 INTERRUPTED_AT: set = set()
@@ -40,7 +42,7 @@ def run_matrix(monkeypatch, tmp_path):
                 estimated=False,
                 passed=name != "fastvit_t8" or p != "fp16",
                 bound="b",
-                metrics={"max_rel": 1e-7, "psnr_db": 120.0, "top1": 1.0},
+                metrics=Metrics(1e-7, 1e-7, 1.0, 120.0, agreement=1.0, top5=1.0),
             )
             for p in precisions
         ]

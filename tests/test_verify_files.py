@@ -59,6 +59,12 @@ def test_an_exported_file_verifies_against_its_checkpoint(tmp_path, checkpoints)
     # Another checkpoint: refused by name, both hashes in the line.
     message = assert_user_error(mvd("verify", onnx_file, "-w", other, *QUICK))
     assert file_sha256(ft) in message and file_sha256(other) in message
+    # A checkpoint of another head is refused by its hash, not by a load error.
+    two = tmp_path / "two.pth"
+    model = stressed("fastvit_t8", 64)
+    model.head.fc = torch.nn.Linear(model.head.fc.in_features, 2)
+    torch.save(model.state_dict(), two)
+    assert_user_error(mvd("verify", onnx_file, "-w", two, *QUICK), file_sha256(two))
     # Without the checkpoint: the record says which one to give.
     assert_user_error(mvd("verify", onnx_file, *QUICK), "--weights", ft.name)
 

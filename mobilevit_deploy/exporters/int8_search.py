@@ -182,10 +182,11 @@ def search_int8(
             got = run_per_sample(fmt.open_runner(out), held_out, len(job.example))
             # Agreement over every held-out image; the PSNR is that of most sets of 8.
             metrics = compare(reference, got, job.spec.output_kind, SEARCH_TIE_FACTOR)
-            metrics["psnr_db"] = set_psnr_quantile(reference, got, JUDGED_SET, JUDGED_QUANTILE)
+            metrics = metrics.with_psnr(
+                set_psnr_quantile(reference, got, JUDGED_SET, JUDGED_QUANTILE)
+            )
             hit = judge(metrics, bound_for("int8", int8_target_db=goal)).passed
-            agreement = metrics.get("decisive_agreement")
-            tried = Attempt(keep, metrics["psnr_db"], agreement, out, hit, made)
+            tried = Attempt(keep, metrics.psnr_db, metrics.decisive_agreement, out, hit, made)
             attempts.append(tried)
             return tried
 
@@ -267,7 +268,7 @@ def _check_made_again(
     outputs = [
         run_per_sample(fmt.open_runner(p), images, len(job.example)) for p in (searched, made)
     ]
-    off = compare(outputs[0], outputs[1], job.spec.output_kind)["max_rel"]
+    off = compare(outputs[0], outputs[1], job.spec.output_kind).max_rel
     if off > MADE_AGAIN_MAX_REL:
         raise ExportFailed(
             f"int8 {fmt.name}: the file made again with the chosen float set computes "
