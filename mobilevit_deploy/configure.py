@@ -110,45 +110,12 @@ def configure(
 ) -> tuple[ModelSpec, dict | None]:
     """The spec of the user's model, and the state dict adapted to it (LeViT tables
     resampled for another size). `image_size` must already be checked."""
-    classes, classes_from = _classes(spec, state, num_classes, carried)
-    if classes == 0 and not spec.headless_ok:
-        raise BadInput(f"{spec.name} needs at least one class (a {spec.task} head)")
-    size = image_size or carried.image_size or spec.input_hw
-    if image_size or carried.image_size:  # before anything is built at that size
-        where = "--image-size" if image_size else "the hub config's input_size"
-        check_image_hw(tuple(size), where)
-    adaptations: list[str] = []
-    if spec.sized_by_input and state is not None and spec.checkpoint_size is not None:
-        trained = spec.checkpoint_size(state, carried.image_size, image_size)
-        if image_size is None or tuple(image_size) == trained:
-            size = trained
-        else:
-            state = spec.resize_state(state, trained, tuple(image_size))
-            adaptations.append(
-                f"attention-bias tables resized from the checkpoint's {trained[0]}x{trained[1]} "
-                f"to {size[0]}x{size[1]} by bicubic interpolation: not the checkpoint's own "
-                "function (fine-tune at this size for that)"
-            )
+    classes, classes_from = _head_size(spec, state, num_classes, carried)
+    size, state, adaptations = _fit_input_size(spec, state, image_size, carried)
     stages = _feature_stages(spec, features)
-    names, names_from = _class_names(labels, carried)
-    if names is not None and (stages is not None or classes == 0):
-        if names_from == "--labels":
-            raise BadInput(
-                "--labels names a head's classes, but this export has no head "
-                + ("(--features)" if stages is not None else "(a headless checkpoint)")
-            )
-        names = None
-    if names is not None:
-        check_class_names(names, names_from, classes, classes_from)
-    head = f"{classes} classes" if classes else "none (headless: pooled features)"
-    said = [f"head: {head} ({classes_from})"]
-    if spec.sized_by_input and state is not None:
-        said.append(
-            f"input: {size[0]}x{size[1]}"
-            + (" (resized tables)" if adaptations else " (the checkpoint's token grid)")
-        )
-    elif carried.image_size is not None and image_size is None:
-        said.append(f"input: {size[0]}x{size[1]} (the hub config's input_size)")
+    names, names_from = _head_names(labels, carried, stages, classes, classes_from)
+    said = [f"head: {_head_words(classes)} ({classes_from})"]
+    said += _input_words(spec, state, image_size, carried, size, adaptations)
     if names is not None:
         said.append(f"class names: {len(names)} ({names_from})")
     if stages is not None:
@@ -165,6 +132,105 @@ def configure(
         preprocessing=carried.preprocessing or spec.preprocessing,
     )
     return derived, state
+
+
+def _head_size(
+    spec: ModelSpec, state: dict | None, asked: int | None, carried: Carried
+) -> tuple[int, str]:
+    """_classes, refusing a headless model of a family whose outputs are its head's (a
+    segmenter's masks; a classifier without a head still gives pooled features)."""
+    classes, classes_from = _classes(spec, state, asked, carried)
+    if classes == 0 and not spec.headless_ok:
+        raise BadInput(f"{spec.name} needs at least one class (a {spec.task} head)")
+    return classes, classes_from
+
+
+def _fit_input_size(
+    spec: ModelSpec,
+    state: dict | None,
+    image_size: tuple[int, int] | None,
+    carried: Carried,
+) -> tuple[tuple[int, int], dict | None, list[str]]:
+    """The input size, the state dict fitted to it, and what was changed to fit it.
+
+    A model sized by its input (LeViT) takes its checkpoint's token grid unless another
+    size is asked; then its tables are resampled, and the user is told, since the result
+    is not the checkpoint's own function."""
+    size = _asked_size(spec, image_size, carried)
+    if not (spec.sized_by_input and state is not None and spec.checkpoint_size is not None):
+        return size, state, []
+    trained = spec.checkpoint_size(state, carried.image_size, image_size)
+    if image_size is None or tuple(image_size) == trained:
+        return trained, state, []
+    state = spec.resize_state(state, trained, tuple(image_size))
+    return (
+        size,
+        state,
+        [
+            f"attention-bias tables resized from the checkpoint's {trained[0]}x{trained[1]} "
+            f"to {size[0]}x{size[1]} by bicubic interpolation: not the checkpoint's own "
+            "function (fine-tune at this size for that)"
+        ],
+    )
+
+
+def _asked_size(
+    spec: ModelSpec, image_size: tuple[int, int] | None, carried: Carried
+) -> tuple[int, int]:
+    """--image-size, else the hub config's, else the zoo's; one the user or a hub
+    config gave is bounded before anything is built at it."""
+    size = image_size or carried.image_size or spec.input_hw
+    if image_size or carried.image_size:
+        where = "--image-size" if image_size else "the hub config's input_size"
+        check_image_hw(tuple(size), where)
+    return size
+
+
+def _head_names(
+    labels: Path | Sequence[str] | None,
+    carried: Carried,
+    stages: tuple[int, ...] | None,
+    classes: int,
+    classes_from: str,
+) -> tuple[tuple[str, ...] | None, str | None]:
+    """The class names of the head, checked against it. An export without a head
+    (features, or a headless checkpoint) refuses names the user gave, since they would
+    name nothing, but quietly drops names a checkpoint or hub config carried."""
+    names, names_from = _class_names(labels, carried)
+    if names is not None and (stages is not None or classes == 0):
+        if names_from == "--labels":
+            raise BadInput(
+                "--labels names a head's classes, but this export has no head "
+                + ("(--features)" if stages is not None else "(a headless checkpoint)")
+            )
+        return None, names_from
+    if names is not None:
+        check_class_names(names, names_from, classes, classes_from)
+    return names, names_from
+
+
+def _head_words(classes: int) -> str:
+    return f"{classes} classes" if classes else "none (headless: pooled features)"
+
+
+def _input_words(
+    spec: ModelSpec,
+    state: dict | None,
+    image_size: tuple[int, int] | None,
+    carried: Carried,
+    size: tuple[int, int],
+    adaptations: list[str],
+) -> list[str]:
+    """The input size line of `configured_by`, only where something other than the zoo
+    default decided it (the checkpoint's token grid or the hub config)."""
+    if spec.sized_by_input and state is not None:
+        return [
+            f"input: {size[0]}x{size[1]}"
+            + (" (resized tables)" if adaptations else " (the checkpoint's token grid)")
+        ]
+    if carried.image_size is not None and image_size is None:
+        return [f"input: {size[0]}x{size[1]} (the hub config's input_size)"]
+    return []
 
 
 def check_class_names(names: Sequence[str], where: str, classes: int, classes_from: str) -> None:
