@@ -153,12 +153,25 @@ def _load_safetensors(path: Path) -> dict:
 
 def unwrap(obj: object, origin: str) -> tuple[dict[str, torch.Tensor], str | None]:
     """The tensor dict inside a training script's checkpoint, and the key it sat under."""
-    wrapper = None
+    state, wrapper = _inside_wrapper(obj)
+    _check_state_dict(state, origin)
+    return _without_wrapper_prefixes(state), wrapper
+
+
+def _inside_wrapper(obj: object) -> tuple[object, str | None]:
+    """The first non-empty dict under a WRAPPER_KEYS key, in their order of preference,
+    or `obj` itself: a bare state dict has none of them."""
     if isinstance(obj, dict):
         for key in WRAPPER_KEYS:
             if isinstance(obj.get(key), dict) and obj[key]:
-                obj, wrapper = obj[key], key
-                break
+                return obj[key], key
+    return obj, None
+
+
+def _check_state_dict(obj: object, origin: str) -> None:
+    """Refuse, naming the offending keys, anything but a non-empty dict of names to dense
+    CPU tensors: the loader and every exporter assume one, and untrusted files may hold
+    anything a pickle can."""
     if not isinstance(obj, dict) or not obj:
         raise BadInput(f"{origin}: no state dict found (expected a dict of tensors)")
     odd_keys = [repr(k) for k in obj if not isinstance(k, str)]
@@ -172,12 +185,19 @@ def unwrap(obj: object, origin: str) -> tuple[dict[str, torch.Tensor], str | Non
         raise BadInput(
             f"{origin}: sparse or storage-less tensors cannot be weights: {_names(unusable)}"
         )
-    keys = list(obj)
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in keys):
-            obj = {k[len(prefix) :]: v for k, v in obj.items()}
-            keys = list(obj)
-    return obj, wrapper
+
+
+# Prefixes that wrappers add to every key: DataParallel/DDP's module, then torch.compile's.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each of _WRAPPER_PREFIXES removed, in turn, where every key has it
+    (a DDP-wrapped compiled model's keys begin `module._orig_mod.`)."""
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
