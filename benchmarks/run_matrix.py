@@ -129,6 +129,18 @@ def row(c: dict) -> list[str]:
 
 
 def main() -> int:
+    args = build_parser().parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return exit_code(write(merge(args.out / "matrix.json", args.merge), args))
+    formats = args.formats.split(",")
+    asked = args.precisions.split(",")
+    specs = selected_specs(args, formats, asked)
+    cells = measure_all(starting_cells(args, {s.name for s in specs}), specs, formats, asked, args)
+    return exit_code(write(cells, args))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default=None)
     parser.add_argument("--models", nargs="*", default=None)
@@ -158,53 +170,56 @@ def main() -> int:
         metavar="JSON",
         help="join shard files into matrix.json and MATRIX.md (later files win); runs nothing",
     )
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.merge:
-        counts = write(merge(args.out / "matrix.json", args.merge), args)
-        return 1 if counts["FAIL"] or counts["error"] else 0
+    return parser
+
+
+def exit_code(counts: dict[str, int]) -> int:
+    """1 when a cell failed or errored, so that CI's matrix job fails with it."""
+    return 1 if counts["FAIL"] or counts["error"] else 0
+
+
+def selected_specs(args, formats: list[str], asked: list[str]) -> list:
+    """The models asked for (--family, --models), and of those, with --shard, the
+    shard's slice."""
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
-    formats = args.formats.split(",")
-    asked = args.precisions.split(",")
-    if args.shard:
-        k, n = args.shard
-        costs = model_costs([s.name for s in specs], formats, asked, args)
-        mine = slices(costs, n)[k - 1]
-        specs = [s for s in specs if s.name in mine]
-        hours = sum(costs[name] for name in mine) / 3600
-        print(
-            f"shard {k}/{n}: {len(mine)} models, about {hours:.1f} h by matrix.json's timings",
-            file=sys.stderr,
-            flush=True,
-        )
-    cells = starting_cells(args, {s.name for s in specs})
-    # With --resume a cell is settled when it passed under today's rules at the asked
-    # input size; a selected model's other asked cells (FAIL, error, skipped, or int8
-    # judged before the int8 search) run again, alone. Without it every asked cell runs
-    # again. Either way an old cell stays in the table until its new one replaces it,
-    # and the cells not asked for stay as they are.
-    # Cells never measured run first, so that a run cut short by a session's end fills
-    # the table's holes before it measures stale cells again.
-    # and, below, each cell this run measured
+    if not args.shard:
+        return specs
+    k, n = args.shard
+    costs = model_costs([s.name for s in specs], formats, asked, args)
+    mine = slices(costs, n)[k - 1]
+    hours = sum(costs[name] for name in mine) / 3600
+    print(
+        f"shard {k}/{n}: {len(mine)} models, about {hours:.1f} h by matrix.json's timings",
+        file=sys.stderr,
+        flush=True,
+    )
+    return [s for s in specs if s.name in mine]
+
+
+def measure_all(cells: list[dict], specs, formats: list[str], asked: list[str], args) -> list:
+    """`cells` with every asked cell of `specs` measured again, except, with --resume,
+    those settled (passed under today's rules at the asked input size). An old cell
+    stays in the table until its new one replaces it, and the cells not asked for stay
+    as they are. Cells never measured run first, so that a run cut short by a session's
+    end fills the table's holes before it measures stale cells again. The table is
+    written after every model and format, so a stopped run keeps what it measured."""
     done = {key(c) for c in cells if args.resume and settled(c, args.seg_size)}
     for missing_only in (True, False):
-        measured = {key(c) for c in cells}
+        measured = {key(c) for c in cells} if missing_only else set()
         for spec in specs:
             for fmt in formats:
-                precisions = [
-                    p
-                    for p in asked
-                    if p in FORMATS[fmt].precisions
-                    and (spec.name, fmt, p) not in done
-                    and not (missing_only and (spec.name, fmt, p) in measured)
-                ]
+                precisions = to_measure(spec.name, fmt, asked, done | measured)
                 if precisions:
                     fresh = measure(spec.name, fmt, precisions, args)
                     cells = replaced(cells, fresh)
                     done |= {key(c) for c in fresh}
-                    write(cells, args)  # a stopped run keeps what it measured
-    counts = write(cells, args)
-    return 1 if counts["FAIL"] or counts["error"] else 0
+                    write(cells, args)
+    return cells
+
+
+def to_measure(name: str, fmt: str, asked: list[str], passed_over: set[tuple]) -> list[str]:
+    """The asked precisions the format exports, but for the cells in `passed_over`."""
+    return [p for p in asked if p in FORMATS[fmt].precisions and (name, fmt, p) not in passed_over]
 
 
 def measure(name: str, fmt: str, precisions: list[str], args) -> list[dict]:
