@@ -352,6 +352,32 @@ def name_list(choices: tuple[str, ...], always: tuple[str, ...] = ()):
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    specs = selected_specs(parser, args)
+    runs = args.out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    reports, summaries = [], []
+    asked, here = asked_dict(args.runtimes, args.precisions), machine_stamp()
+    for spec, size in jobs(specs, args.seg_sizes):
+        record = runs / f"{spec.name}@{size[0]}x{size[1]}.json"
+        report = job_report(spec, size, record, args, asked, here)
+        if report is None:
+            continue
+        reports.append(report)
+        summaries.append(summarize(report, spec))
+        print(progress_line(summaries[-1]), file=sys.stderr)
+    if not reports:
+        parser.error(f"no report in {runs} to write RESULTS.md from")
+    text = results_markdown(reports, summaries, args.min_time, args.note)
+    (args.out / "RESULTS.md").write_text(text)
+    (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
+    plot_zoo(summaries, args.out / "zoo_latency.png")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default=None)
     parser.add_argument("--models", nargs="*", default=None)
@@ -379,7 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Run nothing: write RESULTS.md from the reports already in runs/.",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def selected_specs(parser: argparse.ArgumentParser, args) -> list:
+    """The models of --family and --models; a usage error (exit 2) for a run without
+    onnxruntime, an unknown model or none at all, before anything is measured."""
     if "onnxruntime" not in args.runtimes:
         parser.error("--runtimes needs onnxruntime: the table's ORT columns are its")
     known = {s.name for s in list_models()}
@@ -388,45 +419,38 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s for s in list_models(args.family) if not args.models or s.name in args.models]
     if not specs:
         parser.error("no model matches")
-    asked = asked_dict(args.runtimes, args.precisions)
-    runs = args.out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    reports, summaries = [], []
-    here = machine_stamp()
-    for spec, size in jobs(specs, args.seg_sizes):
-        record = runs / f"{spec.name}@{size[0]}x{size[1]}.json"
-        kept = None
-        if (args.resume or args.report_only) and record.exists():
-            kept = json.loads(record.read_text())
-        reason = None if kept is None else rerun_reason(kept, asked, here)
-        if kept is not None and (args.report_only or reason is None):
-            report = kept
-        elif args.report_only:
-            continue
-        else:
-            if reason is not None:
-                print(f"  {record.name} {reason}: re-running", file=sys.stderr)
-            print(f"benchmarking {spec.name} at {size[0]}x{size[1]} ...", file=sys.stderr)
-            report = run_job(spec, size, args)
-            record.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        reports.append(report)
-        summaries.append(summarize(report, spec))
-        s = summaries[-1]
-        fastest = (
-            s["fastest"] if s["fastest_ms"] is None else f"{s['fastest']} {s['fastest_ratio']:.2f}x"
-        )
-        print(
-            f"  {spec.name}: fused/unfused = {s['ratio']:.2f}, fastest verified: {fastest}",
-            file=sys.stderr,
-        )
-    if not reports:
-        parser.error(f"no report in {runs} to write RESULTS.md from")
-    text = results_markdown(reports, summaries, args.min_time, args.note)
-    (args.out / "RESULTS.md").write_text(text)
-    (args.out / "results.json").write_text(json.dumps(reports, indent=2, sort_keys=True) + "\n")
-    plot_zoo(summaries, args.out / "zoo_latency.png")
-    print(text)
-    return 0
+    return specs
+
+
+def job_report(
+    spec, size: tuple[int, int], record: Path, args, asked: dict, here: dict
+) -> dict | None:
+    """The job's report: its kept record when --report-only, or when --resume and the
+    record measured what is asked on this machine and stack (rerun_reason); else
+    measured now and kept in `record`. None when --report-only finds no record."""
+    kept = None
+    if (args.resume or args.report_only) and record.exists():
+        kept = json.loads(record.read_text())
+    reason = None if kept is None else rerun_reason(kept, asked, here)
+    if kept is not None and (args.report_only or reason is None):
+        return kept
+    if args.report_only:
+        return None
+    if reason is not None:
+        print(f"  {record.name} {reason}: re-running", file=sys.stderr)
+    print(f"benchmarking {spec.name} at {size[0]}x{size[1]} ...", file=sys.stderr)
+    report = run_job(spec, size, args)
+    record.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def progress_line(s: dict) -> str:
+    """A finished job's summary for stderr: the fused-over-unfused ratio and the fastest
+    verified candidate, what a long run is watched for."""
+    fastest = (
+        s["fastest"] if s["fastest_ms"] is None else f"{s['fastest']} {s['fastest_ratio']:.2f}x"
+    )
+    return f"  {s['name']}: fused/unfused = {s['ratio']:.2f}, fastest verified: {fastest}"
 
 
 if __name__ == "__main__":
