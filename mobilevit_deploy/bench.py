@@ -350,15 +350,7 @@ def _onnx_candidates(onnx_files, runtimes, precisions, native, threads: int) -> 
     """The fused ONNX file (and its reduced precisions) in onnxruntime and OpenVINO."""
     out = {}
     if "onnxruntime" in runtimes:
-        for precision in ("fp32", *(p for p in precisions if p in ("fp16", "int8"))):
-            artifact = onnx_files.get(precision)
-            if artifact is None:
-                continue
-            runner = onnx_files.runner(artifact, threads)
-            suffix = "" if precision == "fp32" else f" {precision}"
-            out[f"onnxruntime, fused{suffix} (mvd)"] = Candidate(
-                runner, "onnxruntime", precision, artifact.path, artifact.metadata
-            )
+        out.update(_format_candidates(onnx_files, precisions, threads))
     if "openvino" in runtimes:
         out.update(_openvino_candidates(onnx_files, precisions, native, threads))
     return out
