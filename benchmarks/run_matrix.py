@@ -88,7 +88,7 @@ def _verify_cells(name: str, fmt: str, precisions: list[str], args) -> list[dict
             status="pass" if pair.passed and not report.problems else "FAIL",
             detail="; ".join(problems),
             bound=pair.bound,
-            metrics=pair.metrics,
+            metrics=pair.metrics.to_dict(),
             input="x".join(map(str, report.image_size)),
             images=args.num_images,
             seconds=seconds,
