@@ -170,3 +170,18 @@ def test_a_tflite_file_runs_on_the_device_as_here(tmp_path, precision):
     here = run_per_sample(open_runner("tflite", artifact.path), x)
     there = run_per_sample(open_runner("tflite", artifact.path, device=PYTHON), x)
     np.testing.assert_array_equal(here, there)
+
+
+@pytest.mark.slow
+def test_eval_scores_the_files_on_the_device(tmp_path):
+    from test_eval import SMALL, shapes_checkpoint, write_folder
+
+    from mobilevit_deploy.evaluate import evaluate
+
+    checkpoint = shapes_checkpoint(tmp_path / "fastvit_t8_3cls.pt")
+    folder = write_folder(tmp_path / "set")
+    here = evaluate("fastvit_t8", weights=checkpoint, data=folder, **SMALL)
+    there = evaluate("fastvit_t8", weights=checkpoint, data=folder, device=PYTHON, **SMALL)
+    assert [c.candidate for c in there.candidates] == ["torch", "onnx fp32"]
+    assert there.candidates[1].metrics["top1"] == here.candidates[1].metrics["top1"]
+    assert there.candidates[1].agreement == 1.0
