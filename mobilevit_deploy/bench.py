@@ -37,7 +37,7 @@ from .files import artifact_size
 from .images import natural_images, to_model_input
 from .info import count_macs
 from .judge import bound_for, judge
-from .machine import machine_stamp, stamp_line
+from .machine import machine_stamp, precision_notes, stamp_line
 from .metrics import compare
 from .rebuild import open_files, rebuild
 from .reparam import reparameterize
@@ -177,6 +177,7 @@ def benchmark(
     if device is not None:
         report["machine"] = device_machine(device)
         report["machine_line"] = stamp_line(report["machine"])
+        report["cpu_notes"] = report["machine"]["notes"]
     return report
 
 
@@ -302,6 +303,7 @@ def _report(
         "accuracy_inputs": f"{_accuracy_count(batch)} natural-looking images",
         "results": rows,
         "fastest_passing": fastest_passing(rows),
+        "cpu_notes": precision_notes(stamp["isa"], stamp["arch"]),
         "skipped": skipped,
     }
 
@@ -522,6 +524,8 @@ def render(report: dict, console) -> None:
         "agree: top-1 (or pixel) agreement on decisive inputs; fastest: the fastest row within "
         f"its bound, torch eager aside: {fastest or 'none passed'}"
     )
+    for note in report.get("cpu_notes", []):
+        console.print(f"this CPU: {note}")
     for note in report["skipped"]:
         console.print(f"skipped: {note}")
 
