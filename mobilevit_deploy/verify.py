@@ -250,8 +250,11 @@ class _Checker:
                 self._note_device(device, runner.facts)
             if record.get("probabilities"):  # a classifier answering with probabilities
                 target = softmax(target)
+        n = self.inputs.n
+        if not estimated and str(record.get("input_type", "")).startswith("image"):
+            # An image input takes 8-bit pixels: random normals are no image it can hold.
+            output, target = _rows(output, n), _rows(target, n)
         if file.precision == "int8":  # calibrated for images: judged on the images alone
-            n = self.inputs.n
             output, target = _rows(output, n), _rows(target, n)
             search = record.get("int8_search")
             if search:
