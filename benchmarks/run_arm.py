@@ -15,6 +15,7 @@ they measure the emulator. Each cell is saved as it finishes, so a stop loses no
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -85,6 +86,7 @@ def measure_model(name: str, size: tuple[int, int], cells: dict, work: Path, sav
     apply_stress_weights(model, torch.from_numpy(calibration), SEED)
     x = to_model_input(natural_images(IMAGES, size, SEED), spec)
     reference = TorchRunner(model, torch.float64)(x)
+    bilinear = None
     for fmt, precision in FILES:
         key = f"{name} {fmt} {precision}"
         if all(_measured(cells.get(key, {}).get(device)) for device in DEVICES):
@@ -102,7 +104,15 @@ def measure_model(name: str, size: tuple[int, int], cells: dict, work: Path, sav
             cells[key] = {device: {"error": f"export: {exc}"} for device in DEVICES}
             save()
             continue
-        target = _softmax(reference) if artifact.metadata.get("probabilities") else reference
+        target = reference
+        if artifact.metadata.get("upsample") == "bilinear":  # as verify: against bilinear
+            if bilinear is None:
+                swapped = copy.deepcopy(model)
+                swapped.set_upsample("bilinear")
+                bilinear = TorchRunner(swapped, torch.float64)(x)
+            target = bilinear
+        if artifact.metadata.get("probabilities"):
+            target = _softmax(target)
         for device, command in DEVICES.items():
             if _measured(cells.get(key, {}).get(device)):
                 continue
@@ -135,7 +145,7 @@ def write_markdown(data: dict) -> None:
             rows.append([name, size, fmt, precision, *(_shown(cells.get(d)) for d in DEVICES)])
             for cell in cells.values():
                 if "error" in cell:
-                    errors.setdefault(cell["error"], []).append(f"{name} {fmt} {precision}")
+                    errors.setdefault(cell["error"], {})[f"{name} {fmt} {precision}"] = None
     lines = [
         "# mvd's files on ARM: x86-64 and emulated Cortex-A72 and Cortex-A76",
         "",
@@ -143,7 +153,8 @@ def write_markdown(data: dict) -> None:
         "under stress weights, each file exported by mvd on x86 and run unchanged on each CPU:",
         f"PSNR (dB) against the float64 unfused model on {IMAGES} natural-looking images, and",
         "in brackets the agreement of the decision (top-1, or argmax per pixel). Classifier",
-        "files output probabilities and are compared with the reference's softmax. No",
+        "files output probabilities and are compared with the reference's softmax; files",
+        "that upsample bilinear (no bicubic resize) with the model upsampling bilinear. No",
         "timings: qemu-user's say nothing about the cores it emulates. ExecuTorch runs only",
         "on x86 here: torch's aarch64 wheel on PyPI, which executorch.runtime imports, is its",
         "CUDA build, and coremltools (an executorch requirement) has no aarch64 wheel.",
