@@ -194,16 +194,12 @@ class Request:
         )
 
     def check_formats(self, formats: Sequence[str]) -> None:
-        """Each format's options and precisions, before any work: an option of a format
-        not asked for would do nothing, and the user should hear so."""
+        """The format options, before any work: an option of a format not asked for would
+        do nothing, and the user should hear so (each format's precisions are
+        formats.check_format's)."""
         for key in self.format_options:
             owner = option_owner(key)
             if owner is not None and owner.name not in formats:
                 raise BadInput(
                     f"{flag(key)} applies to --format {owner.name}, not {', '.join(formats)}"
                 )
-        for name in formats:
-            for precision in self.precisions:
-                if precision not in FORMATS[name].precisions:
-                    supported = ", ".join(FORMATS[name].precisions)
-                    raise BadInput(f"{name} supports precisions {supported}, not {precision}")
