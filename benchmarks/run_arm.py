@@ -20,7 +20,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mobilevit_deploy import api
@@ -35,6 +34,7 @@ from mobilevit_deploy.report import markdown_table
 from mobilevit_deploy.runtimes import open_runner, run_per_sample
 from mobilevit_deploy.runtimes.torch_runtime import TorchRunner
 from mobilevit_deploy.stress import apply_stress_weights
+from mobilevit_deploy.verify import softmax
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "arm.json"
@@ -72,11 +72,6 @@ def _measured(cell: dict | None) -> bool:
     return bool(cell) and ("error" not in cell or cell["error"].startswith("export:"))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def measure_model(name: str, size: tuple[int, int], cells: dict, work: Path, save) -> None:
     """Every file of `name` on every device, skipping the cells already in `cells`."""
     model = api.load_model(name, image_size=size)
@@ -112,7 +107,7 @@ def measure_model(name: str, size: tuple[int, int], cells: dict, work: Path, sav
                 bilinear = TorchRunner(swapped, torch.float64)(x)
             target = bilinear
         if artifact.metadata.get("probabilities"):
-            target = _softmax(target)
+            target = softmax(target)
         for device, command in DEVICES.items():
             if _measured(cells.get(key, {}).get(device)):
                 continue
